@@ -1,0 +1,1 @@
+"""Export: checkpoint -> ONNX graphs -> bundle (and TensorRT engines). Needs torch and onnx."""

@@ -1,0 +1,180 @@
+"""``ddpm-rt export CHECKPOINT --out BUNDLE``: U-Net -> ONNX -> parity check -> bundle.
+
+Re-running is idempotent: when the bundle already holds a graph exported from the same
+checkpoint weights with the same settings, the graph is reused (and the log says so).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ddpm_rt
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from ddpm_rt.bundle import MANIFEST, SCHEMA_VERSION, Bundle
+from ddpm_rt.errors import DdpmRtError, InputError
+from ddpm_rt.fileio import atomic_write, sha256_file
+from ddpm_rt.tolerances import TOLERANCES, check
+from ddpm_rt.training.model import ContextUnet, load_model
+
+from .io_spec import GraphIO, unet_io
+
+
+class ExportError(DdpmRtError):
+    """Export produced a graph that fails validation or parity."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str
+    out: str
+    opset: int = 17
+    parity_batches: tuple[int, ...] = (1, 8)
+    force: bool = False  # re-export even when a matching graph exists
+
+
+def trace_to_onnx(model: torch.nn.Module, args: tuple, spec: GraphIO, opset: int) -> bytes:
+    """TorchScript-based exporter: a plain, stable graph (Conv, Gemm, GroupNorm...)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the {spec.name} graph: {e}") from None
+    return buf.getvalue()
+
+
+def unet_parity_inputs(model: ContextUnet, batch: int, conditioning: dict, seed: int = 0):
+    cfg = model.config
+    rng = np.random.default_rng(seed + batch)
+    x = rng.standard_normal((batch, cfg.in_channels, cfg.height, cfg.width), dtype=np.float32)
+    t = rng.uniform(0, 1, (batch, 1)).astype(np.float32)
+    if conditioning.get("kind") == "label":
+        c = np.eye(cfg.context_dim, dtype=np.float32)[rng.integers(0, cfg.context_dim, batch)]
+    else:
+        c = rng.standard_normal((batch, cfg.context_dim), dtype=np.float32)
+    c[0] = 0.0  # always include a null-context row
+    return {"x": x, "t": t, "c": c}
+
+
+def check_unet_parity(
+    model: ContextUnet, onnx_bytes: bytes, conditioning: dict, batches=(1, 8)
+) -> list[dict]:
+    """Torch vs ONNX Runtime (CPU, fp32) on the same inputs; raises ExportError on a miss."""
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    report = []
+    for b in batches:
+        feeds = unet_parity_inputs(model, b, conditioning)
+        with torch.no_grad():
+            ref = model(*(torch.from_numpy(feeds[k]) for k in ("x", "t", "c"))).numpy()
+        got = sess.run(["eps"], feeds)[0]
+        ok, _ = check("ort", "fp32", got, ref)
+        report.append({"batch": b, "max_abs_err": float(np.abs(got - ref).max()), "ok": ok})
+        if not ok:
+            raise ExportError(
+                f"ONNX Runtime output differs from torch at batch {b} "
+                f"(max abs error {np.abs(got - ref).max():.3g}, "
+                f"tolerance {TOLERANCES[('ort', 'fp32')]})"
+            )
+    return report
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path:
+    ckpt = Path(cfg.checkpoint)
+    model, meta = load_model(ckpt)
+    ckpt_sha = sha256_file(ckpt / "model.safetensors")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a folder, got a file: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    u = model.config
+    spec = unet_io(u.in_channels, u.height, u.width, u.context_dim)
+    source = {"checkpoint_sha256": ckpt_sha, "step": meta.get("step"), "opset": cfg.opset}
+
+    old = _read_manifest(out)
+    unet_path = out / spec.file
+    reuse = (
+        not cfg.force
+        and old is not None
+        and old.get("source") == source
+        and unet_path.is_file()
+        and old["files"].get(spec.file, {}).get("sha256") == sha256_file(unet_path)
+    )
+    if reuse:
+        log(f"reusing {unet_path} (exported from the same checkpoint weights)")
+        parity = old.get("parity", {}).get("unet")
+    else:
+        example = tuple(
+            torch.from_numpy(v) for v in unet_parity_inputs(model, 2, meta["conditioning"]).values()
+        )
+        onnx_bytes = trace_to_onnx(model, example, spec, cfg.opset)
+        parity = check_unet_parity(model, onnx_bytes, meta["conditioning"], cfg.parity_batches)
+        for p in parity:
+            log(f"parity unet batch {p['batch']}: max |onnx - torch| = {p['max_abs_err']:.2e} (ok)")
+        atomic_write(unet_path, lambda f: f.write(onnx_bytes))
+        log(f"wrote {unet_path} ({len(onnx_bytes) / 1e6:.1f} MB)")
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "image": {"channels": u.in_channels, "height": u.height, "width": u.width},
+        "schedule": meta["schedule"],
+        "conditioning": meta["conditioning"],
+        "graphs": {spec.name: spec.to_dict()},
+        "files": {spec.file: {"sha256": sha256_file(unet_path), "bytes": unet_path.stat().st_size}},
+        "producer": {
+            "ddpm_rt": ddpm_rt.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": cfg.opset,
+            "python": platform.python_version(),
+        },
+        "source": source,
+        "model": {
+            "unet": u.to_dict(),
+            "export": {
+                k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "out", "force")
+            },
+        },
+        "parity": {"unet": parity},
+    }
+    manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
+    if old == manifest:
+        log(f"{out / MANIFEST} is up to date")
+    else:
+        _write_json(out / MANIFEST, manifest)
+        log(f"wrote {out / MANIFEST}")
+    Bundle.load(out)  # the runtime's own validation, as a final check
+    return out
+
+
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None

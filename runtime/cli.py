@@ -1,0 +1,247 @@
+"""The ``ddpm-rt`` command. ``ddpm-rt --prompt TEXT`` is short for ``ddpm-rt generate``.
+
+Generation imports only the runtime (no torch). ``train``/``export`` import their stage
+lazily and say which extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import DdpmRtError, InputError
+
+SUBCOMMANDS = ("generate", "info", "train", "export", "data")
+
+
+def default_model() -> Path:
+    """The bundle shipped in models/ (checked out or installed as package data)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "models" / "default", here / "models" / "default"):
+        if (cand / "manifest.json").is_file():
+            return cand
+    raise InputError("no default model is installed; pass --model BUNDLE")
+
+
+def _fields(cls, args: argparse.Namespace, **extra) -> dict:
+    """CLI flags map one to one onto dataclass fields (dashes for underscores)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    kw.update(extra)
+    return kw
+
+
+# -- generate / info ---------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .fileio import check_writable
+    from .images import save_png
+    from .pipeline import GenerateConfig, Generator
+
+    cfg = GenerateConfig(**_fields(GenerateConfig, args))
+    cfg.validate()
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must be a .png file, got {out}")
+    check_writable(out)
+    providers = args.providers.split(",") if args.providers else None
+    gen = Generator(args.model or default_model(), backend=args.backend, providers=providers)
+    t0 = time.perf_counter()
+    images = gen.generate(args.prompt, config=cfg, progress=not args.no_progress)
+    save_png(out, images, scale=args.scale)
+    print(
+        f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, "
+        f"{time.perf_counter() - t0:.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    b = Bundle.load(args.bundle or default_model())
+    m = b.manifest
+    c, h, w = b.image_shape
+    lines = [
+        f"bundle      {b.path}",
+        f"image       {c}x{h}x{w}",
+        f"schedule    {m['schedule']}",
+        f"conditioning {b.conditioning.get('kind')} (context dim {b.context_dim})",
+    ]
+    if b.label_names:
+        lines.append(f"labels      {', '.join(b.label_names)}")
+    for name, g in b.graphs.items():
+        ins = ", ".join(f"{t.name}{list(t.shape)}" for t in g.inputs)
+        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in g.outputs)
+        lines.append(f"graph       {name}: {g.file} ({ins}) -> ({outs})")
+    lines.append(f"producer    {json.dumps(m.get('producer', {}))}")
+    print("\n".join(lines))
+    return 0
+
+
+# -- train / export / data (need the train/export extras) --------------------------------
+def _need(extra: str, module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "safetensors", "onnx"):
+            raise InputError(
+                f"this command needs {e.name}: pip install 'ddpm-rt[{extra}]'"
+            ) from None
+        raise
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train_mod = _need("train", "ddpm_rt.training.train")
+    from .training.data import parse_label_names
+
+    cfg = train_mod.TrainConfig(
+        **_fields(train_mod.TrainConfig, args, label_names=parse_label_names(args.label_names))
+    )
+    summary = train_mod.train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(
+        f"trained to step {summary['steps']} at {summary['it_per_s']:.2f} it/s, "
+        f"loss {summary['final_loss']:.4f}; checkpoint in {summary['out']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    exp = _need("export", "ddpm_rt.export.onnx_export")
+    cfg = exp.ExportConfig(**_fields(exp.ExportConfig, args))
+    exp.export_bundle(cfg, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .training.shapes import write_shapes
+
+    out = write_shapes(args.out, args.num, args.size, args.seed)
+    print(f"wrote {out} ({args.num} images, {args.size}x{args.size})", file=sys.stderr)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpm-rt", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"ddpm-rt {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp):
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    g = sub.add_parser("generate", help="generate images from a prompt (default command)")
+    g.add_argument("--prompt", required=True, help="what to draw ('' = unconditional)")
+    g.add_argument("--model", help="bundle folder (default: the shipped model)")
+    g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    g.add_argument("--steps", type=int, help="sampling steps (ddpm: all T; ddim: default 50)")
+    g.add_argument("--eta", type=float, help="ddim stochasticity (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale (default 1 = plain conditional)",
+    )
+    g.add_argument("--batch-size", type=int, help="images per U-Net call (default 16)")
+    g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
+    g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
+    g.add_argument("--backend", default="ort", choices=["ort"])
+    g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
+    g.add_argument("--no-progress", action="store_true")
+    common(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a bundle")
+    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    common(i)
+    i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
+    t.add_argument(
+        "--data", required=True, help=".npz with images + labels/contexts, or images .npy"
+    )
+    t.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
+    t.add_argument("--contexts", help=".npy context vectors (N, D)")
+    t.add_argument("--label-names", help="comma-separated names, or a file with one per line")
+    t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    for flag, typ in (
+        ("steps", int),
+        ("epochs", float),
+        ("batch-size", int),
+        ("lr", float),
+        ("ema-decay", float),
+        ("context-dropout", float),
+        ("seed", int),
+        ("sample-every", int),
+        ("checkpoint-every", int),
+        ("n-feat", int),
+        ("timesteps", int),
+        ("beta-start", float),
+        ("beta-end", float),
+    ):
+        t.add_argument(f"--{flag}", type=typ)
+    t.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    t.add_argument("--no-progress", action="store_true")
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (needs ddpm-rt[export])")
+    e.add_argument("checkpoint", help="checkpoint folder written by ddpm-rt train")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--opset", type=int)
+    e.add_argument("--force", action="store_true", help="re-export even if up to date")
+    common(e)
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("data", help="make data sets")
+    dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    s = dsub.add_parser("shapes", help="coloured shapes on plain backgrounds (labelled)")
+    s.add_argument("--out", required=True, help=".npz file to write")
+    s.add_argument("--num", type=int, default=2000)
+    s.add_argument("--size", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    common(s)
+    s.set_defaults(func=cmd_data_shapes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "generate")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except DdpmRtError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure still gets one line
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: {type(e).__name__}: {msg} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

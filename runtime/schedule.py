@@ -1,0 +1,63 @@
+"""The DDPM noise schedule: the one source of truth for training and sampling.
+
+Tables are indexed by the integer timestep ``t`` in ``0..T``. Index 0 is the clean image
+(``alpha_bar[0] == 1``, ``beta[0] == 0``); steps ``1..T`` use linear betas from
+``beta_start`` to ``beta_end`` (Ho et al. 2020, sec. 4). Math is done in float64 and the
+tables are stored as float32, which is what both torch and the runtime consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    timesteps: int = 500
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    kind: str = "linear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScheduleConfig:
+        return cls(**{k: d[k] for k in ("timesteps", "beta_start", "beta_end", "kind") if k in d})
+
+
+class NoiseSchedule:
+    """Float32 tables ``beta``, ``alpha``, ``alpha_bar`` of length ``T + 1``."""
+
+    def __init__(self, config: ScheduleConfig | None = None):
+        config = config or ScheduleConfig()
+        if config.kind != "linear":
+            raise InputError(f"unknown noise schedule kind {config.kind!r} (supported: linear)")
+        if config.timesteps < 1:
+            raise InputError(f"timesteps must be >= 1, got {config.timesteps}")
+        if not 0.0 < config.beta_start <= config.beta_end < 1.0:
+            raise InputError(
+                f"need 0 < beta_start <= beta_end < 1, got {config.beta_start}, {config.beta_end}"
+            )
+        self.config = config
+        T = config.timesteps
+        beta = np.zeros(T + 1, dtype=np.float64)
+        beta[1:] = np.linspace(config.beta_start, config.beta_end, T, dtype=np.float64)
+        alpha = 1.0 - beta
+        alpha_bar = np.cumprod(alpha)  # alpha[0] == 1, so alpha_bar[0] == 1
+        self.beta = beta.astype(np.float32)
+        self.alpha = alpha.astype(np.float32)
+        self.alpha_bar = alpha_bar.astype(np.float32)
+
+    @property
+    def timesteps(self) -> int:
+        return self.config.timesteps
+
+    def add_noise(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Forward process q(x_t | x_0): sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps."""
+        ab = self.alpha_bar[np.asarray(t)].reshape(-1, *([1] * (x0.ndim - 1)))
+        return np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * eps

@@ -1,0 +1,1 @@
+"""Training: the conditional U-Net, data loading and the DDPM training loop (torch)."""

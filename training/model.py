@@ -1,0 +1,202 @@
+"""The conditional U-Net ("ContextUnet") of the course this project grew from.
+
+Residual conv blocks, two down levels, a pooled hidden vector, and two up levels where the
+time embedding is added and the context embedding multiplied in:
+``up = context_embedding * up + time_embedding``.
+
+Differences from the course code, on purpose:
+
+* The residual block's 1x1 shortcut (used when in/out channels differ) is a registered
+  layer. The course created a fresh, randomly initialised ``nn.Conv2d`` inside
+  ``forward()``: its weights were never trained, changed on every call and were absent
+  from the checkpoint.
+* GroupNorm instead of BatchNorm in the residual blocks: batch statistics depend on the mix
+  of timesteps in a batch and on batch size, which diverges between training and sampling
+  (and interacts badly with EMA weights); GroupNorm has no running state.
+* Any image size divisible by 4, not only 16x16: the pooled vector uses a global average
+  and the first up-convolution's kernel is the (H/4, W/4) size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from ddpm_rt.errors import InputError
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 3
+    n_feat: int = 64
+    context_dim: int = 10
+    height: int = 16
+    width: int = 16
+    groups: int = 8
+
+    def __post_init__(self):
+        if self.height % 4 or self.width % 4 or self.height < 4 or self.width < 4:
+            raise InputError(f"image size must be divisible by 4, got {self.height}x{self.width}")
+        if self.n_feat % self.groups:
+            raise InputError(f"n_feat ({self.n_feat}) must be a multiple of groups ({self.groups})")
+        if self.context_dim < 1:
+            raise InputError(f"context_dim must be >= 1, got {self.context_dim}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+class ResidualConvBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, is_res: bool = False):
+        super().__init__()
+        self.is_res = is_res
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.GroupNorm(groups, out_ch), nn.GELU()
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(out_ch, out_ch, 3, 1, 1), nn.GroupNorm(groups, out_ch), nn.GELU()
+        )
+        # Registered (trained, saved) shortcut when a residual block changes channel count.
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if is_res and in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.conv1(x))
+        if not self.is_res:
+            return h
+        return (self.shortcut(x) + h) / 1.414  # keep the variance of the sum near 1
+
+
+class UnetDown(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.model = nn.Sequential(
+            ResidualConvBlock(in_ch, out_ch, groups),
+            ResidualConvBlock(out_ch, out_ch, groups),
+            nn.MaxPool2d(2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class UnetUp(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.ConvTranspose2d(in_ch, out_ch, 2, 2),
+            ResidualConvBlock(out_ch, out_ch, groups),
+            ResidualConvBlock(out_ch, out_ch, groups),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.cat((x, skip), 1))
+
+
+class EmbedFC(nn.Module):
+    def __init__(self, input_dim: int, emb_dim: int):
+        super().__init__()
+        self.input_dim = input_dim
+        self.model = nn.Sequential(
+            nn.Linear(input_dim, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.reshape(-1, self.input_dim))
+
+
+class ContextUnet(nn.Module):
+    """eps = ContextUnet(x (B,C,H,W), t (B,1) = timestep / T, c (B,D))."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        n, g, d = config.n_feat, config.groups, config.context_dim
+        self.init_conv = ResidualConvBlock(config.in_channels, n, g, is_res=True)
+        self.down1 = UnetDown(n, n, g)
+        self.down2 = UnetDown(n, 2 * n, g)
+        self.to_vec = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.GELU())
+        self.timeembed1 = EmbedFC(1, 2 * n)
+        self.timeembed2 = EmbedFC(1, n)
+        self.contextembed1 = EmbedFC(d, 2 * n)
+        self.contextembed2 = EmbedFC(d, n)
+        k = (config.height // 4, config.width // 4)
+        self.up0 = nn.Sequential(
+            nn.ConvTranspose2d(2 * n, 2 * n, k, k), nn.GroupNorm(g, 2 * n), nn.ReLU()
+        )
+        self.up1 = UnetUp(4 * n, n, g)
+        self.up2 = UnetUp(2 * n, n, g)
+        self.out = nn.Sequential(
+            nn.Conv2d(2 * n, n, 3, 1, 1),
+            nn.GroupNorm(g, n),
+            nn.ReLU(),
+            nn.Conv2d(n, config.in_channels, 3, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        n = self.config.n_feat
+        x = self.init_conv(x)  # (B, n, H, W)
+        down1 = self.down1(x)  # (B, n, H/2, W/2)
+        down2 = self.down2(down1)  # (B, 2n, H/4, W/4)
+        hidden = self.to_vec(down2)  # (B, 2n, 1, 1)
+        cemb1 = self.contextembed1(c).view(-1, 2 * n, 1, 1)
+        temb1 = self.timeembed1(t).view(-1, 2 * n, 1, 1)
+        cemb2 = self.contextembed2(c).view(-1, n, 1, 1)
+        temb2 = self.timeembed2(t).view(-1, n, 1, 1)
+        up1 = self.up0(hidden)  # (B, 2n, H/4, W/4)
+        up2 = self.up1(cemb1 * up1 + temb1, down2)  # (B, n, H/2, W/2)
+        up3 = self.up2(cemb2 * up2 + temb2, down1)  # (B, n, H, W)
+        return self.out(torch.cat((up3, x), 1))  # (B, C, H, W)
+
+
+CHECKPOINT_FORMAT = "ddpm-rt-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def read_checkpoint_config(ckpt_dir) -> dict:
+    """The checkpoint's ``config.json`` (model, schedule, conditioning, training state)."""
+    from pathlib import Path
+
+    from ddpm_rt.errors import CheckpointError
+
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"not a checkpoint (no config.json): {ckpt_dir}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt {path}: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a ddpm-rt checkpoint config")
+    if cfg.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is from a newer ddpm-rt; upgrade to read it")
+    return cfg
+
+
+def load_model(ckpt_dir, weights: str = "model.safetensors") -> tuple[ContextUnet, dict]:
+    """Rebuild the model from the config stored beside its weights (EMA weights by default)."""
+    from pathlib import Path
+
+    from ddpm_rt.errors import CheckpointError
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = read_checkpoint_config(ckpt_dir)
+    model = ContextUnet(UNetConfig.from_dict(cfg["unet"]))
+    path = Path(ckpt_dir) / weights
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights missing: {path}")
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    return model.eval(), cfg

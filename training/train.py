@@ -1,0 +1,321 @@
+"""``ddpm-rt train``: DDPM training of the conditional U-Net (Ho et al. 2020, Algorithm 1).
+
+Per step: a batch of images x0 and contexts c; a random timestep t ~ U{1..T} per image;
+noise eps ~ N(0, I); x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; loss =
+MSE(eps, model(x_t, t/T, c)). Contexts are replaced by the null (zero) context with
+probability ``context_dropout`` so that classifier-free guidance works at sampling time.
+
+Determinism: the batch order of epoch e comes from ``PCG64([seed, e])`` and every step's
+timesteps/noise/dropout from a torch generator seeded with ``(seed, step)``, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ddpm_rt
+import numpy as np
+import torch
+from ddpm_rt.errors import CheckpointError, InputError
+from ddpm_rt.fileio import atomic_write
+from ddpm_rt.images import save_png
+from ddpm_rt.samplers import make_sampler, sample_loop, to_uint8
+from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
+from safetensors.torch import load_file, save
+from tqdm import tqdm
+
+from .data import Dataset, load_dataset
+from .model import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    ContextUnet,
+    UNetConfig,
+    read_checkpoint_config,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    labels: str | None = None
+    contexts: str | None = None
+    label_names: list[str] | None = field(default=None)
+    steps: int | None = None  # total optimiser steps; default: 32 epochs
+    epochs: float | None = None
+    batch_size: int = 100
+    lr: float = 1e-3  # decays linearly to 0 over the run
+    ema_decay: float = 0.999
+    context_dropout: float = 0.1
+    seed: int = 0
+    sample_every: int = 10  # epochs between sample grids; 0 = only at the end
+    checkpoint_every: int = 500  # steps
+    n_feat: int = 64
+    timesteps: int = 500
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise InputError("give --steps or --epochs, not both")
+        for name in ("batch_size", "checkpoint_every", "n_feat", "timesteps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be >= 1")
+        if (self.steps is not None and self.steps < 1) or (
+            self.epochs is not None and self.epochs <= 0
+        ):
+            raise InputError("steps/epochs must be positive")
+        if not 0 <= self.context_dropout < 1:
+            raise InputError(f"context-dropout must be in [0, 1), got {self.context_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: Dataset, resume: bool = False):
+        cfg.validate()
+        self.cfg, self.data = cfg, data
+        self.out = Path(cfg.out)
+        self.device = _device(cfg.device)
+        h, w = data.image_size
+        self.unet_config = UNetConfig(
+            n_feat=cfg.n_feat, context_dim=data.context_dim, height=h, width=w
+        )
+        self.schedule = NoiseSchedule(ScheduleConfig(cfg.timesteps, cfg.beta_start, cfg.beta_end))
+        self.alpha_bar = torch.from_numpy(self.schedule.alpha_bar).to(self.device)
+        torch.manual_seed(cfg.seed)  # weight init
+        self.model = ContextUnet(self.unet_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.steps_per_epoch = max(1, len(data) // cfg.batch_size)
+        if cfg.steps is not None:
+            self.total_steps = cfg.steps
+        else:
+            self.total_steps = max(1, round((cfg.epochs or 32) * self.steps_per_epoch))
+        self.step = 0
+        self.images = torch.from_numpy(data.images).to(self.device)  # (N, H, W, 3) uint8
+        self.contexts = torch.from_numpy(data.contexts).to(self.device)  # (N, D)
+        if resume:
+            self._load_state()
+
+    # -- one step -----------------------------------------------------------------------
+    def _batch_indices(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = np.random.Generator(np.random.PCG64([self.cfg.seed, epoch])).permutation(
+            len(self.data)
+        )
+        b = self.cfg.batch_size
+        idx = perm[pos * b : (pos + 1) * b]
+        return idx if len(idx) else perm[:b]
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        idx = torch.from_numpy(self._batch_indices(self.step)).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step)
+        x0 = self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+        c = self.contexts[idx]  # (B, D)
+        b = x0.shape[0]
+        keep = torch.rand(b, 1, generator=gen, device=self.device) >= cfg.context_dropout
+        c = c * keep  # dropped rows become the null (zero) context
+        t = torch.randint(1, cfg.timesteps + 1, (b,), generator=gen, device=self.device)
+        eps = torch.randn(x0.shape, generator=gen, device=self.device)
+        ab = self.alpha_bar[t].view(b, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        lr = cfg.lr * (1 - self.step / self.total_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        pred = self.model(x_t, (t.float() / cfg.timesteps).view(b, 1), c)
+        loss = torch.nn.functional.mse_loss(pred, eps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        # EMA with warm-up: early on, follow the raw weights closely.
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+        self.step += 1
+        return loss.item()
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "samples").mkdir(exist_ok=True)
+        sample_steps = self.cfg.sample_every * self.steps_per_epoch
+        log = open(self.out / "metrics.jsonl", "a")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not progress,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+        )
+        t0, s0, losses = time.perf_counter(), self.step, []
+        try:
+            while self.step < self.total_steps:
+                losses.append(self.train_step())
+                bar.update()
+                if self.step % 10 == 0 or self.step == self.total_steps:
+                    mean = float(np.mean(losses[-10:]))
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    log.write(
+                        json.dumps(
+                            {
+                                "step": self.step,
+                                "loss": mean,
+                                "epoch": self.step / self.steps_per_epoch,
+                            }
+                        )
+                        + "\n"
+                    )
+                    log.flush()
+                if self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+                if sample_steps and self.step % sample_steps == 0:
+                    self.sample_grid()
+        finally:
+            bar.close()
+            log.close()
+        elapsed = time.perf_counter() - t0
+        self.save()
+        self.sample_grid()
+        steps_done = self.step - s0
+        return {
+            "steps": self.step,
+            "it_per_s": steps_done / elapsed if elapsed else math.nan,
+            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
+        }
+
+    # -- samples and checkpoints --------------------------------------------------------
+    def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path:
+        """A grid from the EMA weights: one row per label (or per data context), DDIM-25."""
+        if self.data.label_names:
+            ctx = np.eye(self.data.context_dim, dtype=np.float32)[:rows]
+        else:
+            ctx = self.data.contexts[:rows]
+        ctx = np.repeat(ctx, per_context, axis=0)
+        c = torch.from_numpy(ctx).to(self.device)
+        T = self.cfg.timesteps
+
+        @torch.no_grad()
+        def eps_fn(x: np.ndarray, t: int) -> np.ndarray:
+            xt = torch.from_numpy(x).to(self.device)
+            tt = torch.full((len(x), 1), t / T, device=self.device)
+            return self.ema(xt, tt, c).cpu().numpy()
+
+        sampler = make_sampler("ddim", self.schedule, steps=min(25, T))
+        x = sample_loop(
+            eps_fn,
+            sampler,
+            (len(ctx), 3, *self.data.image_size),
+            np.random.Generator(np.random.PCG64(0)),
+        )
+        return save_png(
+            self.out / "samples" / f"step_{self.step:07d}.png",
+            to_uint8(x),
+            scale=2,
+            ncols=per_context,
+        )
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {
+            f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
+        }
+        for i, s in self.opt.state_dict()["state"].items():
+            for k, v in s.items():
+                state[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+        ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "unet": self.unet_config.to_dict(),
+            "schedule": self.schedule.config.to_dict(),
+            "conditioning": self.data.conditioning,
+            "train": asdict(self.cfg),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
+        }
+        # Weights first, config (which names the step) last: a crash leaves the old config.
+        atomic_write(self.out / "train_state.safetensors", lambda f: f.write(_st_bytes(state)))
+        atomic_write(self.out / "model.safetensors", lambda f: f.write(_st_bytes(ema)))
+        atomic_write(
+            self.out / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode())
+        )
+
+    def _load_state(self) -> None:
+        meta = read_checkpoint_config(self.out)
+        if meta["unet"] != self.unet_config.to_dict():
+            raise CheckpointError(
+                f"checkpoint in {self.out} was trained with a different model or data shape "
+                f"({meta['unet']}); use another --out"
+            )
+        try:
+            state = load_file(str(self.out / "train_state.safetensors"))
+            ema = load_file(str(self.out / "model.safetensors"))
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint in {self.out}: {e}") from None
+        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        self.ema.load_state_dict(ema)
+        opt_state = self.opt.state_dict()
+        for key, v in state.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(i), {})[name] = (
+                    v.to(self.device) if name != "step" else v
+                )
+        self.opt.load_state_dict(opt_state)
+        self.step = int(meta["step"])
+
+
+def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save(tensors)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Load data, train (or resume), checkpoint into ``cfg.out``; returns a summary."""
+    out = Path(cfg.out)
+    exists = (out / "config.json").exists()
+    if exists and not resume:
+        raise InputError(
+            f"{out} already holds a checkpoint; pass --resume to continue it or "
+            "choose another --out"
+        )
+    if resume and not exists:
+        raise InputError(f"nothing to resume in {out} (no config.json)")
+    if resume:
+        stored = read_checkpoint_config(out)["train"]
+        # Training settings come from the checkpoint; --steps may extend the run.
+        stored.update(
+            {k: getattr(cfg, k) for k in ("steps", "device") if getattr(cfg, k) is not None}
+        )
+        if cfg.steps is not None:
+            stored["epochs"] = None
+        cfg = TrainConfig(**stored)
+    data = load_dataset(cfg.data, cfg.labels, cfg.contexts, cfg.label_names)
+    trainer = Trainer(cfg, data, resume=resume)
+    summary = trainer.fit(progress=progress)
+    summary["out"] = str(out)
+    return summary
+
+
+__all__ = ["TrainConfig", "Trainer", "train"]
