@@ -1,0 +1,121 @@
+"""Layer 1: sampler steps against independent torch computations, and the noise-order contract."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_rt.errors import InputError
+from ddpm_rt.samplers import DDIMSampler, DDPMSampler, make_sampler, sample_loop, to_uint8
+from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
+
+SHAPE = (2, 3, 8, 8)
+
+
+def _torch_tables(T=500, b1=1e-4, b2=0.02):
+    """The course's formulation, in torch float64."""
+    b_t = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(b1, b2, T, dtype=torch.float64)])
+    a_t = 1 - b_t
+    ab_t = torch.cumprod(a_t, 0)
+    return b_t, a_t, ab_t
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(SHAPE).astype(np.float32),
+            rng.standard_normal(SHAPE).astype(np.float32))
+
+
+@pytest.mark.parametrize("t", [500, 250, 2, 1])
+def test_ddpm_step_matches_course_formula(t):
+    s = NoiseSchedule()
+    sampler = DDPMSampler(s)
+    i = int(np.where(sampler.timesteps == t)[0][0])
+    x, eps = _arrays(t)
+    got = sampler.step(x, eps, i, np.random.Generator(np.random.PCG64(7)))
+    # The course's denoise_add_noise, with the same z the sampler draws (same seed).
+    b_t, a_t, ab_t = _torch_tables()
+    z = np.random.Generator(np.random.PCG64(7)).standard_normal(SHAPE, dtype=np.float32)
+    z = torch.from_numpy(z).double() if t > 1 else 0
+    xt, et = torch.from_numpy(x).double(), torch.from_numpy(eps).double()
+    mean = (xt - et * ((1 - a_t[t]) / (1 - ab_t[t]).sqrt())) / a_t[t].sqrt()
+    want = mean + b_t.sqrt()[t] * z
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("i", [0, 10, 24])
+def test_ddim_step_matches_paper(eta, i):
+    s = NoiseSchedule()
+    sampler = DDIMSampler(s, steps=25, eta=eta)
+    x, eps = _arrays(i)
+    got = sampler.step(x, eps, i, np.random.Generator(np.random.PCG64(3)))
+    _, _, ab_t = _torch_tables()
+    t = int(sampler.timesteps[i])
+    tp = int(sampler.timesteps[i + 1]) if i + 1 < 25 else 0
+    ab, abp = ab_t[t], ab_t[tp]
+    xt, et = torch.from_numpy(x).double(), torch.from_numpy(eps).double()
+    x0 = (xt - (1 - ab).sqrt() * et) / ab.sqrt()
+    sigma = eta * ((1 - abp) / (1 - ab) * (1 - ab / abp)).sqrt()
+    want = abp.sqrt() * x0 + (1 - abp - sigma**2).sqrt() * et
+    if sigma > 0:
+        z = np.random.Generator(np.random.PCG64(3)).standard_normal(SHAPE, dtype=np.float32)
+        want = want + sigma * torch.from_numpy(z).double()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _oracle(schedule, x0):
+    """The exact noise in x given the known clean image x0."""
+    def eps_fn(x, t):
+        ab = schedule.alpha_bar[t]
+        return ((x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)).astype(np.float32)
+    return eps_fn
+
+
+@pytest.mark.parametrize("name,steps", [("ddpm", None), ("ddim", 25), ("ddim", 3)])
+def test_perfect_noise_prediction_recovers_the_image(name, steps):
+    s = NoiseSchedule(ScheduleConfig(timesteps=100))
+    x0 = np.random.default_rng(1).uniform(-1, 1, SHAPE).astype(np.float32)
+    sampler = make_sampler(name, s, steps)
+    out = sample_loop(_oracle(s, x0), sampler, SHAPE, np.random.Generator(np.random.PCG64(0)))
+    np.testing.assert_allclose(out, x0, atol=2e-3)
+
+
+def test_noise_order_contract():
+    """Initial noise first, then one draw per noise-adding step, all from the one generator."""
+    s = NoiseSchedule(ScheduleConfig(timesteps=5))
+    seen = []
+    sample_loop(lambda x, t: (seen.append(x.copy()), np.zeros_like(x))[1],
+                DDPMSampler(s), SHAPE, np.random.Generator(np.random.PCG64(11)))
+    rng = np.random.Generator(np.random.PCG64(11))
+    np.testing.assert_array_equal(seen[0], rng.standard_normal(SHAPE, dtype=np.float32))
+    # Steps t=5..2 each draw once; t=1 draws nothing. Replaying the draws reproduces x.
+    x = seen[0]
+    for k, t in enumerate(range(5, 1, -1)):
+        a, ab, b = s.alpha[t], s.alpha_bar[t], s.beta[t]
+        mean = x / np.sqrt(a)  # eps = 0
+        x = mean + np.sqrt(b) * rng.standard_normal(SHAPE, dtype=np.float32)
+        np.testing.assert_allclose(seen[k + 1], x, rtol=1e-6)
+
+
+def test_ddim_full_steps_visits_every_timestep():
+    s = NoiseSchedule(ScheduleConfig(timesteps=50))
+    np.testing.assert_array_equal(DDIMSampler(s, 50).timesteps, DDPMSampler(s).timesteps)
+    ts = DDIMSampler(s, 7).timesteps
+    assert ts[0] == 50 and len(set(ts)) == 7 and np.all(np.diff(ts) < 0)
+
+
+def test_sampler_arguments_are_checked():
+    s = NoiseSchedule()
+    with pytest.raises(InputError, match="ddim"):
+        make_sampler("ddpm", s, steps=25)
+    with pytest.raises(InputError):
+        make_sampler("ddim", s, steps=501)
+    with pytest.raises(InputError):
+        make_sampler("euler", s)
+
+
+def test_to_uint8():
+    x = np.array([-2.0, -1.0, 0.0, 1.0, 3.0], dtype=np.float32).reshape(1, 1, 1, 5)
+    x = np.repeat(x, 3, axis=1)
+    np.testing.assert_array_equal(to_uint8(x)[0, 0, :, 0], [0, 0, 128, 255, 255])
