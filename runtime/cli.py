@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DdpmRtError, InputError
 
-SUBCOMMANDS = ("generate", "info", "train", "export", "data")
+SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "data")
 
 
 def default_model() -> Path:
@@ -81,6 +81,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"graph       {name}: {g.file} ({ins}) -> ({outs})")
     lines.append(f"producer    {json.dumps(m.get('producer', {}))}")
     print("\n".join(lines))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_bench, run_bench
+    from .pipeline import Generator
+
+    providers = args.providers.split(",") if args.providers else None
+    gen = Generator(args.bundle or default_model(), providers=providers)
+    sizes = tuple(int(s) for s in args.batch_sizes.split(","))
+    result = run_bench(gen, sizes, args.repeats)
+    print(format_bench(result))
+    if args.json:
+        from .fileio import atomic_write
+
+        atomic_write(Path(args.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
     return 0
 
 
@@ -165,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
     common(i)
     i.set_defaults(func=cmd_info)
+
+    bn = sub.add_parser("bench", help="U-Net latency per step and generation time")
+    bn.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    bn.add_argument("--batch-sizes", default="1,8,16")
+    bn.add_argument("--repeats", type=int, default=30)
+    bn.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
+    bn.add_argument("--json", help="also write the figures to this JSON file")
+    common(bn)
+    bn.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
     t.add_argument(

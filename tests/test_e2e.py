@@ -89,3 +89,12 @@ def test_runtime_never_imports_torch(trained, tmp_path):
 def test_info(trained):
     out = run_cli("info", str(trained["bundle"])).stdout
     assert "3x16x16" in out and "red circle" in out and "unet.onnx" in out
+
+
+def test_bench_reports_latency(trained, tmp_path):
+    out = run_cli("bench", str(trained["bundle"]), "--batch-sizes", "1,2", "--repeats", "3",
+                  "--json", str(tmp_path / "b.json")).stdout
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert [row["batch"] for row in r["unet"]] == [1, 2]
+    assert all(row["unet_ms_median"] > 0 for row in r["unet"])
+    assert "ddim50" in out and "ddpm500" in out
