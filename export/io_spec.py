@@ -60,3 +60,16 @@ def unet_io(channels: int, height: int, width: int, context_dim: int) -> GraphIO
         ),
         outputs=(TensorIO("eps", "float32", ("batch", channels, height, width)),),
     )
+
+
+def text_encoder_io(dim: int) -> GraphIO:
+    """(input_ids[B,S] i64, attention_mask[B,S] i64) -> embedding[B,D] f32 (unit length)."""
+    return GraphIO(
+        name="text_encoder",
+        file="text_encoder.onnx",
+        inputs=(
+            TensorIO("input_ids", "int64", ("batch", "sequence")),
+            TensorIO("attention_mask", "int64", ("batch", "sequence")),
+        ),
+        outputs=(TensorIO("embedding", "float32", ("batch", dim)),),
+    )

@@ -15,5 +15,5 @@ def make_backend(name: str, bundle: Bundle, providers: list[str] | None = None):
     if name == "ort":
         from .ort import OrtBackend
 
-        return OrtBackend(bundle, providers=providers)
+        return OrtBackend({g: bundle.graph_path(g) for g in bundle.graphs}, providers=providers)
     raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import Bundle
+from pathlib import Path
+
 from ..errors import BackendError, InputError
 
 
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None):
+    def __init__(self, graphs: dict[str, Path], providers: list[str] | None = None):
+        """``graphs`` maps graph names to ONNX files."""
         available = ort.get_available_providers()
         providers = list(providers or ["CPUExecutionProvider"])
         missing = [p for p in providers if p not in available]
@@ -21,13 +23,15 @@ class OrtBackend:
                 f"ONNX Runtime provider(s) not available: {', '.join(missing)} "
                 f"(available: {', '.join(available)})"
             )
-        self.bundle = bundle
+        self.graphs = dict(graphs)
         self.providers = providers
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     def session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            path = self.bundle.graph_path(graph)
+            if graph not in self.graphs:
+                raise BackendError(f"no graph {graph!r} (have: {', '.join(self.graphs)})")
+            path = self.graphs[graph]
             opts = ort.SessionOptions()
             opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
             try:

@@ -1,0 +1,154 @@
+"""Text -> context: ``tokenizers`` + the exported sentence encoder. No transformers, no torch.
+
+A prompt is encoded alone (one encoder run per prompt, no padding): its embedding then does
+not depend on what else is encoded with it, also with the int8 encoder, whose dynamic
+activation scales would otherwise be shared across a batch. Embeddings are cached per
+prompt, so repeated prompts never re-run the encoder. The empty prompt is the null (zero)
+context. Prompts longer than the token limit are truncated, with a warning.
+
+Prompt blending: ``"a dog:0.7 | a cat:0.3"`` is the weighted mean of the parts' embeddings
+(weights normalised to sum 1), re-normalised to unit length like every other context.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import BundleError, InputError
+
+_WEIGHT = re.compile(r"^(.*?):\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise BundleError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def tokenize(tok: Tokenizer, text: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(input_ids (1,S) int64, attention_mask (1,S) int64, truncated?) for one prompt."""
+    enc = tok.encode(text)
+    ids = enc.ids
+    truncated = len(ids) > max_tokens
+    if truncated:  # keep [CLS] ... and the final [SEP]
+        ids = [*ids[: max_tokens - 1], ids[-1]]
+    ids_arr = np.asarray([ids], dtype=np.int64)
+    return ids_arr, np.ones_like(ids_arr), truncated
+
+
+def parse_blend(prompt: str) -> list[tuple[str, float]]:
+    """``"a dog:0.7 | a cat:0.3"`` -> [("a dog", 0.7), ("a cat", 0.3)]; no ``|`` -> one part."""
+    if "|" not in prompt:
+        return [(prompt.strip(), 1.0)]
+    parts = []
+    for raw in prompt.split("|"):
+        m = _WEIGHT.match(raw.strip())
+        text, weight = (m.group(1).strip(), float(m.group(2))) if m else (raw.strip(), 1.0)
+        if not text:
+            raise InputError(f"empty part in blended prompt {prompt!r}")
+        if weight < 0:
+            raise InputError(f"negative weight {weight} in blended prompt {prompt!r}")
+        parts.append((text, weight))
+    if sum(w for _, w in parts) <= 0:
+        raise InputError(f"blended prompt {prompt!r} has no positive weight")
+    return parts
+
+
+class TextEncoder:
+    """Prompt -> unit-length embedding (D,), through a backend's text-encoder graph."""
+
+    def __init__(self, backend, tokenizer_path, graph: str, max_tokens: int, dim: int):
+        self.backend = backend
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.graph = graph
+        self.max_tokens = max_tokens
+        self.dim = dim
+        self.runs = 0  # encoder invocations, for tests and diagnostics
+        self._cache: dict[str, np.ndarray] = {}
+
+    def embed(self, text: str) -> np.ndarray:
+        key = " ".join(text.split())
+        if key in self._cache:
+            return self._cache[key]
+        if not key:
+            emb = np.zeros(self.dim, dtype=np.float32)
+        else:
+            ids, mask, truncated = tokenize(self.tokenizer, key, self.max_tokens)
+            if truncated:
+                warnings.warn(f"prompt truncated to {self.max_tokens} tokens: {key[:40]!r}…",
+                              stacklevel=2)
+            out = self.backend.run(self.graph, {"input_ids": ids, "attention_mask": mask})
+            self.runs += 1
+            emb = out["embedding"][0].astype(np.float32)
+        self._cache[key] = emb
+        return emb
+
+    def context(self, prompt: str) -> np.ndarray:
+        """Embedding of a prompt, blended prompts included."""
+        parts = parse_blend(prompt)
+        if len(parts) == 1:
+            return self.embed(parts[0][0])
+        total = sum(w for _, w in parts)
+        mix = sum((w / total) * self.embed(t) for t, w in parts)
+        norm = float(np.linalg.norm(mix))
+        return (mix / norm if norm > 0 else mix).astype(np.float32)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """(N, D) embeddings, one encoder run per distinct uncached prompt."""
+        return np.stack([self.context(p) for p in prompts]) if prompts else np.zeros(
+            (0, self.dim), np.float32)
+
+
+TEXT_MANIFEST = "text.json"
+TEXT_FORMAT = "ddpm-rt-text-encoder"
+PRECISIONS = ("fp32", "int8")
+
+
+def read_text_folder(path, verify_hashes: bool = True) -> dict:
+    """Validate a text-encoder folder written by ``ddpm-rt text export``; returns text.json."""
+    import json
+    from pathlib import Path
+
+    from .fileio import sha256_file
+
+    path = Path(path)
+    mpath = path / TEXT_MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"not a text-encoder folder (no {TEXT_MANIFEST}): {path}")
+    try:
+        meta = json.loads(mpath.read_text())
+        assert meta["format"] == TEXT_FORMAT
+        int(meta["max_tokens"]), int(meta["embedding_dim"]), meta["graphs"]["fp32"]["file"]
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise BundleError(f"invalid {mpath}") from None
+    if verify_hashes:
+        for name, f in meta["files"].items():
+            p = path / name
+            if not p.is_file() or sha256_file(p) != f["sha256"]:
+                raise BundleError(f"text encoder file {p} is missing or does not match its sha256")
+    return meta
+
+
+def open_text_folder(path, precision: str | None = None,
+                     providers: list[str] | None = None) -> TextEncoder:
+    """A :class:`TextEncoder` over a text-encoder folder (used by training and tools)."""
+    from pathlib import Path
+
+    from .backends.ort import OrtBackend
+
+    path = Path(path)
+    meta = read_text_folder(path)
+    precision = precision or meta["default_precision"]
+    if precision not in meta["graphs"]:
+        raise InputError(f"text encoder precision must be one of {', '.join(meta['graphs'])}")
+    backend = OrtBackend({k: path / g["file"] for k, g in meta["graphs"].items()}, providers)
+    return TextEncoder(backend, path / meta["tokenizer"], precision, int(meta["max_tokens"]),
+                       int(meta["embedding_dim"]))
