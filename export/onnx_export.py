@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import ddpm_rt
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+
+import ddpm_rt
 from ddpm_rt.bundle import MANIFEST, SCHEMA_VERSION, Bundle
 from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.fileio import atomic_write, sha256_file
@@ -39,6 +40,8 @@ class ExportConfig:
     opset: int = 17
     parity_batches: tuple[int, ...] = (1, 8)
     force: bool = False  # re-export even when a matching graph exists
+    text_encoder: str | None = None  # default: the folder the checkpoint was trained with
+    text_precisions: tuple[str, ...] = ("fp32", "int8")  # encoder graphs to ship
 
 
 def trace_to_onnx(model: torch.nn.Module, args: tuple, spec: GraphIO, opset: int) -> bytes:
@@ -115,6 +118,8 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
     u = model.config
     spec = unet_io(u.in_channels, u.height, u.width, u.context_dim)
     source = {"checkpoint_sha256": ckpt_sha, "step": meta.get("step"), "opset": cfg.opset}
+    if out.resolve() == ckpt.resolve():
+        raise InputError("--out must differ from the checkpoint folder")
 
     old = _read_manifest(out)
     unet_path = out / spec.file
@@ -139,13 +144,18 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
         atomic_write(unet_path, lambda f: f.write(onnx_bytes))
         log(f"wrote {unet_path} ({len(onnx_bytes) / 1e6:.1f} MB)")
 
+    graphs = {spec.name: spec.to_dict()}
+    files = {spec.file: {"sha256": sha256_file(unet_path), "bytes": unet_path.stat().st_size}}
+    conditioning = meta["conditioning"]
+    if conditioning.get("kind") == "text":
+        conditioning = _add_text_encoder(cfg, conditioning, out, graphs, files, log)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "image": {"channels": u.in_channels, "height": u.height, "width": u.width},
         "schedule": meta["schedule"],
-        "conditioning": meta["conditioning"],
-        "graphs": {spec.name: spec.to_dict()},
-        "files": {spec.file: {"sha256": sha256_file(unet_path), "bytes": unet_path.stat().st_size}},
+        "conditioning": conditioning,
+        "graphs": graphs,
+        "files": files,
         "producer": {
             "ddpm_rt": ddpm_rt.__version__,
             "torch": torch.__version__,
@@ -171,6 +181,57 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
         log(f"wrote {out / MANIFEST}")
     Bundle.load(out)  # the runtime's own validation, as a final check
     return out
+
+
+TEXT_GRAPH = {"fp32": "text_encoder", "int8": "text_encoder_int8"}
+
+
+def _add_text_encoder(
+    cfg: ExportConfig, cond: dict, out: Path, graphs: dict, files: dict, log
+) -> dict:
+    """Copy the text encoder the model was trained with into the bundle."""
+    from ddpm_rt.text import PRECISIONS, read_text_folder
+
+    src = Path(cfg.text_encoder or cond["text_encoder"]["path"])
+    tmeta = read_text_folder(src)
+    fp32 = tmeta["graphs"]["fp32"]["file"]
+    if tmeta["files"][fp32]["sha256"] != cond["text_encoder"]["sha256"]:
+        raise ExportError(
+            f"text encoder in {src} is not the one this model was trained with "
+            "(sha256 differs); pass --text-encoder with the right folder"
+        )
+    if tmeta["embedding_dim"] != cond["context_dim"]:
+        raise ExportError("text encoder dimension differs from the model's context dimension")
+    precisions = list(dict.fromkeys(cfg.text_precisions))
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise InputError(f"text precisions must be from {', '.join(PRECISIONS)}")
+    wanted = [tmeta["tokenizer"]] + [tmeta["graphs"][p]["file"] for p in precisions]
+    for name in wanted:
+        dst = out / name
+        sha = tmeta["files"][name]["sha256"]
+        if dst.is_file() and sha256_file(dst) == sha:
+            log(f"reusing {dst}")
+        else:
+            data = (src / name).read_bytes()
+            atomic_write(dst, lambda f, data=data: f.write(data))
+            log(f"wrote {dst}")
+        files[name] = dict(tmeta["files"][name])
+    for p in precisions:
+        graphs[TEXT_GRAPH[p]] = {k: v for k, v in tmeta["graphs"][p].items()}
+    default = (
+        tmeta["default_precision"] if tmeta["default_precision"] in precisions else precisions[0]
+    )
+    text = {
+        k: tmeta[k]
+        for k in ("max_tokens", "embedding_dim", "pooling", "normalize", "checks", "source")
+        if k in tmeta
+    }
+    text.update(
+        tokenizer=tmeta["tokenizer"],
+        default_precision=default,
+        graphs={p: TEXT_GRAPH[p] for p in precisions},
+    )
+    return {"kind": "text", "context_dim": cond["context_dim"], "text": text}
 
 
 def _read_manifest(out: Path) -> dict | None:

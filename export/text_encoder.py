@@ -128,10 +128,14 @@ def load_hf_bert(model_dir: str | Path) -> SentenceEncoder:
     model_dir = Path(model_dir)
     cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
-        raise InputError(f"{model_dir} is not a BERT model folder (config.json + model.safetensors)")
+        raise InputError(
+            f"{model_dir} is not a BERT model folder (config.json + model.safetensors)"
+        )
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model_type", "bert") != "bert" or cfg.get("position_embedding_type",
-                                                            "absolute") != "absolute":
+    if (
+        cfg.get("model_type", "bert") != "bert"
+        or cfg.get("position_embedding_type", "absolute") != "absolute"
+    ):
         raise InputError(f"{model_dir}: only absolute-position BERT models are supported")
     model = SentenceEncoder(BertConfig.from_dict(cfg))
     state = {}

@@ -39,7 +39,11 @@ from .io_spec import text_encoder_io
 from .onnx_export import trace_to_onnx
 from .text_encoder import SentenceEncoder, default_model_dir, load_hf_bert, max_tokens_of
 
-FP32_FILE, INT8_FILE, TOKENIZER_FILE = "text_encoder.onnx", "text_encoder.int8.onnx", "tokenizer.json"
+FP32_FILE, INT8_FILE, TOKENIZER_FILE = (
+    "text_encoder.onnx",
+    "text_encoder.int8.onnx",
+    "tokenizer.json",
+)
 # Acceptance thresholds (cosine similarity), from the text-encoder issue.
 MIN_COS_PARITY = 0.9999  # alone vs batch, ONNX vs torch
 MIN_COS_INT8 = 0.99  # int8 vs fp32, worst caption
@@ -101,12 +105,20 @@ def quantize_int8(fp32_path: Path, int8_path: Path, intermediate_size: int) -> N
 
     model = onnx.load(str(fp32_path))
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    ffn_down = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                and any(len(shapes.get(i, ())) == 2 and shapes[i][0] == intermediate_size
-                        for i in n.input)]
-    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True,
-                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                     nodes_to_exclude=ffn_down)
+    ffn_down = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and any(len(shapes.get(i, ())) == 2 and shapes[i][0] == intermediate_size for i in n.input)
+    ]
+    quantize_dynamic(
+        str(fp32_path),
+        str(int8_path),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gather"],
+        nodes_to_exclude=ffn_down,
+    )
 
 
 def export_text_encoder(
@@ -142,7 +154,9 @@ def export_text_encoder(
     checks: dict[str, float] = {}
 
     # (1) torch: alone vs in a padded batch.
-    alone = np.concatenate([_torch_embed(model, *tokenize(tok, t, max_tokens)[:2]) for t in captions])
+    alone = np.concatenate(
+        [_torch_embed(model, *tokenize(tok, t, max_tokens)[:2]) for t in captions]
+    )
     batched = _torch_embed(model, *_padded_batch(tok, captions, max_tokens))
     checks["torch_alone_vs_padded_batch_min_cos"] = _min_cos(alone, batched)
 
@@ -151,8 +165,16 @@ def export_text_encoder(
     fp32_bytes = trace_to_onnx(model, ex, spec, opset)
     sess = ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"])
     onnx_alone = _ort_embed_each(sess, tok, captions, max_tokens)
-    onnx_batch = sess.run(None, dict(zip(("input_ids", "attention_mask"),
-                                         _padded_batch(tok, captions, max_tokens), strict=True)))[0]
+    onnx_batch = sess.run(
+        None,
+        dict(
+            zip(
+                ("input_ids", "attention_mask"),
+                _padded_batch(tok, captions, max_tokens),
+                strict=True,
+            )
+        ),
+    )[0]
     checks["onnx_vs_torch_min_cos"] = _min_cos(onnx_alone, alone)
     checks["onnx_padded_batch_vs_torch_min_cos"] = _min_cos(onnx_batch, alone)
 
@@ -167,20 +189,25 @@ def export_text_encoder(
     sess8 = ort.InferenceSession(int8_bytes, providers=["CPUExecutionProvider"])
     int8_alone = _ort_embed_each(sess8, tok, captions, max_tokens)
     cos8 = (int8_alone * onnx_alone).sum(1) / (
-        np.linalg.norm(int8_alone, axis=1) * np.linalg.norm(onnx_alone, axis=1))
+        np.linalg.norm(int8_alone, axis=1) * np.linalg.norm(onnx_alone, axis=1)
+    )
     checks["int8_vs_fp32_min_cos"] = float(cos8.min())
     checks["int8_vs_fp32_mean_cos"] = float(cos8.mean())
     checks["captions"] = len(captions)
     for k, v in checks.items():
         log(f"text encoder check {k}: {v:.6f}" if isinstance(v, float) else f"{k}: {v}")
-    for k in ("torch_alone_vs_padded_batch_min_cos", "onnx_vs_torch_min_cos",
-              "onnx_padded_batch_vs_torch_min_cos"):
+    for k in (
+        "torch_alone_vs_padded_batch_min_cos",
+        "onnx_vs_torch_min_cos",
+        "onnx_padded_batch_vs_torch_min_cos",
+    ):
         if checks[k] < MIN_COS_PARITY:
             raise TextExportError(f"{k} = {checks[k]:.6f} < {MIN_COS_PARITY}")
     if default_precision == "int8" and checks["int8_vs_fp32_min_cos"] < MIN_COS_INT8:
         raise TextExportError(
             f"int8 encoder agrees with fp32 only to cosine {checks['int8_vs_fp32_min_cos']:.4f} "
-            f"(< {MIN_COS_INT8}); export with --precision fp32")
+            f"(< {MIN_COS_INT8}); export with --precision fp32"
+        )
 
     # (4) Write: graphs, tokenizer (padding/truncation off: the runtime handles both), manifest.
     atomic_write(out / FP32_FILE, lambda f: f.write(fp32_bytes))
@@ -188,25 +215,39 @@ def export_text_encoder(
     tok_json = tok.to_str()
     atomic_write(out / TOKENIZER_FILE, lambda f: f.write(tok_json.encode()))
     manifest = {
-        "format": TEXT_FORMAT, "version": 1,
-        "max_tokens": int(max_tokens), "embedding_dim": int(dim),
-        "pooling": "mean (attention-masked)", "normalize": "l2",
+        "format": TEXT_FORMAT,
+        "version": 1,
+        "max_tokens": int(max_tokens),
+        "embedding_dim": int(dim),
+        "pooling": "mean (attention-masked)",
+        "normalize": "l2",
         "default_precision": default_precision,
         "tokenizer": TOKENIZER_FILE,
-        "graphs": {"fp32": {**spec.to_dict(), "file": FP32_FILE},
-                   "int8": {**spec.to_dict(), "file": INT8_FILE}},
-        "files": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
-                  for f in (FP32_FILE, INT8_FILE, TOKENIZER_FILE)},
+        "graphs": {
+            "fp32": {**spec.to_dict(), "file": FP32_FILE},
+            "int8": {**spec.to_dict(), "file": INT8_FILE},
+        },
+        "files": {
+            f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
+            for f in (FP32_FILE, INT8_FILE, TOKENIZER_FILE)
+        },
         "model": model.config.to_dict(),
         "source": source,
         "checks": checks,
-        "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__,
-                     "onnxruntime": ort.__version__, "opset": opset},
+        "producer": {
+            "ddpm_rt": ddpm_rt.__version__,
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": opset,
+        },
     }
-    atomic_write(out / TEXT_MANIFEST,
-                 lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
-    log(f"wrote text encoder to {out} (fp32 {len(fp32_bytes) / 1e6:.1f} MB, "
-        f"int8 {len(int8_bytes) / 1e6:.1f} MB)")
+    atomic_write(
+        out / TEXT_MANIFEST, lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    )
+    log(
+        f"wrote text encoder to {out} (fp32 {len(fp32_bytes) / 1e6:.1f} MB, "
+        f"int8 {len(int8_bytes) / 1e6:.1f} MB)"
+    )
     return out
 
 

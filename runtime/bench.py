@@ -34,25 +34,43 @@ def run_bench(gen: Generator, batch_sizes=(1, 8, 16), repeats: int = 30) -> dict
         x = rng.standard_normal((b, c, h, w), dtype=np.float32)
         ctx = np.zeros((b, d), dtype=np.float32)
         s = _time(lambda x=x, ctx=ctx: gen.eps(x, 250, ctx), repeats)
-        rows.append({"batch": b, "unet_ms_median": 1e3 * float(np.median(s)),
-                     "unet_ms_p90": 1e3 * float(np.percentile(s, 90)),
-                     "images_per_s_per_step": b / float(np.median(s))})
+        rows.append(
+            {
+                "batch": b,
+                "unet_ms_median": 1e3 * float(np.median(s)),
+                "unet_ms_p90": 1e3 * float(np.percentile(s, 90)),
+                "images_per_s_per_step": b / float(np.median(s)),
+            }
+        )
     ctx1 = np.zeros(d, dtype=np.float32)
     ends = {}
     for sampler, steps in (("ddim", 50), ("ddpm", None)):
-        s = _time(lambda sampler=sampler, steps=steps: gen.generate(
-            context=ctx1, sampler=sampler, steps=steps), repeats=3, warmup=1)
+        s = _time(
+            lambda sampler=sampler, steps=steps: gen.generate(
+                context=ctx1, sampler=sampler, steps=steps
+            ),
+            repeats=3,
+            warmup=1,
+        )
         ends[f"{sampler}{steps or gen.schedule.timesteps}_s"] = float(np.median(s))
-    return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "providers": gen.backend.providers, "unet": rows, "generate_1_image": ends}
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "providers": gen.backend.providers,
+        "unet": rows,
+        "generate_1_image": ends,
+    }
 
 
 def format_bench(r: dict) -> str:
-    lines = [f"machine {r['machine']}, providers {','.join(r['providers'])}",
-             "batch  unet ms (median)  p90     images/s per step"]
+    lines = [
+        f"machine {r['machine']}, providers {','.join(r['providers'])}",
+        "batch  unet ms (median)  p90     images/s per step",
+    ]
     for row in r["unet"]:
-        lines.append(f"{row['batch']:>5}  {row['unet_ms_median']:>16.2f}  "
-                     f"{row['unet_ms_p90']:>6.2f}  {row['images_per_s_per_step']:>10.0f}")
+        lines.append(
+            f"{row['batch']:>5}  {row['unet_ms_median']:>16.2f}  "
+            f"{row['unet_ms_p90']:>6.2f}  {row['images_per_s_per_step']:>10.0f}"
+        )
     for k, v in r["generate_1_image"].items():
         lines.append(f"generate 1 image, {k[:-2]}: {v:.2f} s")
     return "\n".join(lines)

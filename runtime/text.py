@@ -83,8 +83,9 @@ class TextEncoder:
         else:
             ids, mask, truncated = tokenize(self.tokenizer, key, self.max_tokens)
             if truncated:
-                warnings.warn(f"prompt truncated to {self.max_tokens} tokens: {key[:40]!r}…",
-                              stacklevel=2)
+                warnings.warn(
+                    f"prompt truncated to {self.max_tokens} tokens: {key[:40]!r}…", stacklevel=2
+                )
             out = self.backend.run(self.graph, {"input_ids": ids, "attention_mask": mask})
             self.runs += 1
             emb = out["embedding"][0].astype(np.float32)
@@ -103,8 +104,11 @@ class TextEncoder:
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """(N, D) embeddings, one encoder run per distinct uncached prompt."""
-        return np.stack([self.context(p) for p in prompts]) if prompts else np.zeros(
-            (0, self.dim), np.float32)
+        return (
+            np.stack([self.context(p) for p in prompts])
+            if prompts
+            else np.zeros((0, self.dim), np.float32)
+        )
 
 
 TEXT_MANIFEST = "text.json"
@@ -137,8 +141,9 @@ def read_text_folder(path, verify_hashes: bool = True) -> dict:
     return meta
 
 
-def open_text_folder(path, precision: str | None = None,
-                     providers: list[str] | None = None) -> TextEncoder:
+def open_text_folder(
+    path, precision: str | None = None, providers: list[str] | None = None
+) -> TextEncoder:
     """A :class:`TextEncoder` over a text-encoder folder (used by training and tools)."""
     from pathlib import Path
 
@@ -150,5 +155,10 @@ def open_text_folder(path, precision: str | None = None,
     if precision not in meta["graphs"]:
         raise InputError(f"text encoder precision must be one of {', '.join(meta['graphs'])}")
     backend = OrtBackend({k: path / g["file"] for k, g in meta["graphs"].items()}, providers)
-    return TextEncoder(backend, path / meta["tokenizer"], precision, int(meta["max_tokens"]),
-                       int(meta["embedding_dim"]))
+    return TextEncoder(
+        backend,
+        path / meta["tokenizer"],
+        precision,
+        int(meta["max_tokens"]),
+        int(meta["embedding_dim"]),
+    )

@@ -15,7 +15,11 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "ddpm_rt.cli", *args],
-        cwd=cwd, capture_output=True, text=True, env=env, timeout=600,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"ddpm-rt {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
@@ -34,7 +38,98 @@ def trained(tmp_path_factory, shapes_npz) -> dict:
     """~50 steps of real training through the CLI, then export: a small but real bundle."""
     d = tmp_path_factory.mktemp("trained")
     ckpt, bundle = d / "ckpt", d / "bundle"
-    run_cli("train", "--data", str(shapes_npz), "--out", str(ckpt), "--steps", "50",
-            "--batch-size", "32", "--n-feat", "32", "--sample-every", "0", "--no-progress")
+    run_cli(
+        "train",
+        "--data",
+        str(shapes_npz),
+        "--out",
+        str(ckpt),
+        "--steps",
+        "50",
+        "--batch-size",
+        "32",
+        "--n-feat",
+        "32",
+        "--sample-every",
+        "0",
+        "--no-progress",
+    )
     exp = run_cli("export", str(ckpt), "--out", str(bundle))
     return {"ckpt": ckpt, "bundle": bundle, "export_log": exp.stderr}
+
+
+def make_tiny_text_encoder(out: Path, default_precision: str = "int8") -> Path:
+    """A tiny random-weight BERT + a word-level WordPiece tokenizer built with `tokenizers`."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    from ddpm_rt.export.text_encoder import BertConfig, SentenceEncoder
+    from ddpm_rt.export.text_export import export_text_encoder
+
+    words = (
+        "a an the small large big red green blue yellow circle square triangle ball dog "
+        "cat happy sad face apple boy man , . !"
+    ).split()
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "src_tokenizer.json"))
+    torch.manual_seed(0)
+    model = SentenceEncoder(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).eval()
+    torch.save(model.state_dict(), out / "weights.pt")
+    export_text_encoder(
+        out,
+        model=model,
+        tokenizer_path=out / "src_tokenizer.json",
+        max_tokens=12,
+        default_precision=default_precision,
+        source="tiny test BERT",
+        log=lambda s: None,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    return make_tiny_text_encoder(tmp_path_factory.mktemp("tiny_text"))
+
+
+@pytest.fixture(scope="session")
+def text_trained(tmp_path_factory, shapes_npz, tiny_text) -> dict:
+    """A caption-conditioned model trained briefly on the shapes' captions, exported."""
+    d = tmp_path_factory.mktemp("text_trained")
+    ckpt, bundle = d / "ckpt", d / "bundle"
+    run_cli(
+        "train",
+        "--data",
+        str(shapes_npz),
+        "--text-encoder",
+        str(tiny_text),
+        "--out",
+        str(ckpt),
+        "--steps",
+        "30",
+        "--batch-size",
+        "32",
+        "--n-feat",
+        "16",
+        "--sample-every",
+        "0",
+        "--no-progress",
+    )
+    run_cli("export", str(ckpt), "--out", str(bundle))
+    return {"ckpt": ckpt, "bundle": bundle}

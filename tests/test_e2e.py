@@ -31,12 +31,30 @@ def test_cli_grid_and_api_agree(trained, tmp_path):
     from ddpm_rt import Generator
 
     p = tmp_path / "grid.png"
-    run_cli("generate", "--model", str(trained["bundle"]), "--prompt", "Blue  Square", "--num", "4",
-            "--sampler", "ddim", "--steps", "10", "--seed", "5", "--out", str(p), "--batch-size", "3")
+    run_cli(
+        "generate",
+        "--model",
+        str(trained["bundle"]),
+        "--prompt",
+        "Blue  Square",
+        "--num",
+        "4",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "10",
+        "--seed",
+        "5",
+        "--out",
+        str(p),
+        "--batch-size",
+        "3",
+    )
     grid = np.asarray(Image.open(p))
     assert grid.shape == (2 * 17 + 1, 2 * 17 + 1, 3)
-    images = Generator(trained["bundle"]).generate("blue square", num=4, sampler="ddim",
-                                                   steps=10, seed=5, batch_size=3)
+    images = Generator(trained["bundle"]).generate(
+        "blue square", num=4, sampler="ddim", steps=10, seed=5, batch_size=3
+    )
     assert images.shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(grid[1:17, 1:17], images[0])
     np.testing.assert_array_equal(grid[18:34, 18:34], images[3])
@@ -54,7 +72,8 @@ def test_guidance_batches_conditional_and_unconditional_rows(trained):
     # guidance 0 is the unconditional model: the same as the empty prompt.
     np.testing.assert_array_equal(
         gen.generate("green triangle", num=2, sampler="ddim", steps=5, seed=3, guidance=0.0),
-        gen.generate("", num=2, sampler="ddim", steps=5, seed=3))
+        gen.generate("", num=2, sampler="ddim", steps=5, seed=3),
+    )
 
 
 def test_export_is_idempotent(trained):
@@ -92,8 +111,16 @@ def test_info(trained):
 
 
 def test_bench_reports_latency(trained, tmp_path):
-    out = run_cli("bench", str(trained["bundle"]), "--batch-sizes", "1,2", "--repeats", "3",
-                  "--json", str(tmp_path / "b.json")).stdout
+    out = run_cli(
+        "bench",
+        str(trained["bundle"]),
+        "--batch-sizes",
+        "1,2",
+        "--repeats",
+        "3",
+        "--json",
+        str(tmp_path / "b.json"),
+    ).stdout
     r = json.loads((tmp_path / "b.json").read_text())
     assert [row["batch"] for row in r["unet"]] == [1, 2]
     assert all(row["unet_ms_median"] > 0 for row in r["unet"])

@@ -27,8 +27,17 @@ def bundle_copy(trained, tmp_path):
 
 
 def _generate(bundle, out, *extra):
-    return run_cli("--model", str(bundle), "--prompt", "red circle", "--out", str(out),
-                   "--no-progress", *extra, check=False)
+    return run_cli(
+        "--model",
+        str(bundle),
+        "--prompt",
+        "red circle",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+        check=False,
+    )
 
 
 def _no_files(folder):
@@ -79,8 +88,15 @@ def test_manifest_disagreeing_with_graph_spec(bundle_copy, tmp_path):
 
 
 def test_unknown_label_lists_the_valid_ones(trained, tmp_path):
-    proc = run_cli("--model", str(trained["bundle"]), "--prompt", "purple hexagon",
-                   "--out", str(tmp_path / "a.png"), check=False)
+    proc = run_cli(
+        "--model",
+        str(trained["bundle"]),
+        "--prompt",
+        "purple hexagon",
+        "--out",
+        str(tmp_path / "a.png"),
+        check=False,
+    )
     assert_clean_error(proc, "unknown prompt 'purple hexagon'")
     assert "red circle" in proc.stderr and "yellow triangle" in proc.stderr
     assert not (tmp_path / "a.png").exists()
@@ -88,10 +104,13 @@ def test_unknown_label_lists_the_valid_ones(trained, tmp_path):
 
 def test_unwritable_output(trained, tmp_path):
     (tmp_path / "file.txt").write_text("x")
-    assert_clean_error(_generate(trained["bundle"], tmp_path / "file.txt" / "a.png"),
-                       "output folder does not exist")
-    assert_clean_error(_generate(trained["bundle"], tmp_path / "missing" / "a.png"),
-                       "output folder does not exist")
+    assert_clean_error(
+        _generate(trained["bundle"], tmp_path / "file.txt" / "a.png"),
+        "output folder does not exist",
+    )
+    assert_clean_error(
+        _generate(trained["bundle"], tmp_path / "missing" / "a.png"), "output folder does not exist"
+    )
     (tmp_path / "dir.png").mkdir()
     assert_clean_error(_generate(trained["bundle"], tmp_path / "dir.png"), "is a folder")
     assert_clean_error(_generate(trained["bundle"], tmp_path / "a.jpg"), ".png")
@@ -99,30 +118,47 @@ def test_unwritable_output(trained, tmp_path):
 
 
 def test_incompatible_flags(trained, tmp_path):
-    assert_clean_error(_generate(trained["bundle"], tmp_path / "a.png", "--steps", "25"),
-                       "use --sampler ddim")
+    assert_clean_error(
+        _generate(trained["bundle"], tmp_path / "a.png", "--steps", "25"), "use --sampler ddim"
+    )
     assert_clean_error(_generate(trained["bundle"], tmp_path / "a.png", "--num", "0"), "num")
-    assert_clean_error(_generate(trained["bundle"], tmp_path / "a.png", "--sampler", "euler"),
-                       "invalid choice", code=2)
+    assert_clean_error(
+        _generate(trained["bundle"], tmp_path / "a.png", "--sampler", "euler"),
+        "invalid choice",
+        code=2,
+    )
     assert not (tmp_path / "a.png").exists()
 
 
 def test_wrong_image_size_in_training_data(tmp_path):
-    np.savez(tmp_path / "bad.npz", images=np.zeros((8, 18, 18, 3), np.uint8),
-             labels=np.zeros(8, np.int64))
-    proc = run_cli("train", "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "ck"),
-                   "--steps", "1", check=False)
+    np.savez(
+        tmp_path / "bad.npz",
+        images=np.zeros((8, 18, 18, 3), np.uint8),
+        labels=np.zeros(8, np.int64),
+    )
+    proc = run_cli(
+        "train",
+        "--data",
+        str(tmp_path / "bad.npz"),
+        "--out",
+        str(tmp_path / "ck"),
+        "--steps",
+        "1",
+        check=False,
+    )
     assert_clean_error(proc, "divisible by 4")
     assert not (tmp_path / "ck").exists()
 
 
 def test_missing_and_corrupt_training_data(tmp_path):
-    proc = run_cli("train", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "ck"),
-                   check=False)
+    proc = run_cli(
+        "train", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "ck"), check=False
+    )
     assert_clean_error(proc, "data file not found")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    proc = run_cli("train", "--data", str(tmp_path / "junk.npz"), "--out", str(tmp_path / "ck"),
-                   check=False)
+    proc = run_cli(
+        "train", "--data", str(tmp_path / "junk.npz"), "--out", str(tmp_path / "ck"), check=False
+    )
     assert_clean_error(proc, "cannot read data file")
 
 

@@ -24,10 +24,13 @@ def _export(cfg: UNetConfig, conditioning: dict):
     return m, trace_to_onnx(m, ex, spec, opset=17)
 
 
-@pytest.mark.parametrize("cfg,cond", [
-    (UNetConfig(n_feat=64, context_dim=12), {"kind": "label"}),
-    (UNetConfig(n_feat=32, context_dim=384, height=8, width=12), {"kind": "vector"}),
-])
+@pytest.mark.parametrize(
+    "cfg,cond",
+    [
+        (UNetConfig(n_feat=64, context_dim=12), {"kind": "label"}),
+        (UNetConfig(n_feat=32, context_dim=384, height=8, width=12), {"kind": "vector"}),
+    ],
+)
 def test_unet_onnx_matches_torch(cfg, cond):
     m, onnx_bytes = _export(cfg, cond)
     report = check_unet_parity(m, onnx_bytes, cond, batches=(1, 8))

@@ -13,7 +13,9 @@ SHAPE = (2, 3, 8, 8)
 
 def _torch_tables(T=500, b1=1e-4, b2=0.02):
     """The course's formulation, in torch float64."""
-    b_t = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(b1, b2, T, dtype=torch.float64)])
+    b_t = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), torch.linspace(b1, b2, T, dtype=torch.float64)]
+    )
     a_t = 1 - b_t
     ab_t = torch.cumprod(a_t, 0)
     return b_t, a_t, ab_t
@@ -21,8 +23,10 @@ def _torch_tables(T=500, b1=1e-4, b2=0.02):
 
 def _arrays(seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(SHAPE).astype(np.float32),
-            rng.standard_normal(SHAPE).astype(np.float32))
+    return (
+        rng.standard_normal(SHAPE).astype(np.float32),
+        rng.standard_normal(SHAPE).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("t", [500, 250, 2, 1])
@@ -66,9 +70,11 @@ def test_ddim_step_matches_paper(eta, i):
 
 def _oracle(schedule, x0):
     """The exact noise in x given the known clean image x0."""
+
     def eps_fn(x, t):
         ab = schedule.alpha_bar[t]
         return ((x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)).astype(np.float32)
+
     return eps_fn
 
 
@@ -85,14 +91,18 @@ def test_noise_order_contract():
     """Initial noise first, then one draw per noise-adding step, all from the one generator."""
     s = NoiseSchedule(ScheduleConfig(timesteps=5))
     seen = []
-    sample_loop(lambda x, t: (seen.append(x.copy()), np.zeros_like(x))[1],
-                DDPMSampler(s), SHAPE, np.random.Generator(np.random.PCG64(11)))
+    sample_loop(
+        lambda x, t: (seen.append(x.copy()), np.zeros_like(x))[1],
+        DDPMSampler(s),
+        SHAPE,
+        np.random.Generator(np.random.PCG64(11)),
+    )
     rng = np.random.Generator(np.random.PCG64(11))
     np.testing.assert_array_equal(seen[0], rng.standard_normal(SHAPE, dtype=np.float32))
     # Steps t=5..2 each draw once; t=1 draws nothing. Replaying the draws reproduces x.
     x = seen[0]
     for k, t in enumerate(range(5, 1, -1)):
-        a, ab, b = s.alpha[t], s.alpha_bar[t], s.beta[t]
+        a, b = s.alpha[t], s.beta[t]
         mean = x / np.sqrt(a)  # eps = 0
         x = mean + np.sqrt(b) * rng.standard_normal(SHAPE, dtype=np.float32)
         np.testing.assert_allclose(seen[k + 1], x, rtol=1e-6)

@@ -12,8 +12,9 @@ from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
 def test_tables_match_torch(T, b1, b2):
     s = NoiseSchedule(ScheduleConfig(T, b1, b2))
     # Independent: torch float64, product written as exp(sum(log)) like the course code.
-    beta = torch.cat([torch.zeros(1, dtype=torch.float64),
-                      torch.linspace(b1, b2, T, dtype=torch.float64)])
+    beta = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), torch.linspace(b1, b2, T, dtype=torch.float64)]
+    )
     alpha_bar = torch.exp(torch.cumsum(torch.log(1 - beta), 0))
     np.testing.assert_allclose(s.beta, beta.numpy(), rtol=1e-6, atol=0)
     np.testing.assert_allclose(s.alpha, (1 - beta).numpy(), rtol=1e-6)
@@ -36,8 +37,15 @@ def test_add_noise_is_the_closed_form():
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [ScheduleConfig(0), ScheduleConfig(10, 0.1, 0.01),
-                                 ScheduleConfig(10, 0, 0.1), ScheduleConfig(kind="cosine")])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ScheduleConfig(0),
+        ScheduleConfig(10, 0.1, 0.01),
+        ScheduleConfig(10, 0, 0.1),
+        ScheduleConfig(kind="cosine"),
+    ],
+)
 def test_bad_schedules_are_rejected(cfg):
     with pytest.raises(InputError):
         NoiseSchedule(cfg)

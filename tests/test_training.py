@@ -40,11 +40,14 @@ def test_shapes_npz_and_contexts(tmp_path):
     assert ds.conditioning == {"kind": "vector", "context_dim": 7}
 
 
-@pytest.mark.parametrize("images,labels,match", [
-    (np.zeros((4, 15, 15, 3), np.uint8), np.zeros(4, np.int64), "divisible by 4"),
-    (np.zeros((4, 16, 16, 3), np.float32), np.zeros(4, np.int64), "uint8"),
-    (np.zeros((4, 16, 16, 3), np.uint8), np.zeros(5, np.int64), "5 labels for 4 images"),
-])
+@pytest.mark.parametrize(
+    "images,labels,match",
+    [
+        (np.zeros((4, 15, 15, 3), np.uint8), np.zeros(4, np.int64), "divisible by 4"),
+        (np.zeros((4, 16, 16, 3), np.float32), np.zeros(4, np.int64), "uint8"),
+        (np.zeros((4, 16, 16, 3), np.uint8), np.zeros(5, np.int64), "5 labels for 4 images"),
+    ],
+)
 def test_bad_data_is_rejected(tmp_path, images, labels, match):
     np.savez(tmp_path / "bad.npz", images=images, labels=labels)
     with pytest.raises(InputError, match=match):
@@ -52,8 +55,16 @@ def test_bad_data_is_rejected(tmp_path, images, labels, match):
 
 
 def _cfg(data, out, steps):
-    return TrainConfig(data=str(data), out=str(out), steps=steps, batch_size=8, n_feat=8,
-                       sample_every=0, checkpoint_every=1000, timesteps=50)
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        steps=steps,
+        batch_size=8,
+        n_feat=8,
+        sample_every=0,
+        checkpoint_every=1000,
+        timesteps=50,
+    )
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -61,13 +72,15 @@ def test_resume_continues_exactly(tmp_path):
     torch.set_num_threads(1)  # bitwise-equal float sums
     train(_cfg(tmp_path / "d.npz", tmp_path / "straight", 6), progress=False)
     # An interrupted run: 3 of 6 steps, then a checkpoint (as --checkpoint-every writes).
-    interrupted = Trainer(_cfg(tmp_path / "d.npz", tmp_path / "resumed", 6),
-                          load_dataset(tmp_path / "d.npz"))
+    interrupted = Trainer(
+        _cfg(tmp_path / "d.npz", tmp_path / "resumed", 6), load_dataset(tmp_path / "d.npz")
+    )
     for _ in range(3):
         interrupted.train_step()
     interrupted.save()
-    summary = train(_cfg(tmp_path / "d.npz", tmp_path / "resumed", None), resume=True,
-                    progress=False)
+    summary = train(
+        _cfg(tmp_path / "d.npz", tmp_path / "resumed", None), resume=True, progress=False
+    )
     assert summary["steps"] == 6
     for name in ("model.safetensors", "train_state.safetensors"):
         a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
@@ -92,8 +105,15 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
 
 def test_training_reduces_the_loss(tmp_path):
     np.savez(tmp_path / "d.npz", **make_shapes(128, seed=4))
-    cfg = TrainConfig(data=str(tmp_path / "d.npz"), out=str(tmp_path / "ck"), steps=60,
-                      batch_size=32, n_feat=16, sample_every=0, lr=2e-3)
+    cfg = TrainConfig(
+        data=str(tmp_path / "d.npz"),
+        out=str(tmp_path / "ck"),
+        steps=60,
+        batch_size=32,
+        n_feat=16,
+        sample_every=0,
+        lr=2e-3,
+    )
     train(cfg, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "ck" / "metrics.jsonl").open()]
     assert losses[-1] < 0.6 * losses[0], losses

@@ -23,8 +23,9 @@ import json
 from dataclasses import asdict, dataclass
 
 import torch
-from ddpm_rt.errors import InputError
 from torch import nn
+
+from ddpm_rt.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,10 @@ def load_model(ckpt_dir, weights: str = "model.safetensors") -> tuple[ContextUne
     """Rebuild the model from the config stored beside its weights (EMA weights by default)."""
     from pathlib import Path
 
-    from ddpm_rt.errors import CheckpointError
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from ddpm_rt.errors import CheckpointError
 
     cfg = read_checkpoint_config(ckpt_dir)
     model = ContextUnet(UNetConfig.from_dict(cfg["unet"]))

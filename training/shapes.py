@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
 from ddpm_rt.errors import InputError
 from ddpm_rt.fileio import atomic_write, check_writable
-from PIL import Image, ImageDraw
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -19,16 +19,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import ddpm_rt
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
+from tqdm import tqdm
+
+import ddpm_rt
 from ddpm_rt.errors import CheckpointError, InputError
 from ddpm_rt.fileio import atomic_write
 from ddpm_rt.images import save_png
 from ddpm_rt.samplers import make_sampler, sample_loop, to_uint8
 from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
-from safetensors.torch import load_file, save
-from tqdm import tqdm
 
 from .data import Dataset, load_dataset
 from .model import (
@@ -47,6 +48,9 @@ class TrainConfig:
     labels: str | None = None
     contexts: str | None = None
     label_names: list[str] | None = field(default=None)
+    captions: str | None = None  # .txt/.json, a caption (or a list) per image
+    text_encoder: str | None = None  # folder from `ddpm-rt text export`
+    image_size: int | None = None  # resize imagefolder images to this square size
     steps: int | None = None  # total optimiser steps; default: 32 epochs
     epochs: float | None = None
     batch_size: int = 100
@@ -111,7 +115,9 @@ class Trainer:
             self.total_steps = max(1, round((cfg.epochs or 32) * self.steps_per_epoch))
         self.step = 0
         self.images = torch.from_numpy(data.images).to(self.device)  # (N, H, W, 3) uint8
-        self.contexts = torch.from_numpy(data.contexts).to(self.device)  # (N, D)
+        self.table = torch.from_numpy(data.table).to(self.device)  # (U, D)
+        self.choices = torch.from_numpy(data.choices).to(self.device)  # (N, K)
+        self.num_choices = torch.from_numpy(data.num_choices).to(self.device)  # (N,)
         if resume:
             self._load_state()
 
@@ -130,8 +136,10 @@ class Trainer:
         idx = torch.from_numpy(self._batch_indices(self.step)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step)
         x0 = self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
-        c = self.contexts[idx]  # (B, D)
         b = x0.shape[0]
+        # One of each image's captions (or its one label/context), at random.
+        pick = (torch.rand(b, generator=gen, device=self.device) * self.num_choices[idx]).long()
+        c = self.table[self.choices[idx, pick]]  # (B, D)
         keep = torch.rand(b, 1, generator=gen, device=self.device) >= cfg.context_dropout
         c = c * keep  # dropped rows become the null (zero) context
         t = torch.randint(1, cfg.timesteps + 1, (b,), generator=gen, device=self.device)
@@ -207,10 +215,7 @@ class Trainer:
     # -- samples and checkpoints --------------------------------------------------------
     def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path:
         """A grid from the EMA weights: one row per label (or per data context), DDIM-25."""
-        if self.data.label_names:
-            ctx = np.eye(self.data.context_dim, dtype=np.float32)[:rows]
-        else:
-            ctx = self.data.contexts[:rows]
+        ctx, _ = self.data.sample_contexts(rows)
         ctx = np.repeat(ctx, per_context, axis=0)
         c = torch.from_numpy(ctx).to(self.device)
         T = self.cfg.timesteps
@@ -311,7 +316,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if cfg.steps is not None:
             stored["epochs"] = None
         cfg = TrainConfig(**stored)
-    data = load_dataset(cfg.data, cfg.labels, cfg.contexts, cfg.label_names)
+    data = load_dataset(
+        cfg.data,
+        cfg.labels,
+        cfg.contexts,
+        cfg.label_names,
+        cfg.captions,
+        cfg.text_encoder,
+        cfg.image_size,
+        cache=out / "caption_embeddings.npz",
+    )
     trainer = Trainer(cfg, data, resume=resume)
     summary = trainer.fit(progress=progress)
     summary["out"] = str(out)

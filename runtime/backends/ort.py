@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
-
-from pathlib import Path
 
 from ..errors import BackendError, InputError
 
