@@ -73,4 +73,6 @@ def format_bench(r: dict) -> str:
         )
     for k, v in r["generate_1_image"].items():
         lines.append(f"generate 1 image, {k[:-2]}: {v:.2f} s")
+    for k, v in r.get("text_encoder_ms_per_prompt", {}).items():
+        lines.append(f"text encoder {k}: {v:.2f} ms per prompt (9 tokens, uncached)")
     return "\n".join(lines)

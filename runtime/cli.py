@@ -159,6 +159,17 @@ def cmd_text_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from .training.emoji import STYLES, build_emoji
+
+    styles = tuple(s.strip() for s in args.styles.split(",")) if args.styles else STYLES
+    bad = [s for s in styles if s not in STYLES]
+    if bad:
+        raise InputError(f"unknown style(s) {', '.join(bad)} (choose from: {', '.join(STYLES)})")
+    build_emoji(args.out, args.size, args.concepts, styles, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     from .training.shapes import write_shapes
 
@@ -247,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("beta-end", float),
     ):
         t.add_argument(f"--{flag}", type=typ)
+    t.add_argument(
+        "--context-gate",
+        choices=["linear", "tanh"],
+        help="context multiplier: linear (course) or 1+tanh (bounded)",
+    )
     t.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
     t.add_argument("--no-progress", action="store_true")
     common(t)
@@ -290,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     common(s)
     s.set_defaults(func=cmd_data_shapes)
+    em = dsub.add_parser("emoji", help="captioned emoji in several art styles")
+    em.add_argument("--out", required=True, help="folder to write (imagefolder + emoji.npz)")
+    em.add_argument("--size", type=int, default=16)
+    em.add_argument(
+        "--concepts",
+        default="default",
+        help="default (about 100 common emoji), all, or a string of emoji",
+    )
+    em.add_argument("--styles", help="comma-separated subset of openmoji,noto,emojione,twemoji")
+    common(em)
+    em.set_defaults(func=cmd_data_emoji)
     return p
 
 

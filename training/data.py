@@ -263,7 +263,11 @@ def load_dataset(
                     label_names = [str(s) for s in arrays["label_names"]]
                 table, choices, names = _labels(arrays["labels"], len(images), label_names)
             if captions is None and "captions" in arrays and text_encoder is not None:
-                per_image = [[" ".join(str(c).split())] for c in arrays["captions"]]
+                # One string per image; several alternatives are separated by newlines.
+                per_image = [
+                    [" ".join(a.split()) for a in str(c).split("\n") if a.strip()]
+                    for c in arrays["captions"]
+                ]
         else:
             images = arrays
         if labels is not None:

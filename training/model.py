@@ -36,6 +36,10 @@ class UNetConfig:
     height: int = 16
     width: int = 16
     groups: int = 8
+    # How the context embedding multiplies the up path: "linear" is the course's
+    # c_emb * h; "tanh" bounds the multiplier as (1 + tanh(c_emb)) * h, so the null context
+    # and unseen prompts cannot flip or blow up features (better behaved under guidance).
+    context_gate: str = "linear"
 
     def __post_init__(self):
         if self.height % 4 or self.width % 4 or self.height < 4 or self.width < 4:
@@ -44,6 +48,8 @@ class UNetConfig:
             raise InputError(f"n_feat ({self.n_feat}) must be a multiple of groups ({self.groups})")
         if self.context_dim < 1:
             raise InputError(f"context_dim must be >= 1, got {self.context_dim}")
+        if self.context_gate not in ("linear", "tanh"):
+            raise InputError(f"context_gate must be linear or tanh, got {self.context_gate!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,15 +148,18 @@ class ContextUnet(nn.Module):
             nn.Conv2d(n, config.in_channels, 3, 1, 1),
         )
 
+    def _gate(self, e: torch.Tensor) -> torch.Tensor:
+        return 1.0 + torch.tanh(e) if self.config.context_gate == "tanh" else e
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         n = self.config.n_feat
         x = self.init_conv(x)  # (B, n, H, W)
         down1 = self.down1(x)  # (B, n, H/2, W/2)
         down2 = self.down2(down1)  # (B, 2n, H/4, W/4)
         hidden = self.to_vec(down2)  # (B, 2n, 1, 1)
-        cemb1 = self.contextembed1(c).view(-1, 2 * n, 1, 1)
+        cemb1 = self._gate(self.contextembed1(c)).view(-1, 2 * n, 1, 1)
         temb1 = self.timeembed1(t).view(-1, 2 * n, 1, 1)
-        cemb2 = self.contextembed2(c).view(-1, n, 1, 1)
+        cemb2 = self._gate(self.contextembed2(c)).view(-1, n, 1, 1)
         temb2 = self.timeembed2(t).view(-1, n, 1, 1)
         up1 = self.up0(hidden)  # (B, 2n, H/4, W/4)
         up2 = self.up1(cemb1 * up1 + temb1, down2)  # (B, n, H/2, W/2)

@@ -61,6 +61,7 @@ class TrainConfig:
     sample_every: int = 10  # epochs between sample grids; 0 = only at the end
     checkpoint_every: int = 500  # steps
     n_feat: int = 64
+    context_gate: str = "linear"  # "tanh": bounded multiplier 1 + tanh(c_emb)
     timesteps: int = 500
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -100,7 +101,11 @@ class Trainer:
         self.device = _device(cfg.device)
         h, w = data.image_size
         self.unet_config = UNetConfig(
-            n_feat=cfg.n_feat, context_dim=data.context_dim, height=h, width=w
+            n_feat=cfg.n_feat,
+            context_dim=data.context_dim,
+            height=h,
+            width=w,
+            context_gate=cfg.context_gate,
         )
         self.schedule = NoiseSchedule(ScheduleConfig(cfg.timesteps, cfg.beta_start, cfg.beta_end))
         self.alpha_bar = torch.from_numpy(self.schedule.alpha_bar).to(self.device)
