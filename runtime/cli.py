@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -129,6 +130,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         **_fields(train_mod.TrainConfig, args, label_names=parse_label_names(args.label_names))
     )
     summary = train_mod.train(cfg, resume=args.resume, progress=not args.no_progress)
+    if summary["world_size"] > 1:
+        if not summary["ranks_in_sync"]:
+            raise InputError("distributed ranks ended with different weights")
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0
+        print(f"{summary['world_size']} processes, ranks in sync", file=sys.stderr)
     print(
         f"trained to step {summary['steps']} at {summary['it_per_s']:.2f} it/s, "
         f"loss {summary['final_loss']:.4f}; checkpoint in {summary['out']}",

@@ -93,12 +93,32 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _dist_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 class Trainer:
+    """One training run. Under ``torchrun`` (WORLD_SIZE > 1) it trains with
+    DistributedDataParallel: every rank draws the same global batch and noise from the
+    (seed, step) generators and takes its shard ``[rank::world]``, so the averaged gradient
+    is the single-process gradient; rank 0 alone logs, samples and checkpoints."""
+
     def __init__(self, cfg: TrainConfig, data: Dataset, resume: bool = False):
         cfg.validate()
         self.cfg, self.data = cfg, data
         self.out = Path(cfg.out)
+        self.rank, self.world = _dist_env()
+        if self.world > 1 and cfg.batch_size % self.world:
+            raise InputError(f"batch size {cfg.batch_size} must divide by {self.world} processes")
         self.device = _device(cfg.device)
+        if self.world > 1 and self.device.type == "cuda":
+            import os
+
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
         h, w = data.image_size
         self.unet_config = UNetConfig(
             n_feat=cfg.n_feat,
@@ -112,6 +132,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # weight init
         self.model = ContextUnet(self.unet_config).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net = self.model  # what the training step calls: the DDP wrapper when distributed
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.steps_per_epoch = max(1, len(data) // cfg.batch_size)
         if cfg.steps is not None:
@@ -149,12 +175,15 @@ class Trainer:
         c = c * keep  # dropped rows become the null (zero) context
         t = torch.randint(1, cfg.timesteps + 1, (b,), generator=gen, device=self.device)
         eps = torch.randn(x0.shape, generator=gen, device=self.device)
+        if self.world > 1:  # this rank's shard of the global batch
+            x0, c, t, eps = (v[self.rank :: self.world] for v in (x0, c, t, eps))
+            b = x0.shape[0]
         ab = self.alpha_bar[t].view(b, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         lr = cfg.lr * (1 - self.step / self.total_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        pred = self.model(x_t, (t.float() / cfg.timesteps).view(b, 1), c)
+        pred = self.net(x_t, (t.float() / cfg.timesteps).view(b, 1), c)
         loss = torch.nn.functional.mse_loss(pred, eps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,10 +198,12 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
+        main = self.rank == 0
+        progress = progress and main
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "samples").mkdir(exist_ok=True)
         sample_steps = self.cfg.sample_every * self.steps_per_epoch
-        log = open(self.out / "metrics.jsonl", "a")
+        log = open(self.out / "metrics.jsonl", "a") if main else None
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -186,19 +217,13 @@ class Trainer:
             while self.step < self.total_steps:
                 losses.append(self.train_step())
                 bar.update()
+                if not main:
+                    continue
                 if self.step % 10 == 0 or self.step == self.total_steps:
                     mean = float(np.mean(losses[-10:]))
                     bar.set_postfix(loss=f"{mean:.4f}")
-                    log.write(
-                        json.dumps(
-                            {
-                                "step": self.step,
-                                "loss": mean,
-                                "epoch": self.step / self.steps_per_epoch,
-                            }
-                        )
-                        + "\n"
-                    )
+                    epoch = self.step / self.steps_per_epoch
+                    log.write(json.dumps({"step": self.step, "loss": mean, "epoch": epoch}) + "\n")
                     log.flush()
                 if self.step % self.cfg.checkpoint_every == 0:
                     self.save()
@@ -206,16 +231,42 @@ class Trainer:
                     self.sample_grid()
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
         elapsed = time.perf_counter() - t0
-        self.save()
-        self.sample_grid()
-        steps_done = self.step - s0
-        return {
+        summary = {
             "steps": self.step,
-            "it_per_s": steps_done / elapsed if elapsed else math.nan,
+            "it_per_s": (self.step - s0) / elapsed if elapsed else math.nan,
             "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
+            "world_size": self.world,
         }
+        if self.world > 1:
+            summary["ranks_in_sync"] = self._ranks_in_sync()
+        if main:
+            self.save()
+            self.sample_grid()
+        return summary
+
+    def _ranks_in_sync(self) -> bool:
+        """All ranks hold bit-identical raw and EMA weights (checked by gathering checksums)."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            flat = torch.cat(
+                [
+                    p.detach().double().flatten()
+                    for p in (*self.model.parameters(), *self.ema.parameters())
+                ]
+            )
+            sums = torch.stack(
+                [
+                    flat.sum(),
+                    (flat * torch.arange(len(flat), dtype=flat.dtype, device=flat.device)).sum(),
+                ]
+            )
+        gathered = [torch.zeros_like(sums) for _ in range(self.world)]
+        dist.all_gather(gathered, sums)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
     # -- samples and checkpoints --------------------------------------------------------
     def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path:
@@ -321,18 +372,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if cfg.steps is not None:
             stored["epochs"] = None
         cfg = TrainConfig(**stored)
-    data = load_dataset(
-        cfg.data,
-        cfg.labels,
-        cfg.contexts,
-        cfg.label_names,
-        cfg.captions,
-        cfg.text_encoder,
-        cfg.image_size,
-        cache=out / "caption_embeddings.npz",
-    )
-    trainer = Trainer(cfg, data, resume=resume)
-    summary = trainer.fit(progress=progress)
+    rank, world = _dist_env()
+    if world > 1:
+        import torch.distributed as dist
+
+        use_nccl = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    try:
+        # Rank 0 embeds captions (and fills the cache) first; the others then read the cache.
+        load = lambda: load_dataset(  # noqa: E731
+            cfg.data,
+            cfg.labels,
+            cfg.contexts,
+            cfg.label_names,
+            cfg.captions,
+            cfg.text_encoder,
+            cfg.image_size,
+            cache=out / "caption_embeddings.npz",
+        )
+        data = load() if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+        data = data or load()
+        trainer = Trainer(cfg, data, resume=resume)
+        summary = trainer.fit(progress=progress)
+        if world > 1:
+            dist.barrier()  # rank 0's final checkpoint is on disk before anyone returns
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     summary["out"] = str(out)
     return summary
 
