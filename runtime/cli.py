@@ -17,13 +17,14 @@ from pathlib import Path
 from . import __version__
 from .errors import DdpmRtError, InputError
 
-SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "text", "data")
+SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "eval", "text", "data")
 
 
 def default_model() -> Path:
     """The bundle shipped in models/ (checked out or installed as package data)."""
     here = Path(__file__).resolve().parent
     for cand in (here.parent / "models" / "default", here / "models" / "default"):
+        # a source checkout (editable install), then an installed wheel's package data
         if (cand / "manifest.json").is_file():
             return cand
     raise InputError("no default model is installed; pass --model BUNDLE")
@@ -151,6 +152,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
     cfg = exp.ExportConfig(**_fields(exp.ExportConfig, args, **extra))
     exp.export_bundle(cfg, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    ev = _need("train", "ddpm_rt.training.evaluate")
+    settings = tuple(s.strip() for s in args.settings.split(","))
+    report = ev.evaluate(
+        args.bundle or default_model(),
+        args.data,
+        settings,
+        args.per_concept,
+        args.guidance,
+        args.seed,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    if args.json:
+        ev.save_report(report, Path(args.json))
+    if args.grid:
+        from .images import save_png
+
+        first = next(iter(report["settings"].values()))["train_captions"]["_images"]
+        save_png(args.grid, first, ncols=args.per_concept * 8, scale=2)
     return 0
 
 
@@ -284,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-precisions", help="encoder graphs to ship: fp32,int8 (default both)")
     common(e)
     e.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="judge-based evaluation of an emoji model")
+    ev.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    ev.add_argument("--data", required=True, help="emoji.npz from 'ddpm-rt data emoji'")
+    ev.add_argument(
+        "--settings",
+        default="ddpm,ddim:50,ddim:25",
+        help="sampler[:steps] list (default ddpm,ddim:50,ddim:25)",
+    )
+    ev.add_argument("--per-concept", type=int, default=4)
+    ev.add_argument("--guidance", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the report here")
+    ev.add_argument("--grid", help="PNG of the first setting's images")
+    common(ev)
+    ev.set_defaults(func=cmd_eval)
 
     tx = sub.add_parser("text", help="text encoder tools (need ddpm-rt[export])")
     txsub = tx.add_subparsers(dest="text_command", metavar="ACTION", required=True)

@@ -1,0 +1,1 @@
+"""Shipped bundles (package data). ``default/`` is what ``ddpm-rt --prompt`` uses."""

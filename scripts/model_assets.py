@@ -1,0 +1,78 @@
+"""Make the shipped model's card assets: loss curve and a sample grid for a dozen prompts.
+
+python scripts/model_assets.py CHECKPOINT BUNDLE OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ddpm_rt import Generator
+from ddpm_rt.images import make_grid
+
+PROMPTS = [
+    "red apple",
+    "banana",
+    "grinning face",
+    "red heart",
+    "dog face",
+    "pizza",
+    "sun",
+    "frog",
+    "fire",
+    "rocket",
+    "a cartoon strawberry",
+    "blue heart",
+]
+
+
+def loss_curve(metrics: Path, out: Path, w: int = 640, h: int = 360, pad: int = 48) -> None:
+    rows = [json.loads(line) for line in metrics.open()]
+    steps = np.array([r["step"] for r in rows], float)
+    loss = np.array([r["loss"] for r in rows], float)
+    k = max(1, len(loss) // 100)  # smooth to ~100 points for readability
+    if k > 1:
+        loss = np.convolve(loss, np.ones(k) / k, mode="valid")
+        steps = steps[k - 1 :]
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = np.log10(loss.min()), np.log10(loss.max())
+
+    def xy(s, v):
+        x = pad + (s - steps.min()) / max(1.0, steps.max() - steps.min()) * (w - 2 * pad)
+        y = h - pad - (np.log10(v) - lo) / max(1e-9, hi - lo) * (h - 2 * pad)
+        return float(x), float(y)
+
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    d.line([xy(s, v) for s, v in zip(steps, loss, strict=True)], fill=(30, 90, 200), width=2)
+    d.text((pad, 10), f"training loss (MSE, log scale, smoothed over {k} logs)", fill="black")
+    d.text((pad, h - pad + 8), f"step {int(steps.min())}", fill="black")
+    d.text((w - pad - 80, h - pad + 8), f"step {int(steps.max())}", fill="black")
+    d.text((4, pad - 14), f"{loss.max():.3f}", fill="black")
+    d.text((4, h - pad + 2), f"{loss.min():.3f}", fill="black")
+    img.save(out)
+
+
+def sample_grid(bundle: Path, out: Path, per_prompt: int = 6) -> None:
+    gen = Generator(bundle)
+    rows = [
+        gen.generate(p, num=per_prompt, seed=1, sampler="ddpm", batch_size=per_prompt)
+        for p in PROMPTS
+    ]
+    grid = make_grid(np.concatenate(rows), ncols=per_prompt)
+    Image.fromarray(grid).resize(
+        (grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST
+    ).save(out)
+
+
+if __name__ == "__main__":
+    ckpt, bundle, out = (Path(a) for a in sys.argv[1:4])
+    out.mkdir(parents=True, exist_ok=True)
+    loss_curve(ckpt / "metrics.jsonl", out / "loss_curve.png")
+    sample_grid(bundle, out / "samples.png")
+    print(f"wrote {out / 'loss_curve.png'} and {out / 'samples.png'} (rows: {', '.join(PROMPTS)})")

@@ -1,0 +1,118 @@
+"""An independent emoji-naming judge for evaluation: a small CNN trained on the data set's
+renders. It names the emoji (identity, not category). Eval tooling only, never the runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Judge(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> logits (B, K); ``features`` gives the 128-d penultimate."""
+
+    def __init__(self, num_classes: int, width: int = 48):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.GELU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, 128),
+            nn.GELU(),
+        )
+        self.head = nn.Linear(128, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shifts of up to 1 px, brightness/contrast jitter and light noise: enough variety for
+    the judge to accept a generated image that is not pixel-identical to a render."""
+    b = x.shape[0]
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
+    x = padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+    scale = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    shift = 0.1 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    noise = 0.05 * torch.randn(x.shape, generator=gen)
+    return (x * scale + shift + noise).clamp(-1, 1)
+
+
+def train_judge(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    steps: int = 1500,
+    seed: int = 0,
+    log=None,
+) -> Judge:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    judge = Judge(num_classes)
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    x_all, y_all = _to_tensor(images), torch.from_numpy(labels)
+    for step in range(steps):
+        idx = torch.randint(0, len(x_all), (128,), generator=gen)
+        loss = nn.functional.cross_entropy(
+            judge(_augment(x_all[idx], gen)), y_all[idx], label_smoothing=0.1
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % 500 == 0:
+            log(f"judge step {step + 1}/{steps}: loss {loss.item():.3f}")
+    return judge.eval()
+
+
+@torch.no_grad()
+def judge_outputs(judge: Judge, images: np.ndarray, batch: int = 256):
+    """(logits (N, K), features (N, 128)) for uint8 (N, H, W, 3) images."""
+    logits, feats = [], []
+    for i in range(0, len(images), batch):
+        f = judge.features(_to_tensor(images[i : i + batch]))
+        feats.append(f)
+        logits.append(judge.head(f))
+    return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+
+
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(1).mean())
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (as in FID)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+
+    def sqrtm_psd(m):
+        w, v = np.linalg.eigh((m + m.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    root_a = sqrtm_psd(cov_a)
+    cross = sqrtm_psd(root_a @ cov_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * cross))
