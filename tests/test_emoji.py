@@ -54,12 +54,35 @@ def test_eval_runs_end_to_end(emoji_dir, tiny_text, tmp_path):
     from ddpm_rt.training.evaluate import evaluate
 
     out, _ = emoji_dir
-    run_cli("train", "--data", str(out / "emoji.npz"), "--text-encoder", str(tiny_text),
-            "--out", str(tmp_path / "ck"), "--steps", "5", "--batch-size", "8", "--n-feat", "8",
-            "--context-gate", "tanh", "--sample-every", "0", "--no-progress")
+    run_cli(
+        "train",
+        "--data",
+        str(out / "emoji.npz"),
+        "--text-encoder",
+        str(tiny_text),
+        "--out",
+        str(tmp_path / "ck"),
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--n-feat",
+        "8",
+        "--context-gate",
+        "tanh",
+        "--sample-every",
+        "0",
+        "--no-progress",
+    )
     run_cli("export", str(tmp_path / "ck"), "--out", str(tmp_path / "b"))
-    r = evaluate(tmp_path / "b", out / "emoji.npz", settings=("ddim:3",), per_concept=2,
-                 judge_steps=30, log=lambda s: None)
+    r = evaluate(
+        tmp_path / "b",
+        out / "emoji.npz",
+        settings=("ddim:3",),
+        per_concept=2,
+        judge_steps=30,
+        log=lambda s: None,
+    )
     row = r["settings"]["ddim:3"]
     for kind in ("train_captions", "heldout_paraphrases"):
         assert 0 <= row[kind]["top1"] <= row[kind]["top5"] <= 1

@@ -346,6 +346,11 @@ class Trainer:
                 )
         self.opt.load_state_dict(opt_state)
         self.step = int(meta["step"])
+        # Forget the log lines of steps after the checkpoint (an interrupted run's tail).
+        log = self.out / "metrics.jsonl"
+        if self.rank == 0 and log.is_file():
+            keep = [x for x in log.read_text().splitlines() if json.loads(x)["step"] <= self.step]
+            atomic_write(log, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
 
 
 def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
