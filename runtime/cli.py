@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
     g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     g.add_argument("--steps", type=int, help="sampling steps (ddpm: all T; ddim: default 50)")
-    g.add_argument("--eta", type=float, help="ddim stochasticity (default 0)")
+    g.add_argument(
+        "--eta", type=float, help="ddim stochasticity: 0 deterministic, 1 ancestral (default 1)"
+    )
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     g.add_argument(
         "--guidance",

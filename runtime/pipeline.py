@@ -23,7 +23,7 @@ class GenerateConfig:
     num: int = 1
     sampler: str = "ddpm"
     steps: int | None = None  # None: all T steps for ddpm, 50 for ddim
-    eta: float = 0.0  # ddim only
+    eta: float | None = None  # ddim only; None: DEFAULT_DDIM_ETA (1.0)
     seed: int = 0
     guidance: float = 1.0  # classifier-free guidance scale; 1 = plain conditional
     batch_size: int = 16

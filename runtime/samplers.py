@@ -90,22 +90,28 @@ class DDIMSampler:
         return x_prev.astype(np.float32, copy=False)
 
 
+# DDIM's default stochasticity. Measured on the shipped emoji model (ddpm-rt eval, judge
+# features, 428 images): DDIM-50 with eta = 0 doubled the Fréchet distance of DDPM-500
+# (9.26 vs 4.54, recognition@1 0.81 vs 0.90); eta = 1 gave 4.06 and 0.94.
+DEFAULT_DDIM_ETA = 1.0
+
+
 def make_sampler(
-    name: str, schedule: NoiseSchedule, steps: int | None = None, eta: float = 0.0
+    name: str, schedule: NoiseSchedule, steps: int | None = None, eta: float | None = None
 ) -> DDPMSampler | DDIMSampler:
-    """Build a sampler by name; ``steps=None`` means the sampler's default (T for ddpm, 50 ddim)."""
+    """Build a sampler by name. ``steps=None``: all T for ddpm, 50 for ddim;
+    ``eta=None``: :data:`DEFAULT_DDIM_ETA` for ddim."""
     if name == "ddpm":
         if steps is not None and steps != schedule.timesteps:
             raise InputError(
                 f"ddpm runs all {schedule.timesteps} steps; use --sampler ddim for {steps} steps"
             )
-        if eta != 0.0:
+        if eta is not None:
             raise InputError("eta applies to ddim only")
         return DDPMSampler(schedule)
     if name == "ddim":
-        return DDIMSampler(
-            schedule, steps=min(50, schedule.timesteps) if steps is None else steps, eta=eta
-        )
+        steps = min(50, schedule.timesteps) if steps is None else steps
+        return DDIMSampler(schedule, steps=steps, eta=DEFAULT_DDIM_ETA if eta is None else eta)
     raise InputError(f"unknown sampler {name!r} (choose from: {', '.join(SAMPLERS)})")
 
 
