@@ -53,11 +53,23 @@ def run_bench(gen: Generator, batch_sizes=(1, 8, 16), repeats: int = 30) -> dict
             warmup=1,
         )
         ends[f"{sampler}{steps or gen.schedule.timesteps}_s"] = float(np.median(s))
+    text = {}
+    if gen.text is not None:
+        from .text import tokenize
+
+        ids, mask, _ = tokenize(
+            gen.text.tokenizer, "a small red apple on a plain background", gen.text.max_tokens
+        )
+        for precision, graph in gen.bundle.conditioning["text"]["graphs"].items():
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            s = _time(lambda graph=graph, feeds=feeds: gen.backend.run(graph, feeds), repeats)
+            text[precision] = 1e3 * float(np.median(s))
     return {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "providers": gen.backend.providers,
         "unet": rows,
         "generate_1_image": ends,
+        "text_encoder_ms_per_prompt": text,
     }
 
 
@@ -74,5 +86,5 @@ def format_bench(r: dict) -> str:
     for k, v in r["generate_1_image"].items():
         lines.append(f"generate 1 image, {k[:-2]}: {v:.2f} s")
     for k, v in r.get("text_encoder_ms_per_prompt", {}).items():
-        lines.append(f"text encoder {k}: {v:.2f} ms per prompt (9 tokens, uncached)")
+        lines.append(f"text encoder {k}: {v:.2f} ms per prompt (10 tokens, uncached)")
     return "\n".join(lines)
