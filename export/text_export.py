@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch
 import ddpm_rt
 from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.fileio import atomic_write, sha256_file
-from ddpm_rt.text import TEXT_FORMAT, TEXT_MANIFEST, load_tokenizer, read_text_folder, tokenize
+from ddpm_rt.text import TEXT_FORMAT, TEXT_MANIFEST, load_tokenizer, tokenize
 
 from .captions import eval_captions
 from .io_spec import text_encoder_io
@@ -257,13 +256,3 @@ def export_text_encoder(
         f"int8 {len(int8_bytes) / 1e6:.1f} MB)"
     )
     return out
-
-
-def copy_text_encoder(src: Path, dst: Path) -> dict:
-    """Copy a text-encoder folder's files into a bundle; returns its manifest."""
-    meta = read_text_folder(src)
-    for name in meta["files"]:
-        if not (dst / name).is_file() or sha256_file(dst / name) != meta["files"][name]["sha256"]:
-            shutil.copyfile(src / name, dst / f".{name}.tmp")
-            (dst / f".{name}.tmp").replace(dst / name)
-    return meta

@@ -125,7 +125,15 @@ def test_export_rejects_a_different_text_encoder(text_trained, tmp_path):
 
 
 def test_bench_times_the_text_encoder(text_trained, tmp_path):
-    run_cli("bench", str(text_trained["bundle"]), "--batch-sizes", "1", "--repeats", "3",
-            "--json", str(tmp_path / "b.json"))
+    run_cli(
+        "bench",
+        str(text_trained["bundle"]),
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "3",
+        "--json",
+        str(tmp_path / "b.json"),
+    )
     r = json.loads((tmp_path / "b.json").read_text())
     assert set(r["text_encoder_ms_per_prompt"]) == {"fp32", "int8"}
