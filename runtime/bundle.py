@@ -145,14 +145,16 @@ def _check_manifest(m: object, mpath: Path) -> None:
     cond = m["conditioning"]
     if cond.get("kind") == "text":
         text = cond.get("text")
+        # Explicit checks, not asserts: validation must survive ``python -O``.
         try:
-            assert text["tokenizer"] in m["files"]
-            assert text["default_precision"] in text["graphs"]
+            ok = text["tokenizer"] in m["files"] and text["default_precision"] in text["graphs"]
             for gname in text["graphs"].values():
                 out = graphs[gname].outputs[0]
-                assert out.name == "embedding" and tuple(out.shape[1:]) == (d,)
+                ok = ok and out.name == "embedding" and tuple(out.shape[1:]) == (d,)
             int(text["max_tokens"])
-        except (AssertionError, KeyError, TypeError, IndexError, ValueError):
+        except (KeyError, TypeError, IndexError, ValueError):
+            ok = False
+        if not ok:
             fail("malformed text conditioning (tokenizer, text-encoder graphs, dimension)")
     unet = {t.name: t.shape for t in graphs["unet"].inputs}
     expect = {"x": (c, h, w), "t": (1,), "c": (d,)}

@@ -127,12 +127,14 @@ def read_text_folder(path, verify_hashes: bool = True) -> dict:
     mpath = path / TEXT_MANIFEST
     if not mpath.is_file():
         raise BundleError(f"not a text-encoder folder (no {TEXT_MANIFEST}): {path}")
-    try:
+    try:  # explicit checks, not asserts: validation must survive ``python -O``
         meta = json.loads(mpath.read_text())
-        assert meta["format"] == TEXT_FORMAT
         int(meta["max_tokens"]), int(meta["embedding_dim"]), meta["graphs"]["fp32"]["file"]
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise BundleError(f"invalid {mpath}") from None
+        valid = meta["format"] == TEXT_FORMAT
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise BundleError(f"invalid {mpath}")
     if verify_hashes:
         for name, f in meta["files"].items():
             p = path / name

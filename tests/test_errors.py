@@ -166,3 +166,14 @@ def test_export_errors(tmp_path):
     proc = run_cli("export", str(tmp_path / "nockpt"), "--out", str(tmp_path / "b"), check=False)
     assert_clean_error(proc, "not a checkpoint")
     assert not (tmp_path / "b").exists()
+
+
+def test_malformed_text_conditioning(text_trained, tmp_path):
+    dst = tmp_path / "tb"
+    shutil.copytree(text_trained["bundle"], dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["conditioning"]["text"]["default_precision"] = "fp16"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("--model", str(dst), "--prompt", "a dog", "--out", str(tmp_path / "a.png"),
+                   check=False)
+    assert_clean_error(proc, "malformed text conditioning")
