@@ -23,10 +23,9 @@ import ddpm_rt
 from ddpm_rt.bundle import MANIFEST, SCHEMA_VERSION, Bundle
 from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.fileio import atomic_write, sha256_file
+from ddpm_rt.io_spec import GraphIO, unet_io
 from ddpm_rt.tolerances import TOLERANCES, check
 from ddpm_rt.training.model import ContextUnet, load_model
-
-from .io_spec import GraphIO, unet_io
 
 
 class ExportError(DdpmRtError):

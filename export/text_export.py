@@ -31,10 +31,10 @@ import torch
 import ddpm_rt
 from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.fileio import atomic_write, sha256_file
+from ddpm_rt.io_spec import text_encoder_io
 from ddpm_rt.text import TEXT_FORMAT, TEXT_MANIFEST, load_tokenizer, tokenize
 
 from .captions import eval_captions
-from .io_spec import text_encoder_io
 from .onnx_export import trace_to_onnx
 from .text_encoder import SentenceEncoder, default_model_dir, load_hf_bert, max_tokens_of
 

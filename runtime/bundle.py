@@ -1,76 +1,53 @@
 """Bundles: one self-describing folder holding everything a runtime needs.
 
-``manifest.json`` (schema version 1)::
+A bundle is untrusted input. Loading one:
 
-    {
-      "schema_version": 1,
-      "image": {"channels": 3, "height": 16, "width": 16},
-      "schedule": {"kind": "linear", "timesteps": 500, "beta_start": 1e-4, "beta_end": 0.02},
-      "conditioning": {"kind": "label", "context_dim": 12, "label_names": ["red circle", ...]},
-      "graphs": {"unet": {"file": "unet.onnx",
-                          "inputs": [{"name": "x", "dtype": "float32",
-                                      "shape": ["batch", 3, 16, 16]}, ...],
-                          "outputs": [...]}},
-      "files": {"unet.onnx": {"sha256": "...", "bytes": 123}},
-      "producer": {"ddpm_rt": "0.1.0", "torch": "...", "onnx": "...", "opset": 17},
-      "source": {...}            # what the bundle was exported from (informational)
-    }
+1. reads ``manifest.json`` (a regular file inside the folder, at most 4 MiB); its sha256 is
+   the bundle's **digest**, which pins every file (and is compared first with
+   ``expected_digest`` when the caller has one from a trusted place);
+2. validates the whole manifest strictly (:mod:`ddpm_rt.manifest`): types, ranges, graph
+   specs against the runtime's I/O spec, plain file names;
+3. resolves every listed file inside the folder (no symlink may lead out) and compares its
+   size with the declared ``bytes`` -- cheap checks, before any file is read;
+4. with ``hash_all`` (``ddpm-rt info``), hashes every listed file.
 
-:meth:`Bundle.load` checks the schema, that every listed file exists with its sha256, and
-that the graph specs agree with the image shape and conditioning.
+Files are then read only through :meth:`Bundle.read_file`, which hashes the bytes it
+returns: what is hashed is exactly what the backend loads, so a file swapped after loading
+cannot be used unverified. The schema is in ``docs/bundle-format.md``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+import re
+import stat
 from pathlib import Path
 
-from .errors import BundleError
-from .fileio import sha256_file
+from .errors import BundleError, InputError
+from .io_spec import GraphIO
+from .manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, validate_manifest
 from .schedule import ScheduleConfig
 
-SCHEMA_VERSION = 1
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle"]
+
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple  # ints, or strings naming dynamic axes
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    file: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GraphSpec:
-        return cls(
-            d["file"],
-            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-        )
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class Bundle:
     """A loaded, validated bundle. Use :meth:`load`."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, digest: str):
         self.path = path
         self.manifest = manifest
+        self.digest = digest  # sha256 of manifest.json's bytes
         img = manifest["image"]
-        self.image_shape = (int(img["channels"]), int(img["height"]), int(img["width"]))
+        self.image_shape = (img["channels"], img["height"], img["width"])
         self.schedule = ScheduleConfig.from_dict(manifest["schedule"])
         self.conditioning: dict = manifest["conditioning"]
-        self.graphs = {k: GraphSpec.from_dict(v) for k, v in manifest["graphs"].items()}
+        self.graphs = {k: GraphIO.from_dict(k, v) for k, v in manifest["graphs"].items()}
 
     @property
     def context_dim(self) -> int:
@@ -80,84 +57,126 @@ class Bundle:
     def label_names(self) -> list[str]:
         return list(self.conditioning.get("label_names", []))
 
-    def graph_path(self, name: str) -> Path:
-        if name not in self.graphs:
-            raise BundleError(f"bundle {self.path} has no graph {name!r}")
-        return self.path / self.graphs[name].file
+    def file_path(self, name: str) -> Path:
+        """The real path of a listed file, confined to the bundle folder."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.path} does not list a file {name!r}")
+        return _inside(self.path, name)
+
+    def read_file(self, name: str) -> bytes:
+        """A listed file's bytes, checked against the declared size and sha256."""
+        meta = self.manifest["files"][name] if name in self.manifest["files"] else None
+        path = self.file_path(name)
+        data = _read_regular(path, meta["bytes"], f"bundle file {name}")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise BundleError(
+                f"bundle file {path} does not match its sha256 in {MANIFEST} (corrupt or "
+                "modified; re-export the bundle)"
+            )
+        return data
+
+    def graph_bytes(self, graph: str) -> bytes:
+        if graph not in self.graphs:
+            raise BundleError(f"bundle {self.path} has no graph {graph!r}")
+        return self.read_file(self.graphs[graph].file)
 
     @classmethod
-    def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
+    def load(
+        cls, path: str | Path, *, hash_all: bool = True, expected_digest: str | None = None
+    ) -> Bundle:
+        """Load and validate a bundle folder (see the module docstring for the checks).
+
+        ``hash_all=False`` defers hashing to :meth:`read_file` (what a :class:`Generator`
+        does: it hashes exactly the bytes it loads, and only the files it uses).
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"bundle must be a folder path, got {type(path).__name__}")
+        if expected_digest is not None and not (
+            isinstance(expected_digest, str) and _DIGEST.fullmatch(expected_digest)
+        ):
+            raise InputError("expected digest must be 64 lowercase hex digits (sha256)")
         path = Path(path)
-        mpath = path / MANIFEST
         if not path.exists():
             raise BundleError(f"bundle not found: {path}")
-        if not mpath.is_file():
+        if not path.is_dir():
+            raise BundleError(f"not a bundle folder: {path}")
+        root = Path(os.path.realpath(path))
+        mpath = root / MANIFEST
+        if not os.path.lexists(mpath):
             raise BundleError(f"not a bundle (no {MANIFEST}): {path}")
+        data = _read_regular(_inside(root, MANIFEST), None, MANIFEST, MAX_MANIFEST_BYTES)
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_digest is not None and digest != expected_digest:
+            raise BundleError(
+                f"bundle {path} has digest {digest}, not the expected {expected_digest} "
+                "(a different or modified bundle)"
+            )
         try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"corrupt {mpath}: {e}") from None
-        _check_manifest(manifest, mpath)
-        if verify_hashes:
-            for name, meta in manifest["files"].items():
-                f = path / name
-                if not f.is_file():
-                    raise BundleError(f"bundle file missing: {f}")
-                if sha256_file(f) != meta["sha256"]:
-                    raise BundleError(
-                        f"bundle file {f} does not match its sha256 in {MANIFEST} (corrupt or "
-                        "modified; re-export the bundle)"
-                    )
-        return cls(path, manifest)
+            manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+            raise BundleError(f"corrupt {mpath}: {why}") from None
+        validate_manifest(manifest)
+        bundle = cls(root, manifest, digest)
+        for name, meta in manifest["files"].items():
+            f = bundle.file_path(name)
+            st = _stat_regular(f, f"bundle file {name}")
+            if st.st_size != meta["bytes"]:
+                raise BundleError(
+                    f"bundle file {f} has {st.st_size} bytes, the manifest says {meta['bytes']} "
+                    "(corrupt or modified; re-export the bundle)"
+                )
+        if hash_all:
+            for name in manifest["files"]:
+                bundle.read_file(name)
+        return bundle
 
 
-def _check_manifest(m: object, mpath: Path) -> None:
-    def fail(why: str):
-        raise BundleError(f"invalid {mpath}: {why}")
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
-    if not isinstance(m, dict):
-        fail("not a JSON object")
-    version = m.get("schema_version")
-    if not isinstance(version, int):
-        fail("no schema_version")
-    if version > SCHEMA_VERSION:
-        raise BundleError(
-            f"{mpath} has schema version {version}, newer than this ddpm-rt reads "
-            f"({SCHEMA_VERSION}); upgrade ddpm-rt"
-        )
-    for key in ("image", "schedule", "conditioning", "graphs", "files"):
-        if not isinstance(m.get(key), dict):
-            fail(f"missing or malformed {key!r}")
+
+def _inside(root: Path, name: str) -> Path:
+    """root/name resolved; refuses anything (a symlink, say) that leads out of root."""
+    real = Path(os.path.realpath(root / name))
+    if real.parent != root and root not in real.parents:
+        raise BundleError(f"bundle file {name} leads outside the bundle folder (via a symlink)")
+    return real
+
+
+def _stat_regular(path: Path, what: str) -> os.stat_result:
     try:
-        c, h, w = (int(m["image"][k]) for k in ("channels", "height", "width"))
-        d = int(m["conditioning"]["context_dim"])
-        ScheduleConfig.from_dict(m["schedule"])
-        graphs = {k: GraphSpec.from_dict(v) for k, v in m["graphs"].items()}
-        for meta in m["files"].values():
-            str(meta["sha256"])
-    except (KeyError, TypeError, ValueError) as e:
-        fail(f"bad field {e}")
-    if "unet" not in graphs:
-        fail("no 'unet' graph")
-    for g in graphs.values():
-        if g.file not in m["files"]:
-            fail(f"graph file {g.file} is not listed under 'files'")
-    cond = m["conditioning"]
-    if cond.get("kind") == "text":
-        text = cond.get("text")
-        # Explicit checks, not asserts: validation must survive ``python -O``.
-        try:
-            ok = text["tokenizer"] in m["files"] and text["default_precision"] in text["graphs"]
-            for gname in text["graphs"].values():
-                out = graphs[gname].outputs[0]
-                ok = ok and out.name == "embedding" and tuple(out.shape[1:]) == (d,)
-            int(text["max_tokens"])
-        except (KeyError, TypeError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            fail("malformed text conditioning (tokenizer, text-encoder graphs, dimension)")
-    unet = {t.name: t.shape for t in graphs["unet"].inputs}
-    expect = {"x": (c, h, w), "t": (1,), "c": (d,)}
-    for name, tail in expect.items():
-        if name not in unet or tuple(unet[name][1:]) != tail:
-            fail(f"unet input {name!r} shape {unet.get(name)} disagrees with image/conditioning")
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BundleError(f"{what} is missing: {path}") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{what} is not a regular file: {path}")
+    return st
+
+
+def _read_regular(path: Path, size: int | None, what: str, limit: int | None = None) -> bytes:
+    """Read a regular file whole, refusing one whose size is not ``size`` (or over ``limit``)
+    before reading it. Reads through one descriptor, so size and bytes belong together."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise BundleError(f"{what} is missing: {path}") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {what} {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{what} is not a regular file: {path}")
+        if size is not None and st.st_size != size:
+            raise BundleError(
+                f"{what} has {st.st_size} bytes, the manifest says {size} "
+                "(corrupt or modified; re-export the bundle)"
+            )
+        if limit is not None and st.st_size > limit:
+            raise BundleError(f"{what} is {st.st_size} bytes, over the limit of {limit}")
+        data = f.read(st.st_size + 1)
+    if len(data) != st.st_size:
+        raise BundleError(f"{what} changed while it was read: {path}")
+    return data

@@ -1,5 +1,7 @@
 """One small error hierarchy. The CLI prints ``error: <message>`` for any of these."""
 
+from __future__ import annotations
+
 
 class DdpmRtError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -17,5 +19,15 @@ class InputError(DdpmRtError):
     """A user-supplied value (prompt, flag, data file, output path) is unusable."""
 
 
+class NumericalError(BackendError):
+    """A graph produced NaN, Inf or an absurdly large value; nothing is written."""
+
+
 class CheckpointError(DdpmRtError):
     """A training checkpoint is missing or malformed."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages can run for pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

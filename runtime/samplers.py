@@ -57,17 +57,16 @@ class DDIMSampler:
     ``T`` down ("trailing" spacing), so the first step always starts from pure noise.
     """
 
-    def __init__(
-        self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = False
-    ):
+    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0):
         T = schedule.timesteps
         if not 1 <= steps <= T:
             raise InputError(f"ddim steps must be between 1 and {T}, got {steps}")
-        if eta < 0:
-            raise InputError(f"eta must be >= 0, got {eta}")
+        # eta > 1 asks for more noise than the posterior has: sqrt(1 - ab_prev - sigma^2)
+        # would be imaginary. NaN fails this comparison too.
+        if not 0.0 <= eta <= 1.0:
+            raise InputError(f"eta must be between 0 and 1, got {eta}")
         self.schedule = schedule
         self.eta = float(eta)
-        self.clip_x0 = clip_x0
         self.timesteps = np.round(np.linspace(T, 0, steps + 1))[:-1].astype(np.int64)
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,8 +76,6 @@ class DDIMSampler:
         ab, ab_prev = np.float64(s.alpha_bar[t]), np.float64(s.alpha_bar[t_prev])
         # (1) Predicted clean image (eq. 12, first term): x0 = (x_t - sqrt(1-ab_t) eps) / sqrt(ab_t)
         x0 = (x - np.float32(np.sqrt(1.0 - ab)) * eps) / np.float32(np.sqrt(ab))
-        if self.clip_x0:
-            x0 = np.clip(x0, -1.0, 1.0)
         # (2) sigma_t (eq. 16): eta * sqrt((1-ab_prev)/(1-ab_t)) * sqrt(1 - ab_t/ab_prev)
         sigma = self.eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
         # (3) x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
@@ -124,16 +121,22 @@ def sample_loop(
     shape: tuple[int, ...],
     rng: np.random.Generator,
     progress: Callable[[Iterable], Iterable] | None = None,
+    on_step: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Run the reverse process from Gaussian noise; returns x_0 in model space (about [-1, 1]).
 
-    ``eps_fn(x, t)`` predicts the noise in ``x`` at integer timestep ``t``.
+    ``eps_fn(x, t)`` predicts the noise in ``x`` at integer timestep ``t``;
+    ``on_step(i, t, eps, x)`` sees each step's predicted noise and its result (the runtime
+    checks both for non-finite values there).
     """
     x = rng.standard_normal(shape, dtype=np.float32)  # (B, C, H, W), drawn first
     steps = range(len(sampler.timesteps))
     for i in progress(steps) if progress else steps:
-        eps = eps_fn(x, int(sampler.timesteps[i]))
+        t = int(sampler.timesteps[i])
+        eps = eps_fn(x, t)
         x = sampler.step(x, eps, i, rng)
+        if on_step is not None:
+            on_step(i, t, eps, x)
     return x
 
 

@@ -15,6 +15,14 @@ import numpy as np
 from .errors import InputError
 
 
+def timestep_input(t, timesteps: int):
+    """The U-Net's time input for integer timestep ``t``: ``t / T`` (the course's convention).
+
+    The one place it is written: training (torch tensors) and sampling (NumPy) both call it.
+    """
+    return t / timesteps
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     timesteps: int = 500

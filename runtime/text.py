@@ -13,21 +13,28 @@ Prompt blending: ``"a dog:0.7 | a cat:0.3"`` is the weighted mean of the parts' 
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, NumericalError, first_line
+from .tolerances import EMBEDDING_NORM_ATOL
 
 _WEIGHT = re.compile(r"^(.*?):\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(source, name: str = "tokenizer.json") -> Tokenizer:
+    """A tokenizer from a ``tokenizer.json`` path or from its (verified) bytes."""
     try:
-        tok = Tokenizer.from_file(str(path))
+        if isinstance(source, bytes):
+            tok = Tokenizer.from_str(source.decode("utf-8"))
+        else:
+            name = str(source)
+            tok = Tokenizer.from_file(name)
     except Exception as e:
-        raise BundleError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+        raise BundleError(f"cannot read tokenizer {name}: {first_line(e)}") from None
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -44,6 +51,31 @@ def tokenize(tok: Tokenizer, text: str, max_tokens: int) -> tuple[np.ndarray, np
     return ids_arr, np.ones_like(ids_arr), truncated
 
 
+MAX_PROMPT_CHARS = 10_000  # far beyond any token limit; bounds tokenizer time and memory
+MAX_BLEND_WEIGHT = 1e6  # weights are normalised, so only their ratios matter
+
+
+def _short(prompt: str) -> str:
+    return repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
+
+
+def check_prompt(prompt, what: str = "prompt") -> str:
+    """A prompt must be a ``str`` of valid Unicode text (no lone surrogates), not too long."""
+    if not isinstance(prompt, str):
+        raise InputError(f"{what} must be a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{what} is not valid Unicode text (invalid UTF-8 or a lone surrogate)"
+        ) from None
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(
+            f"{what} has {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}"
+        )
+    return prompt
+
+
 def parse_blend(prompt: str) -> list[tuple[str, float]]:
     """``"a dog:0.7 | a cat:0.3"`` -> [("a dog", 0.7), ("a cat", 0.3)]; no ``|`` -> one part."""
     if "|" not in prompt:
@@ -53,31 +85,37 @@ def parse_blend(prompt: str) -> list[tuple[str, float]]:
         m = _WEIGHT.match(raw.strip())
         text, weight = (m.group(1).strip(), float(m.group(2))) if m else (raw.strip(), 1.0)
         if not text:
-            raise InputError(f"empty part in blended prompt {prompt!r}")
-        if weight < 0:
-            raise InputError(f"negative weight {weight} in blended prompt {prompt!r}")
+            raise InputError(f"empty part in blended prompt {_short(prompt)}")
+        if not 0 <= weight <= MAX_BLEND_WEIGHT:
+            raise InputError(
+                f"blend weight {m.group(2) if m else weight!s:.20} in {_short(prompt)} must be "
+                f"between 0 and {MAX_BLEND_WEIGHT:g}"
+            )
         parts.append((text, weight))
     if sum(w for _, w in parts) <= 0:
-        raise InputError(f"blended prompt {prompt!r} has no positive weight")
+        raise InputError(f"blended prompt {_short(prompt)} has no positive weight")
     return parts
 
 
 class TextEncoder:
     """Prompt -> unit-length embedding (D,), through a backend's text-encoder graph."""
 
-    def __init__(self, backend, tokenizer_path, graph: str, max_tokens: int, dim: int):
+    def __init__(self, backend, tokenizer, graph: str, max_tokens: int, dim: int):
+        """``tokenizer``: a ``tokenizer.json`` path or its verified bytes."""
         self.backend = backend
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.graph = graph
         self.max_tokens = max_tokens
         self.dim = dim
-        self.runs = 0  # encoder invocations, for tests and diagnostics
         self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # one encoder may serve several threads
 
     def embed(self, text: str) -> np.ndarray:
-        key = " ".join(text.split())
-        if key in self._cache:
-            return self._cache[key]
+        """Unit-length embedding (D,) of one prompt; the empty prompt is zeros. Cached."""
+        key = " ".join(check_prompt(text).split())
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         if not key:
             emb = np.zeros(self.dim, dtype=np.float32)
         else:
@@ -87,14 +125,22 @@ class TextEncoder:
                     f"prompt truncated to {self.max_tokens} tokens: {key[:40]!r}…", stacklevel=2
                 )
             out = self.backend.run(self.graph, {"input_ids": ids, "attention_mask": mask})
-            self.runs += 1
             emb = out["embedding"][0].astype(np.float32)
-        self._cache[key] = emb
+            norm = float(np.linalg.norm(emb.astype(np.float64)))
+            if not abs(norm - 1.0) <= EMBEDDING_NORM_ATOL:  # also catches NaN and Inf
+                raise NumericalError(
+                    f"text encoder {self.graph!r} returned an embedding of norm {norm:.4g} for "
+                    f"{_short(key)}; a sentence embedding must have unit length "
+                    "(a broken or wrongly quantised graph)"
+                )
+        emb.setflags(write=False)  # cached and shared: callers get copies
+        with self._lock:
+            self._cache[key] = emb
         return emb
 
     def context(self, prompt: str) -> np.ndarray:
         """Embedding of a prompt, blended prompts included."""
-        parts = parse_blend(prompt)
+        parts = parse_blend(check_prompt(prompt))
         if len(parts) == 1:
             return self.embed(parts[0][0])
         total = sum(w for _, w in parts)
@@ -156,7 +202,14 @@ def open_text_folder(
     precision = precision or meta["default_precision"]
     if precision not in meta["graphs"]:
         raise InputError(f"text encoder precision must be one of {', '.join(meta['graphs'])}")
-    backend = OrtBackend({k: path / g["file"] for k, g in meta["graphs"].items()}, providers)
+    from .io_spec import text_encoder_io
+
+    files = {k: path / g["file"] for k, g in meta["graphs"].items()}
+    backend = OrtBackend(
+        {k: (lambda f=f: f.read_bytes()) for k, f in files.items()},
+        specs={k: text_encoder_io(int(meta["embedding_dim"])) for k in files},
+        providers=providers,
+    )
     return TextEncoder(
         backend,
         path / meta["tokenizer"],

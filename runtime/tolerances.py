@@ -14,6 +14,24 @@ TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
 }
 
 
+# Sentence embeddings leave the encoder L2-normalised in fp32 (also in the int8 graph, whose
+# normalisation runs in fp32): a norm further than this from 1 means a broken graph.
+EMBEDDING_NORM_ATOL = 1e-3
+# A context passed through the API to a text bundle must be unit length within this, or
+# exactly zero (the null context). Looser than the encoder's own check because callers
+# build contexts themselves (means, interpolations) and store them in float16 or text.
+CONTEXT_NORM_ATOL = 1e-2
+# Largest magnitude accepted in a context vector of a label or vector bundle: one-hot and
+# blended labels are <= 1 per entry; 1e3 leaves room for user-made vectors and refuses
+# values that can only overflow the U-Net.
+CONTEXT_ABS_MAX = 1e3
+# Largest magnitude accepted in the predicted noise or in x_t at any step. A healthy eps is
+# about N(0, 1) and x_t stays within a few units (guidance 50 still stays far below this);
+# anything beyond is a broken graph or an overflow (fp16 is the classic cause), and also
+# NaN and Inf fail this check.
+STEP_ABS_MAX = 1e4
+
+
 def check(
     backend: str, precision: str, actual: np.ndarray, reference: np.ndarray
 ) -> tuple[bool, float]:

@@ -133,3 +133,18 @@ def text_trained(tmp_path_factory, shapes_npz, tiny_text) -> dict:
     )
     run_cli("export", str(ckpt), "--out", str(bundle))
     return {"ckpt": ckpt, "bundle": bundle}
+
+
+class CountingBackend:
+    """Delegates to a real backend and counts runs per graph (the encoder's cache tests)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.runs: dict[str, int] = {}
+
+    def run(self, graph, feeds):
+        self.runs[graph] = self.runs.get(graph, 0) + 1
+        return self.inner.run(graph, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -84,7 +84,9 @@ def test_manifest_disagreeing_with_graph_spec(bundle_copy, tmp_path):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["image"]["height"] = 32
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
-    assert_clean_error(_generate(bundle_copy, tmp_path / "a.png"), "disagrees")
+    assert_clean_error(
+        _generate(bundle_copy, tmp_path / "a.png"), "must agree with image and conditioning"
+    )
 
 
 def test_unknown_label_lists_the_valid_ones(trained, tmp_path):
@@ -174,6 +176,7 @@ def test_malformed_text_conditioning(text_trained, tmp_path):
     m = json.loads((dst / "manifest.json").read_text())
     m["conditioning"]["text"]["default_precision"] = "fp16"
     (dst / "manifest.json").write_text(json.dumps(m))
-    proc = run_cli("--model", str(dst), "--prompt", "a dog", "--out", str(tmp_path / "a.png"),
-                   check=False)
-    assert_clean_error(proc, "malformed text conditioning")
+    proc = run_cli(
+        "--model", str(dst), "--prompt", "a dog", "--out", str(tmp_path / "a.png"), check=False
+    )
+    assert_clean_error(proc, "conditioning.text.default_precision")

@@ -11,7 +11,7 @@ import pytest
 from ddpm_rt import Generator
 from ddpm_rt.errors import InputError
 
-from conftest import run_cli
+from conftest import CountingBackend, run_cli
 
 GEN = {"sampler": "ddim", "steps": 6, "seed": 4}
 
@@ -74,10 +74,11 @@ def test_blended_prompt_equals_blended_context(text_trained):
 
 def test_encoder_runs_once_per_distinct_prompt(text_trained):
     gen = Generator(text_trained["bundle"])
+    gen.text.backend = counting = CountingBackend(gen.text.backend)
     for _ in range(3):
         gen.generate("a green triangle", num=2, **GEN)
     gen.generate("a green triangle:0.5 | a dog:0.5", **GEN)
-    assert gen.text.runs == 2
+    assert counting.runs == {gen.text.graph: 2}
 
 
 def test_precisions(text_trained):

@@ -29,7 +29,7 @@ from ddpm_rt.errors import CheckpointError, InputError
 from ddpm_rt.fileio import atomic_write
 from ddpm_rt.images import save_png
 from ddpm_rt.samplers import make_sampler, sample_loop, to_uint8
-from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
+from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig, timestep_input
 
 from .data import Dataset, load_dataset
 from .model import (
@@ -183,7 +183,7 @@ class Trainer:
         lr = cfg.lr * (1 - self.step / self.total_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        pred = self.net(x_t, (t.float() / cfg.timesteps).view(b, 1), c)
+        pred = self.net(x_t, timestep_input(t.float(), cfg.timesteps).view(b, 1), c)
         loss = torch.nn.functional.mse_loss(pred, eps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,7 +279,7 @@ class Trainer:
         @torch.no_grad()
         def eps_fn(x: np.ndarray, t: int) -> np.ndarray:
             xt = torch.from_numpy(x).to(self.device)
-            tt = torch.full((len(x), 1), t / T, device=self.device)
+            tt = torch.full((len(x), 1), timestep_input(t, T), device=self.device)
             return self.ema(xt, tt, c).cpu().numpy()
 
         sampler = make_sampler("ddim", self.schedule, steps=min(25, T))

@@ -1,6 +1,10 @@
 """Inference backends. Each has the same small interface::
 
-backend.run(graph_name, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
+    backend.run(graph_name, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
+
+A backend loads each graph from the bytes the bundle verified (never from a path a bundle
+names), compares the live graph's inputs and outputs with the bundle's I/O spec when it
+creates the session, and checks every output's shape and dtype against the spec.
 """
 
 from __future__ import annotations
@@ -15,5 +19,9 @@ def make_backend(name: str, bundle: Bundle, providers: list[str] | None = None):
     if name == "ort":
         from .ort import OrtBackend
 
-        return OrtBackend({g: bundle.graph_path(g) for g in bundle.graphs}, providers=providers)
+        return OrtBackend(
+            {g: (lambda g=g: bundle.graph_bytes(g)) for g in bundle.graphs},
+            specs=bundle.graphs,
+            providers=providers,
+        )
     raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

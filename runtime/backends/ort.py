@@ -1,53 +1,149 @@
-"""ONNX Runtime backend: one InferenceSession per graph, created on first use."""
+"""ONNX Runtime backend: one InferenceSession per graph, created from verified bytes."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BackendError, InputError
+from ..errors import BackendError, InputError, first_line
+from ..io_spec import ORT_TYPES, GraphIO, TensorSpec
+
+# Graphs are loaded from bytes, so ONNX Runtime would look for external-data files relative
+# to the working directory. Bundles may not use external data (every byte a graph uses must
+# be hashed): point the lookup at a folder that does not exist, so a graph that refers to
+# external data fails to load instead of reading whatever lies in the working directory.
+_NO_EXTERNAL_DATA = os.path.join(tempfile.gettempdir(), f"ddpm-rt-no-external-data-{uuid.uuid4()}")
+_DTYPE_OF = {v: k for k, v in ORT_TYPES.items()}
+
+
+def live_spec(name: str, sess: ort.InferenceSession) -> GraphIO:
+    """The I/O of a loaded session, in the bundle's spec terms (dynamic dims as '?')."""
+
+    def conv(args):
+        return tuple(
+            TensorSpec(
+                a.name,
+                _DTYPE_OF.get(a.type, a.type),
+                tuple(d if isinstance(d, int) else "dynamic" for d in (a.shape or [])),
+            )
+            for a in args
+        )
+
+    return GraphIO(name, "", conv(sess.get_inputs()), conv(sess.get_outputs()))
 
 
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, graphs: dict[str, Path], providers: list[str] | None = None):
-        """``graphs`` maps graph names to ONNX files."""
+    def __init__(
+        self,
+        graphs: dict[str, Callable[[], bytes]],
+        specs: dict[str, GraphIO] | None = None,
+        providers: list[str] | None = None,
+    ):
+        """``graphs`` maps graph names to functions returning the verified ONNX bytes;
+        ``specs`` (graph name -> I/O spec) is what each live graph must agree with."""
+        if providers is not None and (
+            isinstance(providers, str)
+            or not isinstance(providers, (list, tuple))
+            or not all(isinstance(p, str) for p in providers)
+        ):
+            raise InputError(
+                "providers must be a list of ONNX Runtime provider names, "
+                "e.g. ['CPUExecutionProvider']"
+            )
         available = ort.get_available_providers()
         providers = list(providers or ["CPUExecutionProvider"])
         missing = [p for p in providers if p not in available]
-        if missing:
+        if missing or not providers:
             raise InputError(
-                f"ONNX Runtime provider(s) not available: {', '.join(missing)} "
+                f"ONNX Runtime provider(s) not available: {', '.join(missing) or '(none given)'} "
                 f"(available: {', '.join(available)})"
             )
         self.graphs = dict(graphs)
+        self.specs = dict(specs or {})
         self.providers = providers
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()  # sessions are created once, then shared by threads
 
     def session(self, graph: str) -> ort.InferenceSession:
-        if graph not in self._sessions:
-            if graph not in self.graphs:
-                raise BackendError(f"no graph {graph!r} (have: {', '.join(self.graphs)})")
-            path = self.graphs[graph]
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
-            try:
-                self._sessions[graph] = ort.InferenceSession(
-                    str(path), sess_options=opts, providers=self.providers
+        sess = self._sessions.get(graph)
+        if sess is not None:
+            return sess
+        with self._lock:
+            if graph not in self._sessions:
+                self._sessions[graph] = self._create(graph)
+            return self._sessions[graph]
+
+    def _create(self, graph: str) -> ort.InferenceSession:
+        if graph not in self.graphs:
+            raise BackendError(f"no graph {graph!r} (have: {', '.join(self.graphs)})")
+        data = self.graphs[graph]()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA
+        )
+        try:
+            sess = ort.InferenceSession(data, sess_options=opts, providers=self.providers)
+        except Exception as e:  # ORT raises its own untyped errors
+            msg = first_line(e)
+            if "External data" in msg or "external data" in msg:
+                msg = "it refers to external data files, which bundles may not use"
+            raise BackendError(f"ONNX Runtime cannot load graph {graph!r}: {msg}") from None
+        finally:
+            del data  # the session holds its own copy; keep peak memory to one graph
+        spec = self.specs.get(graph)
+        if spec is not None:
+            why = spec.mismatch(live_spec(graph, sess))
+            if why:
+                raise BackendError(
+                    f"graph {graph!r} ({spec.file}) does not match the bundle's I/O spec: {why}"
                 )
-            except Exception as e:  # ORT raises its own untyped errors
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise BackendError(f"ONNX Runtime cannot load {path}: {msg}") from None
-        return self._sessions[graph]
+        return sess
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session(graph)
         try:
             outs = sess.run(None, feeds)
         except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BackendError(f"ONNX Runtime failed running {graph}: {msg}") from None
-        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+            raise BackendError(f"ONNX Runtime failed running {graph}: {first_line(e)}") from None
+        result = {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+        spec = self.specs.get(graph)
+        if spec is not None:
+            why = check_outputs(spec, feeds, result)
+            if why:
+                raise BackendError(f"graph {graph!r} returned {why}")
+        return result
+
+
+def check_outputs(spec: GraphIO, feeds: dict, outputs: dict) -> str | None:
+    """Why ``outputs`` disagree with the spec given these ``feeds`` (None when they agree):
+    every output present, with its dtype, and each dimension equal to the spec's fixed size
+    or to the size the same-named axis has in the inputs."""
+    axes: dict[str, int] = {}
+    for t in spec.inputs:
+        if t.name in feeds:
+            for d, n in zip(t.shape, np.shape(feeds[t.name]), strict=False):
+                if isinstance(d, str):
+                    axes.setdefault(d, n)
+    for t in spec.outputs:
+        if t.name not in outputs:
+            return f"no output {t.name!r}"
+        arr = outputs[t.name]
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(t.dtype):
+            return (
+                f"output {t.name!r} of dtype {getattr(arr, 'dtype', type(arr))}, expected {t.dtype}"
+            )
+        want = tuple(axes.get(d, -1) if isinstance(d, str) else d for d in t.shape)
+        if arr.ndim != len(want) or any(
+            w not in (-1, n) for w, n in zip(want, arr.shape, strict=False)
+        ):
+            return f"output {t.name!r} of shape {arr.shape}, expected {want}"
+    return None

@@ -1,0 +1,125 @@
+"""One I/O spec per graph: names, dtypes, shapes with named dynamic axes.
+
+The runtime owns it because the runtime is what must agree with every bundle. The exporter
+writes graphs and manifests from it (input/output names, dynamic axes); bundle validation
+compares the manifest's graph specs with it, and the backends compare the live graphs'
+inputs and outputs with the manifest when a session is created, before the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Element types a bundle's graphs may declare, as ONNX Runtime spells them.
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # int for a fixed dimension, str naming a dynamic axis
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+    def mismatch(self, other: TensorSpec) -> str | None:
+        """Why ``other`` cannot stand in for this spec (None when it can).
+
+        Names, dtypes, ranks and fixed dimensions must agree; a dynamic axis here must be
+        dynamic there too (its name does not matter).
+        """
+        if other.name != self.name:
+            return f"is named {other.name!r}, expected {self.name!r}"
+        if other.dtype != self.dtype:
+            return f"{self.name!r} has dtype {other.dtype}, expected {self.dtype}"
+        if len(other.shape) != len(self.shape):
+            return f"{self.name!r} has rank {len(other.shape)}, expected {len(self.shape)}"
+        for a, b in zip(self.shape, other.shape, strict=True):
+            if isinstance(a, str) != isinstance(b, str) or (isinstance(a, int) and a != b):
+                return f"{self.name!r} has shape {list(other.shape)}, expected {list(self.shape)}"
+        return None
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            for t in (*self.inputs, *self.outputs)
+        }
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> GraphIO:
+        return cls(
+            name,
+            d["file"],
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+    def mismatch(self, other: GraphIO) -> str | None:
+        """Why ``other``'s inputs/outputs cannot stand in for this spec's (None when they can)."""
+        for kind, mine, theirs in (
+            ("inputs", self.inputs, other.inputs),
+            ("outputs", self.outputs, other.outputs),
+        ):
+            if len(mine) != len(theirs):
+                names = [t.name for t in theirs]
+                return f"has {kind} {names}, expected {[t.name for t in mine]}"
+            for a, b in zip(mine, theirs, strict=True):
+                why = a.mismatch(b)
+                if why:
+                    return f"{kind[:-1]} {why}"
+        return None
+
+
+def unet_io(channels: int, height: int, width: int, context_dim: int) -> GraphIO:
+    """(x[B,C,H,W] f32, t[B,1] f32 = timestep/T, c[B,D] f32) -> eps[B,C,H,W] f32."""
+    return GraphIO(
+        name="unet",
+        file="unet.onnx",
+        inputs=(
+            TensorSpec("x", "float32", ("batch", channels, height, width)),
+            TensorSpec("t", "float32", ("batch", 1)),
+            TensorSpec("c", "float32", ("batch", context_dim)),
+        ),
+        outputs=(TensorSpec("eps", "float32", ("batch", channels, height, width)),),
+    )
+
+
+def text_encoder_io(dim: int) -> GraphIO:
+    """(input_ids[B,S] i64, attention_mask[B,S] i64) -> embedding[B,D] f32 (unit length)."""
+    return GraphIO(
+        name="text_encoder",
+        file="text_encoder.onnx",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "sequence")),
+            TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+        ),
+        outputs=(TensorSpec("embedding", "float32", ("batch", dim)),),
+    )

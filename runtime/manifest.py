@@ -1,0 +1,248 @@
+"""Strict, typed validation of a bundle's ``manifest.json`` (schema version 1).
+
+A bundle is untrusted input, so every field the runtime reads is checked for type and range
+before anything else happens, and a failure is one line naming the field
+(``conditioning.context_dim: must be an integer in [1, 8192], got 1e9``).
+
+Versioning: ``schema_version`` is an integer >= 1 that changes only for incompatible
+changes. Fields this runtime does not know are ignored, so new optional fields can land
+without breaking older runtimes. A manifest lists in ``requires`` the features a runtime
+must understand to use it (say a precision variant or a new sampler input); a runtime
+refuses a bundle that requires a feature it lacks, naming it. Bundles written before
+``requires`` existed (schema 1, no ``requires``) load unchanged.
+
+The limits below bound what a manifest can make the runtime allocate or read; each is far
+above anything this project trains (16x16 images, 500 timesteps, 384-d contexts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .errors import BundleError
+from .io_spec import ORT_TYPES, GraphIO, text_encoder_io, unet_io
+
+SCHEMA_VERSION = 1
+# Features this runtime understands, for a manifest's ``requires`` list.
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
+MAX_TIMESTEPS = 10_000
+MAX_IMAGE_SIDE = 1024
+MAX_CONTEXT_DIM = 8192
+MAX_TOKENS = 8192
+MAX_LABELS = 100_000
+MAX_GRAPHS = 32
+MAX_FILES = 64
+# A single ONNX protobuf cannot exceed 2 GiB; bundles may not use external data.
+MAX_FILE_BYTES = 2**31 - 1
+MAX_MANIFEST_BYTES = 4 * 2**20
+
+# A plain file name: no folders, no leading dot, nothing a shell or a filesystem treats
+# specially. Checked before any file named by the manifest is opened.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_GRAPH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+CONDITIONING_KINDS = ("label", "text", "vector")
+
+
+class _Fail(Exception):
+    pass
+
+
+def _fail(path: str, why: str):
+    raise _Fail(f"{path}: {why}")
+
+
+def _show(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _get(obj: dict, path: str, key: str, required: bool = True) -> Any:
+    if key not in obj:
+        if required:
+            _fail(f"{path}.{key}".lstrip("."), "missing")
+        return None
+    return obj[key]
+
+
+def _dict(obj: dict, path: str, key: str, required: bool = True) -> dict | None:
+    v = _get(obj, path, key, required)
+    if v is not None and not isinstance(v, dict):
+        _fail(f"{path}.{key}".lstrip("."), f"must be an object, got {_show(v)}")
+    return v
+
+
+def _int(obj: dict, path: str, key: str, lo: int, hi: int) -> int:
+    v = _get(obj, path, key)
+    if type(v) is not int or not lo <= v <= hi:  # bool is not an int here
+        _fail(f"{path}.{key}".lstrip("."), f"must be an integer in [{lo}, {hi}], got {_show(v)}")
+    return v
+
+
+def _float(obj: dict, path: str, key: str, lo: float, hi: float) -> float:
+    v = _get(obj, path, key)
+    ok = type(v) in (int, float) and math.isfinite(v) and lo < v < hi
+    if not ok:
+        _fail(f"{path}.{key}".lstrip("."), f"must be a number in ({lo}, {hi}), got {_show(v)}")
+    return float(v)
+
+
+def _str(obj: dict, path: str, key: str, pattern: re.Pattern | None = None, choices=None) -> str:
+    v = _get(obj, path, key)
+    where = f"{path}.{key}".lstrip(".")
+    if not isinstance(v, str):
+        _fail(where, f"must be a string, got {_show(v)}")
+    if pattern is not None and not pattern.fullmatch(v):
+        _fail(where, f"{_show(v)} is not allowed")
+    if choices is not None and v not in choices:
+        _fail(where, f"must be one of {', '.join(choices)}, got {_show(v)}")
+    return v
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """A manifest path must be a plain file name inside the bundle (no folders, no ``..``)."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        _fail(where, f"{_show(name)} is not a plain file name inside the bundle")
+    return name
+
+
+def _tensor(t: Any, where: str) -> dict:
+    if not isinstance(t, dict):
+        _fail(where, f"must be an object, got {_show(t)}")
+    _str(t, where, "name", _GRAPH_NAME)
+    _str(t, where, "dtype", choices=tuple(ORT_TYPES))
+    shape = _get(t, where, "shape")
+    ok = isinstance(shape, list) and 1 <= len(shape) <= 8
+    for d in shape if ok else ():
+        ok = ok and (
+            (type(d) is int and 1 <= d <= 2**20)
+            or (isinstance(d, str) and bool(_GRAPH_NAME.fullmatch(d)))
+        )
+    if not ok:
+        _fail(
+            f"{where}.shape",
+            f"must be a list of 1-8 dimensions (int >= 1 or axis name), got {_show(shape)}",
+        )
+    return t
+
+
+def _graph(name: str, g: Any, files: dict) -> GraphIO:
+    where = f"graphs.{name}"
+    if not _GRAPH_NAME.fullmatch(name):
+        _fail("graphs", f"graph name {_show(name)} is not allowed")
+    if not isinstance(g, dict):
+        _fail(where, f"must be an object, got {_show(g)}")
+    file = check_file_name(_get(g, where, "file"), f"{where}.file")
+    if file not in files:
+        _fail(f"{where}.file", f"{file} is not listed under 'files'")
+    for kind in ("inputs", "outputs"):
+        ts = _get(g, where, kind)
+        if not isinstance(ts, list) or not 1 <= len(ts) <= 16:
+            _fail(f"{where}.{kind}", f"must be a list of 1-16 tensors, got {_show(ts)}")
+        for i, t in enumerate(ts):
+            _tensor(t, f"{where}.{kind}[{i}]")
+    return GraphIO.from_dict(name, g)
+
+
+def _expect_graph(expected: GraphIO, actual: GraphIO, why: str) -> None:
+    mismatch = expected.mismatch(actual)
+    if mismatch:
+        _fail(f"graphs.{actual.name}", f"{mismatch} ({why})")
+
+
+def validate_manifest(m: Any) -> None:
+    """Raise :class:`BundleError` naming the first bad field; return None when valid."""
+    try:
+        _validate(m)
+    except _Fail as e:
+        raise BundleError(f"invalid manifest: {e}") from None
+
+
+def _validate(m: Any) -> None:
+    if not isinstance(m, dict):
+        _fail("manifest", "must be a JSON object")
+    version = _get(m, "", "schema_version")
+    if type(version) is not int or version < 1:
+        _fail("schema_version", f"must be an integer >= 1, got {_show(version)}")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle has schema version {version}, newer than this ddpm-rt reads "
+            f"({SCHEMA_VERSION}); upgrade ddpm-rt"
+        )
+    requires = m.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        _fail("requires", f"must be a list of feature names, got {_show(requires)}")
+    missing = [r for r in requires if r not in KNOWN_FEATURES]
+    if missing:
+        raise BundleError(
+            f"bundle requires feature(s) this ddpm-rt does not have: {', '.join(missing)}; "
+            "upgrade ddpm-rt"
+        )
+
+    files = _dict(m, "", "files")
+    if not 1 <= len(files) <= MAX_FILES:
+        _fail("files", f"must list 1-{MAX_FILES} files, got {len(files)}")
+    for name, meta in files.items():
+        check_file_name(name, "files")
+        where = f"files.{name}"
+        if not isinstance(meta, dict):
+            _fail(where, f"must be an object, got {_show(meta)}")
+        _str(meta, where, "sha256", _SHA256)
+        _int(meta, where, "bytes", 1, MAX_FILE_BYTES)
+
+    image = _dict(m, "", "image")
+    c = _int(image, "image", "channels", 3, 3)  # the runtime writes RGB
+    h = _int(image, "image", "height", 4, MAX_IMAGE_SIDE)
+    w = _int(image, "image", "width", 4, MAX_IMAGE_SIDE)
+    if h % 4 or w % 4:
+        _fail("image", f"height and width must be divisible by 4, got {h}x{w}")
+
+    sched = _dict(m, "", "schedule")
+    _str(sched, "schedule", "kind", choices=("linear",))
+    _int(sched, "schedule", "timesteps", 1, MAX_TIMESTEPS)
+    b0 = _float(sched, "schedule", "beta_start", 0.0, 1.0)
+    b1 = _float(sched, "schedule", "beta_end", 0.0, 1.0)
+    if b0 > b1:
+        _fail("schedule", f"beta_start {b0} must not exceed beta_end {b1}")
+
+    graphs_raw = _dict(m, "", "graphs")
+    if not 1 <= len(graphs_raw) <= MAX_GRAPHS:
+        _fail("graphs", f"must hold 1-{MAX_GRAPHS} graphs, got {len(graphs_raw)}")
+    graphs = {name: _graph(name, g, files) for name, g in graphs_raw.items()}
+    if "unet" not in graphs:
+        _fail("graphs", "no 'unet' graph")
+
+    cond = _dict(m, "", "conditioning")
+    kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
+    d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
+    _expect_graph(unet_io(c, h, w, d), graphs["unet"], "must agree with image and conditioning")
+    if kind == "label":
+        names = _get(cond, "conditioning", "label_names", required=False) or []
+        ok = isinstance(names, list) and len(names) <= min(d, MAX_LABELS)
+        if not ok or not all(isinstance(n, str) and n.strip() for n in names):
+            _fail(
+                "conditioning.label_names",
+                f"must be a list of at most context_dim ({d}) non-empty strings",
+            )
+    if kind == "text":
+        text = _dict(cond, "conditioning", "text")
+        _int(text, "conditioning.text", "max_tokens", 2, MAX_TOKENS)
+        tok = check_file_name(
+            _get(text, "conditioning.text", "tokenizer"), "conditioning.text.tokenizer"
+        )
+        if tok not in files:
+            _fail("conditioning.text.tokenizer", f"{tok} is not listed under 'files'")
+        if "embedding_dim" in text and text["embedding_dim"] != d:
+            _fail("conditioning.text.embedding_dim", f"must equal context_dim ({d})")
+        tgraphs = _dict(text, "conditioning.text", "graphs")
+        if not tgraphs:
+            _fail("conditioning.text.graphs", "must name at least one text-encoder graph")
+        for precision, gname in tgraphs.items():
+            where = f"conditioning.text.graphs.{precision}"
+            if not isinstance(gname, str) or gname not in graphs:
+                _fail(where, f"{_show(gname)} is not a graph of this bundle")
+            _expect_graph(text_encoder_io(d), graphs[gname], "a text encoder")
+        _str(text, "conditioning.text", "default_precision", choices=tuple(tgraphs))
