@@ -1,11 +1,25 @@
-"""ddpm-rt: a torch-free runtime for a small text-to-image DDPM model."""
+"""ddpm-rt: a torch-free runtime for a small text-to-image DDPM model.
 
-from .bundle import Bundle
-from .errors import BackendError, BundleError, DdpmRtError, InputError
-from .pipeline import GenerateConfig, Generator
-from .schedule import NoiseSchedule, ScheduleConfig
+The public names below are imported on first use (PEP 562), so that ``import ddpm_rt``
+(and the ``ddpm-rt`` command, which installs its signal handlers first) starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import BackendError, BundleError, DdpmRtError, InputError, NumericalError
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Bundle": ".bundle",
+    "GenerateConfig": ".pipeline",
+    "Generator": ".pipeline",
+    "NoiseSchedule": ".schedule",
+    "ScheduleConfig": ".schedule",
+}
 
 __all__ = [
     "BackendError",
@@ -16,6 +30,20 @@ __all__ = [
     "Generator",
     "InputError",
     "NoiseSchedule",
+    "NumericalError",
     "ScheduleConfig",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+    from .pipeline import GenerateConfig, Generator
+    from .schedule import NoiseSchedule, ScheduleConfig
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, first_line
 from .io_spec import GraphIO
 from .manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, validate_manifest
 from .schedule import ScheduleConfig
@@ -114,7 +114,7 @@ class Bundle:
         try:
             manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+            why = "nested too deeply" if isinstance(e, RecursionError) else first_line(e)
             raise BundleError(f"corrupt {mpath}: {why}") from None
         validate_manifest(manifest)
         bundle = cls(root, manifest, digest)

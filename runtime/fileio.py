@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -15,15 +16,19 @@ from .errors import InputError
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
 
-    Raises :class:`InputError` when the folder is missing or not writable; on any failure the
-    temp file is removed and ``path`` is untouched.
+    Raises :class:`InputError` when the folder is missing or not writable; on any failure
+    (signals included: they arrive as exceptions in the CLI) the temp file is removed and
+    ``path`` is untouched. The temp file is hidden and named after the writing process
+    (``.NAME.PID.XXXX.tmp``), so one left by a killed process (SIGKILL) is removed by the
+    next write of the same file.
     """
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"output folder does not exist: {parent}")
+    remove_stale_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as e:
         raise InputError(f"cannot write to {parent}: {e.strerror}") from None
     try:
@@ -39,16 +44,68 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def check_writable(path: str | Path) -> None:
-    """Fail early (before expensive work) if ``path`` cannot be created."""
+def remove_stale_temps(path: Path) -> None:
+    """Remove temp files of ``path`` left by writers that no longer run (killed by SIGKILL)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# Filesystems whose "files" are kernel interfaces: writing an image there is never intended.
+PSEUDO_FILESYSTEMS = frozenset(
+    "proc sysfs devtmpfs devpts cgroup cgroup2 debugfs tracefs securityfs configfs pstore "
+    "bpf mqueue hugetlbfs fusectl autofs binfmt_misc efivarfs rpc_pipefs nsfs".split()
+)
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem holding ``path`` (Linux: from /proc/self/mounts)."""
+    real = os.path.realpath(path)
+    best, fstype = "", None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, fstype = mount, parts[2]
+    except OSError:
+        return None
+    return fstype
+
+
+def check_writable(path: str | Path, force: bool = False, flag: str = "--force") -> None:
+    """Fail early (before expensive work) if ``path`` cannot or should not be written.
+
+    An existing file is only replaced with ``force`` (the CLI's ``--force``).
+    """
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"output folder does not exist: {parent}")
     if path.is_dir():
         raise InputError(f"output path is a folder: {path}")
+    fstype = filesystem_type(parent)
+    if fstype in PSEUDO_FILESYSTEMS:
+        raise InputError(f"output folder {parent} is on the {fstype} pseudo-filesystem")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"output folder is not writable: {parent}")
+    if os.path.lexists(path) and not force:
+        raise InputError(f"{path} exists; pass {flag} to replace it")
 
 
 def sha256_file(path: str | Path) -> str:

