@@ -72,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must be a .png file, got {out}")
     check_writable(out, force=args.force)
+    check_png(1, 1, 1, args.scale)  # the scale's range; the PNG's size once the shape is known
     digest = _digest(args)
     providers = _providers(args)
     # 2. The manifest (validated, no graph loaded yet) sizes the output.

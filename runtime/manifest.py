@@ -70,7 +70,7 @@ def _get(obj: dict, path: str, key: str, required: bool = True) -> Any:
 
 def _dict(obj: dict, path: str, key: str, required: bool = True) -> dict | None:
     v = _get(obj, path, key, required)
-    if v is not None and not isinstance(v, dict):
+    if (required or v is not None) and not isinstance(v, dict):
         _fail(f"{path}.{key}".lstrip("."), f"must be an object, got {_show(v)}")
     return v
 

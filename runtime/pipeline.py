@@ -94,12 +94,16 @@ def estimate_bytes(cfg: GenerateConfig, image_shape: tuple[int, int, int]) -> in
     return cfg.num * h * w * c + rows * c * h * w * 4 * (8 + 64)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def check_memory(what: str, need: int) -> None:
     limit = memory_limit()
     if need > limit:
         raise InputError(
-            f"{what} needs about {need / 2**30:.1f} GiB, over the limit of "
-            f"{limit / 2**30:.1f} GiB (half of this machine's memory)"
+            f"{what} needs about {_size(need)}, over the limit of {_size(limit)} "
+            "(half of this machine's memory)"
         )
 
 
@@ -349,6 +353,9 @@ class Generator:
                     bar.update()
                     return self.eps(x, t, c, cfg.guidance, u)
 
-                x = sample_loop(eps_fn, sampler, shape, rng, on_step=check_step)
+                # Non-finite values are caught by check_step with a clear error; NumPy's own
+                # warnings about them would only add noise before it.
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    x = sample_loop(eps_fn, sampler, shape, rng, on_step=check_step)
                 out.append(to_uint8(x))
         return np.concatenate(out)
