@@ -69,16 +69,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return args.func(args)
     except Signalled as e:
-        for s in _SIGNALS:  # a second signal must not interrupt the way out
-            signal.signal(s, signal.SIG_IGN)
-        print(f"error: interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
-        return 128 + e.signum
+        return _interrupted(e.signum)
     except KeyboardInterrupt:  # raised by code that called the default handler itself
         print("error: interrupted", file=sys.stderr)
         return 130
     except SystemExit:
         raise
     except Exception as e:
+        signalled = _signal_in_chain(e)
+        if signalled is not None:  # wrapped by library code (e.g. in __set_name__)
+            return _interrupted(signalled.signum)
         if debug:
             raise
         if isinstance(e, DdpmRtError):
@@ -89,6 +89,29 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
+    finally:
+        # The work is done (or refused): a signal from here on changes nothing, so it is
+        # ignored. Python's shutdown resets handlers it installed to the default action (a
+        # late signal would kill the process mid-exit) but leaves ignored signals alone.
+        for s in _SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _signal_in_chain(e: BaseException | None) -> Signalled | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Signalled):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _interrupted(signum: int) -> int:
+    for s in _SIGNALS:  # a second signal must not interrupt the way out
+        signal.signal(s, signal.SIG_IGN)
+    print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":
