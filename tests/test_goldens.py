@@ -1,0 +1,209 @@
+"""Regression tests that would catch a silent change: train/serve parity, goldens, numeric
+guidance, and sampler oracles that do not share code with the samplers.
+
+Goldens live in tests/golden/ and are re-blessed deliberately with
+``python scripts/bless_goldens.py [steps|unet|e2e]`` plus a CHANGELOG line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from craft import write_bundle
+
+from ddpm_rt import Generator
+from ddpm_rt.samplers import DDIMSampler, DDPMSampler, make_sampler, sample_loop
+from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
+from ddpm_rt.tolerances import TOLERANCES, check
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+sys.path.insert(0, str(ROOT / "scripts"))
+import bless_goldens as bless  # noqa: E402
+
+REBLESS = "re-bless deliberately: python scripts/bless_goldens.py {} and add a CHANGELOG line"
+
+
+# -- train/serve parity ---------------------------------------------------------------
+@pytest.mark.parametrize("t", [1, 7, 25, 50])
+def test_generator_eps_matches_torch_called_as_training_calls_it(trained, t):
+    """Generator.eps(x, t, c) == the torch model fed t / T, the way training feeds it."""
+    from ddpm_rt.training.model import load_model
+
+    model, meta = load_model(trained["ckpt"])
+    T = meta["schedule"]["timesteps"]
+    gen = Generator(trained["bundle"])
+    rng = np.random.default_rng(t)
+    x = rng.standard_normal((3, 3, 16, 16), dtype=np.float32)
+    c = np.eye(model.config.context_dim, dtype=np.float32)[[0, 3, 5]]
+    with torch.no_grad():
+        ref = model(
+            torch.from_numpy(x),
+            torch.full((3, 1), float(t)) / T,  # training: t.float() / cfg.timesteps
+            torch.from_numpy(c),
+        ).numpy()
+    ok, excess = check("ort", "fp32", gen.eps(x, t, c), ref)
+    assert ok, f"eps differs from torch beyond {TOLERANCES[('ort', 'fp32')]} by {excess:.2e}"
+
+
+# -- goldens ------------------------------------------------------------------------------
+def test_sampler_steps_match_golden():
+    """Each sampler's step with injected noise, against stored values."""
+    golden = np.load(GOLDEN / "sampler_steps.npz")
+    got = bless.sampler_steps()
+    assert sorted(got) == sorted(golden.files)
+    for key, value in got.items():
+        np.testing.assert_allclose(
+            value, golden[key], rtol=1e-6, atol=1e-6, err_msg=f"{key}: {REBLESS.format('steps')}"
+        )
+
+
+def test_injected_noise_is_used_exactly_where_the_contract_says():
+    s = NoiseSchedule()
+    x, eps, z = bless.step_inputs(0)
+    for sampler, i, draws in (
+        (DDPMSampler(s), 0, 1),
+        (DDPMSampler(s), 499, 0),  # t = 1: no noise
+        (DDIMSampler(s, 50, 0.0), 0, 0),
+        (DDIMSampler(s, 50, 1.0), 0, 1),
+        (DDIMSampler(s, 50, 1.0), 49, 0),  # last step: sigma = 0
+    ):
+        noise = bless.InjectedNoise(z)
+        sampler.step(x, eps, i, noise)
+        assert noise.draws == draws, (type(sampler).__name__, i)
+
+
+def test_shipped_unet_matches_golden():
+    golden = np.load(GOLDEN / "shipped_unet_eps.npz")
+    gen = Generator(bless.DEFAULT)
+    sha = gen.bundle.manifest["files"]["unet.onnx"]["sha256"]
+    assert str(golden["unet_sha256"]) == sha, f"the shipped U-Net changed: {REBLESS.format('unet')}"
+    x, c, ts = bless.unet_inputs(gen.bundle.context_dim, gen.schedule.timesteps)
+    for t in ts:
+        ok, excess = check("ort", "fp32", gen.eps(x, t, c), golden[f"t{t}"])
+        assert ok, f"t={t}: eps off by {excess:.2e}; {REBLESS.format('unet')}"
+
+
+def test_seeded_end_to_end_golden():
+    """Shipped model, fixed prompt/sampler/seed. Same machine: identical bytes. Elsewhere
+    (another CPU instruction set or ONNX Runtime version): mean |difference| <= 1 level and
+    99 % of values within 8 levels -- sampling amplifies last-bit differences a little."""
+    golden = np.load(GOLDEN / "e2e_default.npz")
+    images = bless.e2e()["images"]
+    want = golden["images"]
+    assert images.shape == want.shape
+    diff = np.abs(images.astype(np.int16) - want.astype(np.int16))
+    assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8, (
+        f"mean {diff.mean():.2f}, p99 {np.percentile(diff, 99)}; {REBLESS.format('e2e')}"
+    )
+
+
+# -- guidance, numerically ------------------------------------------------------------------
+class KnownEpsBackend:
+    """A backend whose 'U-Net' is a known function, recording the rows it is called with."""
+
+    name = "known"
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def f(x, t, c):  # (B,C,H,W), (B,1), (B,D) -> (B,C,H,W), float64
+        return 0.5 * x + t[:, :, None, None] * (1 + c.sum(axis=1))[:, None, None, None]
+
+    def run(self, graph, feeds):
+        assert graph == "unet"
+        self.calls.append({k: v.copy() for k, v in feeds.items()})
+        return {"eps": self.f(*(feeds[k].astype(np.float64) for k in "xtc")).astype(np.float32)}
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 2.0, 7.5])
+def test_classifier_free_guidance_formula(tmp_path, guidance):
+    gen = Generator(write_bundle(tmp_path / "b"))
+    gen.backend = KnownEpsBackend()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8), dtype=np.float32)
+    c = np.eye(4, dtype=np.float32)[[1, 2]]
+    u = np.eye(4, dtype=np.float32)[[3, 3]] * 0.5  # a negative prompt's context
+    got = gen.eps(x, 10, c, guidance, u)
+    tt = np.full((2, 1), 10 / 20)
+    e_c = KnownEpsBackend.f(x.astype(np.float64), tt, c.astype(np.float64))
+    e_u = KnownEpsBackend.f(x.astype(np.float64), tt, u.astype(np.float64))
+    want = e_c if guidance == 1.0 else e_u + guidance * (e_c - e_u)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # one U-Net call; conditional rows first, then the unconditional ones
+    (call,) = gen.backend.calls
+    rows = 2 if guidance == 1.0 else 4
+    assert call["x"].shape[0] == rows
+    if guidance != 1.0:
+        np.testing.assert_array_equal(call["c"], np.concatenate([c, u]))
+
+
+def test_negative_prompt_replaces_the_null_context(tmp_path):
+    gen = Generator(write_bundle(tmp_path / "b"))
+    gen.backend = KnownEpsBackend()
+    gen.generate("thing 1", negative_prompt="thing 2", guidance=3.0, sampler="ddim", steps=2)
+    for call in gen.backend.calls:
+        np.testing.assert_array_equal(call["c"], np.eye(4, dtype=np.float32)[[1, 2]])
+    gen.backend.calls.clear()
+    gen.generate("thing 1", guidance=3.0, sampler="ddim", steps=2)
+    for call in gen.backend.calls:
+        np.testing.assert_array_equal(call["c"][1], np.zeros(4, np.float32))
+
+
+# -- samplers against oracles that share no code with them ---------------------------------
+def _posterior_mean(x0, xt, t, T=100):
+    """q(x_{t-1} | x_t, x_0) mean, Ho et al. 2020 eq. 7, from the betas in float64."""
+    beta = np.concatenate([[0.0], np.linspace(1e-4, 0.02, T)])
+    alpha_bar = np.cumprod(1 - beta)
+    ab, ab_prev = alpha_bar[t], alpha_bar[t - 1]
+    return (np.sqrt(ab_prev) * beta[t] / (1 - ab)) * x0 + (
+        np.sqrt(1 - beta[t]) * (1 - ab_prev) / (1 - ab)
+    ) * xt
+
+
+def test_ddpm_every_step_is_the_posterior_mean_plus_noise():
+    """With the exact eps of a known x0, each DDPM step is mu~(x_t, x0) + sqrt(beta_t) z."""
+    T = 100
+    s = NoiseSchedule(ScheduleConfig(timesteps=T))
+    x0 = np.random.default_rng(1).uniform(-1, 1, (2, 3, 8, 8))
+    beta = np.concatenate([[0.0], np.linspace(1e-4, 0.02, T)])
+    alpha_bar = np.cumprod(1 - beta)
+    sampler = DDPMSampler(s)
+    x = np.random.default_rng(2).standard_normal(x0.shape).astype(np.float32)
+    for i, t in enumerate(sampler.timesteps):
+        eps = ((x - np.sqrt(alpha_bar[t]) * x0) / np.sqrt(1 - alpha_bar[t])).astype(np.float32)
+        z = np.random.default_rng(100 + i).standard_normal(x0.shape).astype(np.float32)
+        new = sampler.step(x, eps, i, bless.InjectedNoise(z) if t > 1 else None)
+        want = _posterior_mean(x0, x.astype(np.float64), t, T) + (
+            np.sqrt(beta[t]) * z if t > 1 else 0
+        )
+        np.testing.assert_allclose(new, want, rtol=2e-4, atol=2e-4, err_msg=f"t={t}")
+        x = new
+    np.testing.assert_allclose(x, x0, atol=2e-3)
+
+
+def test_ddim_eta0_keeps_the_implied_noise_constant():
+    """With the exact eps of x0 and eta = 0, every DDIM iterate is sqrt(ab) x0 + sqrt(1-ab) e
+    for the one e implied by the initial noise (Song et al. 2021, eq. 12 with sigma = 0)."""
+    T = 100
+    s = NoiseSchedule(ScheduleConfig(timesteps=T))
+    beta = np.concatenate([[0.0], np.linspace(1e-4, 0.02, T)])
+    alpha_bar = np.cumprod(1 - beta)
+    x0 = np.random.default_rng(3).uniform(-1, 1, (2, 3, 8, 8))
+    seen = []
+
+    def eps_fn(x, t):
+        e = (x - np.sqrt(alpha_bar[t]) * x0) / np.sqrt(1 - alpha_bar[t])
+        seen.append((t, e))
+        return e.astype(np.float32)
+
+    sampler = make_sampler("ddim", s, 10, 0.0)
+    sample_loop(eps_fn, sampler, x0.shape, np.random.Generator(np.random.PCG64(0)))
+    e0 = seen[0][1]
+    for t, e in seen[1:]:
+        np.testing.assert_allclose(e, e0, atol=1e-3, err_msg=f"t={t}")
