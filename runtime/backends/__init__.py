@@ -2,9 +2,10 @@
 
     backend.run(graph_name, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
-A backend loads each graph from the bytes the bundle verified (never from a path a bundle
-names), compares the live graph's inputs and outputs with the bundle's I/O spec when it
-creates the session, and checks every output's shape and dtype against the spec.
+A backend loads each graph from what the bundle verified (the verified open file or its
+bytes, never a path a bundle names), compares the live graph's inputs and outputs with the
+bundle's I/O spec when it creates the session, and checks every output's shape and dtype
+against the spec.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def make_backend(name: str, bundle: Bundle, providers: list[str] | None = None):
         from .ort import OrtBackend
 
         return OrtBackend(
-            {g: (lambda g=g: bundle.graph_bytes(g)) for g in bundle.graphs},
+            {g: (lambda g=g: bundle.open_verified(bundle.graphs[g].file)) for g in bundle.graphs},
             specs=bundle.graphs,
             providers=providers,
         )

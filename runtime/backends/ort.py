@@ -7,6 +7,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import numpy as np
 import onnxruntime as ort
@@ -14,10 +15,10 @@ import onnxruntime as ort
 from ..errors import BackendError, InputError, first_line
 from ..io_spec import ORT_TYPES, GraphIO, TensorSpec
 
-# Graphs are loaded from bytes, so ONNX Runtime would look for external-data files relative
-# to the working directory. Bundles may not use external data (every byte a graph uses must
-# be hashed): point the lookup at a folder that does not exist, so a graph that refers to
-# external data fails to load instead of reading whatever lies in the working directory.
+# Bundles may not use external data: every byte a graph uses must be hashed. A graph loaded
+# from /proc/self/fd/N looks for its external data in /proc/self/fd/ and finds nothing; one
+# loaded from bytes would look in the working directory, so point that lookup at a folder
+# that does not exist. Either way a graph that refers to external data fails to load.
 _NO_EXTERNAL_DATA = os.path.join(tempfile.gettempdir(), f"ddpm-rt-no-external-data-{uuid.uuid4()}")
 _DTYPE_OF = {v: k for k, v in ORT_TYPES.items()}
 
@@ -43,11 +44,12 @@ class OrtBackend:
 
     def __init__(
         self,
-        graphs: dict[str, Callable[[], bytes]],
+        graphs: dict[str, Callable[[], AbstractContextManager[str | bytes]]],
         specs: dict[str, GraphIO] | None = None,
         providers: list[str] | None = None,
     ):
-        """``graphs`` maps graph names to functions returning the verified ONNX bytes;
+        """``graphs`` maps graph names to functions opening the verified ONNX graph (a context
+        manager yielding a path to the verified open file, or the bytes);
         ``specs`` (graph name -> I/O spec) is what each live graph must agree with."""
         if providers is not None and (
             isinstance(providers, str)
@@ -84,21 +86,19 @@ class OrtBackend:
     def _create(self, graph: str) -> ort.InferenceSession:
         if graph not in self.graphs:
             raise BackendError(f"no graph {graph!r} (have: {', '.join(self.graphs)})")
-        data = self.graphs[graph]()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
         opts.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA
         )
-        try:
-            sess = ort.InferenceSession(data, sess_options=opts, providers=self.providers)
-        except Exception as e:  # ORT raises its own untyped errors
-            msg = first_line(e)
-            if "External data" in msg or "external data" in msg:
-                msg = "it refers to external data files, which bundles may not use"
-            raise BackendError(f"ONNX Runtime cannot load graph {graph!r}: {msg}") from None
-        finally:
-            del data  # the session holds its own copy; keep peak memory to one graph
+        with self.graphs[graph]() as source:
+            try:
+                sess = ort.InferenceSession(source, sess_options=opts, providers=self.providers)
+            except Exception as e:  # ORT raises its own untyped errors
+                msg = first_line(e)
+                if "xternal data" in msg:
+                    msg = "it refers to external data files, which bundles may not use"
+                raise BackendError(f"ONNX Runtime cannot load graph {graph!r}: {msg}") from None
         spec = self.specs.get(graph)
         if spec is not None:
             why = spec.mismatch(live_spec(graph, sess))
