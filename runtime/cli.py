@@ -30,7 +30,11 @@ class Signalled(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []  # signals seen, in case library code swallows or rewraps ours
+
+
 def _raise_signalled(signum, frame):
+    _received.append(signum)
     raise Signalled(signum)
 
 
@@ -55,7 +59,8 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     for s in _SIGNALS:
-        signal.signal(s, _raise_signalled)
+        if signal.getsignal(s) != signal.SIG_IGN:  # an inherited "ignore" (nohup) is kept
+            signal.signal(s, _raise_signalled)
     debug = False
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
-        return args.func(args)
+        rc = args.func(args)
+        return _interrupted(_received[0]) if _received else rc
     except Signalled as e:
         return _interrupted(e.signum)
     except KeyboardInterrupt:  # raised by code that called the default handler itself
@@ -76,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except Exception as e:
-        signalled = _signal_in_chain(e)
-        if signalled is not None:  # wrapped by library code (e.g. in __set_name__)
-            return _interrupted(signalled.signum)
+        if _received:  # our exception, rewrapped by library code (an import, __set_name__)
+            return _interrupted(_received[0])
         if debug:
             raise
         if isinstance(e, DdpmRtError):
@@ -95,16 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         # late signal would kill the process mid-exit) but leaves ignored signals alone.
         for s in _SIGNALS:
             signal.signal(s, signal.SIG_IGN)
-
-
-def _signal_in_chain(e: BaseException | None) -> Signalled | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, Signalled):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _interrupted(signum: int) -> int:
