@@ -2,15 +2,28 @@
 
 A sampler is a small object with a documented contract (as in diffusers' schedulers):
 
-* ``timesteps`` -- the integer timesteps the U-Net is evaluated at, highest first;
+* ``timesteps`` -- the integer timesteps the U-Net is evaluated at, highest first, in the
+  project's ``1..T`` convention (diffusers counts ``0..T-1``: its index k is our t = k + 1);
+  after the last one the image is at t = 0 (clean);
 * ``step(x, eps, i, rng) -> x`` -- one update from ``x`` at ``timesteps[i]`` given the
   predicted noise ``eps``; any fresh noise is drawn from ``rng`` inside the step, as
   ``rng.standard_normal(x.shape, dtype=float32)``, and a step that adds no noise draws
   nothing.
 
+Every coefficient a run needs is computed once, when the sampler is made, in float64 from
+the schedule's float64 tables, and stored as float32: a step is only float32 array
+arithmetic, identical under NumPy 1.x and 2.x promotion rules. A sampler serves one run at
+a time: multistep solvers keep the previous step's prediction, so the runtime makes a
+sampler per batch chunk and call (never shared between chunks, calls or threads), and
+their steps must be taken in order from i = 0.
+
 Together with :func:`sample_loop`, which draws the initial noise first, this fixes the
 order of random draws: initial noise for the whole batch, then each step's noise in step
-order. One seed therefore gives the same image on every backend.
+order.
+
+Notation (Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095, sec. 2): alpha_t = sqrt(ab_t),
+sigma_t = sqrt(1 - ab_t) with ab_t the schedule's alpha-bar; lambda_t = log(alpha_t/sigma_t)
+(half the log-SNR); the data prediction x0(x_t) = (x_t - sigma_t eps) / alpha_t.
 """
 
 from __future__ import annotations
@@ -22,7 +35,36 @@ import numpy as np
 from .errors import InputError
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+SPACINGS = ("time", "logsnr")  # uniform in t ("trailing"), uniform in lambda
+
+_f32 = np.float32
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time") -> np.ndarray:
+    """``steps`` integer timesteps from T down, strictly decreasing, all >= 1.
+
+    ``time``: evenly spaced from T ("trailing", as diffusers' ``timestep_spacing="trailing"``:
+    the first step always starts from pure noise). ``logsnr``: evenly spaced in lambda from
+    lambda_T to lambda_1 (diffusers' ``use_lu_lambdas``; Lu et al. 2022, sec. 3.3 suggests
+    uniform lambda for few-step solvers), each mapped to the nearest integer timestep.
+    """
+    T = schedule.timesteps
+    if not 1 <= steps <= T:
+        raise InputError(f"steps must be between 1 and {T}, got {steps}")
+    if spacing == "time":
+        return np.round(np.linspace(T, 0, steps + 1))[:-1].astype(np.int64)
+    if spacing != "logsnr":
+        raise InputError(f"unknown spacing {spacing!r} (choose from: {', '.join(SPACINGS)})")
+    ab = schedule.alpha_bar64[1:]  # t = 1..T
+    lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # decreasing in t
+    want = np.linspace(lam[-1], lam[0], steps)  # lambda_T .. lambda_1
+    # lambda is decreasing, so interpolate t over the reversed (increasing) table
+    t = np.interp(want, lam[::-1], np.arange(T, 0, -1, dtype=np.float64))
+    ts = np.round(t).astype(np.int64)
+    for k in range(1, steps):  # strictly decreasing near t = 1, leaving room for the rest
+        ts[k] = max(min(ts[k], ts[k - 1] - 1), steps - k)
+    return ts
 
 
 class DDPMSampler:
@@ -34,82 +76,169 @@ class DDPMSampler:
     def __init__(self, schedule: NoiseSchedule):
         self.schedule = schedule
         self.timesteps = np.arange(schedule.timesteps, 0, -1, dtype=np.int64)
+        t = self.timesteps
+        a, ab, b = schedule.alpha64[t], schedule.alpha_bar64[t], schedule.beta64[t]
+        # (1) mean = (x_t - eps (1 - alpha_t) / sqrt(1 - ab_t)) / sqrt(alpha_t)  (line 4)
+        self._eps_coef = ((1.0 - a) / np.sqrt(1.0 - ab)).astype(_f32)
+        self._inv_sqrt_alpha = (1.0 / np.sqrt(a)).astype(_f32)
+        # (2) + sqrt(beta_t) z, with z = 0 at the last step (t = 1)
+        self._noise = np.where(t > 1, np.sqrt(b), 0.0).astype(_f32)
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
-        s = self.schedule
-        t = int(self.timesteps[i])
-        alpha, alpha_bar, beta = s.alpha[t], s.alpha_bar[t], s.beta[t]
-        # (1) Remove the predicted noise (Algorithm 2, line 4):
-        #     mean = (x_t - eps * (1 - alpha_t) / sqrt(1 - alpha_bar_t)) / sqrt(alpha_t)
-        mean = (x - eps * ((1.0 - alpha) / np.sqrt(1.0 - alpha_bar))) / np.sqrt(alpha)
-        # (2) Add fresh noise sqrt(beta_t) * z, with z = 0 at the last step (t = 1).
-        if t > 1:
-            z = rng.standard_normal(x.shape, dtype=np.float32)
-            return (mean + np.sqrt(beta) * z).astype(np.float32, copy=False)
-        return mean.astype(np.float32, copy=False)
+        mean = (x - self._eps_coef[i] * eps) * self._inv_sqrt_alpha[i]
+        if self._noise[i] > 0:
+            return mean + self._noise[i] * rng.standard_normal(x.shape, dtype=_f32)
+        return mean
 
 
 class DDIMSampler:
     """DDIM (Song et al. 2021, eq. 12) over any number of steps, with stochasticity ``eta``.
 
     ``eta = 0`` is deterministic after the initial noise; ``eta = 1`` with ``steps = T`` is
-    ancestral DDPM sampling with the posterior variance. Timesteps are spaced evenly from
-    ``T`` down ("trailing" spacing), so the first step always starts from pure noise.
+    ancestral DDPM sampling with the posterior variance.
     """
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0):
+    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, spacing="time"):
         T = schedule.timesteps
         if not 1 <= steps <= T:
             raise InputError(f"ddim steps must be between 1 and {T}, got {steps}")
-        # eta > 1 asks for more noise than the posterior has: sqrt(1 - ab_prev - sigma^2)
-        # would be imaginary. NaN fails this comparison too.
+        # eta > 1 asks for more noise than the posterior has (sigma^2 > 1 - ab_prev);
+        # NaN fails this comparison too.
         if not 0.0 <= eta <= 1.0:
             raise InputError(f"eta must be between 0 and 1, got {eta}")
         self.schedule = schedule
         self.eta = float(eta)
-        self.timesteps = np.round(np.linspace(T, 0, steps + 1))[:-1].astype(np.int64)
+        self.timesteps = spaced_timesteps(schedule, steps, spacing)
+        ab = schedule.alpha_bar64[self.timesteps]
+        ab_prev = schedule.alpha_bar64[np.append(self.timesteps[1:], 0)]
+        # (1) x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)  (eq. 12, "predicted x0")
+        self._x_coef = (1.0 / np.sqrt(ab)).astype(_f32)
+        self._x0_eps = (np.sqrt(1.0 - ab) / np.sqrt(ab)).astype(_f32)
+        # (2) sigma_t = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)  (eq. 16)
+        sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
+        # (3) x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+        self._x0_coef = np.sqrt(ab_prev).astype(_f32)
+        self._dir_coef = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)).astype(_f32)
+        self._noise = sigma.astype(_f32)
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
-        s = self.schedule
-        t = int(self.timesteps[i])
-        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
-        ab, ab_prev = np.float64(s.alpha_bar[t]), np.float64(s.alpha_bar[t_prev])
-        # (1) Predicted clean image (eq. 12, first term): x0 = (x_t - sqrt(1-ab_t) eps) / sqrt(ab_t)
-        x0 = (x - np.float32(np.sqrt(1.0 - ab)) * eps) / np.float32(np.sqrt(ab))
-        # (2) sigma_t (eq. 16): eta * sqrt((1-ab_prev)/(1-ab_t)) * sqrt(1 - ab_t/ab_prev)
-        sigma = self.eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
-        # (3) x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
-        direction = np.float32(np.sqrt(max(1.0 - ab_prev - sigma**2, 0.0))) * eps
-        x_prev = np.float32(np.sqrt(ab_prev)) * x0 + direction
-        if sigma > 0:
-            z = rng.standard_normal(x.shape, dtype=np.float32)
-            x_prev = x_prev + np.float32(sigma) * z
-        return x_prev.astype(np.float32, copy=False)
+        x0 = self._x_coef[i] * x - self._x0_eps[i] * eps
+        x_prev = self._x0_coef[i] * x0 + self._dir_coef[i] * eps
+        if self._noise[i] > 0:
+            x_prev = x_prev + self._noise[i] * rng.standard_normal(x.shape, dtype=_f32)
+        return x_prev
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++(2M), deterministic or its SDE variant, for this discrete-time eps model.
+
+    Step i goes from s = timesteps[i] to t = timesteps[i+1] (t = 0 after the last step),
+    with h_i = lambda_t - lambda_s and D the data prediction to extrapolate:
+
+    * ODE (Lu et al. 2022, Algorithm 2, "DPM-Solver++(2M)"): the exact solution of the
+      linear part of the diffusion ODE in data-prediction form (their eq. 9) gives
+      ``x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D``; first order D = x0_i
+      (their eq. 10, = DDIM), second order the multistep estimate
+      ``D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}`` with r = h_{i-1} / h_i (Algorithm 2).
+    * SDE (``stochastic=True``): the same data-prediction form for the reverse diffusion SDE
+      (Lu et al. 2022, sec. 4 and appendix, "SDE-DPM-Solver++"; diffusers'
+      ``sde-dpmsolver++`` and k-diffusion's DPM++ 2M SDE implement it). Its linear part has
+      the exact solution ``x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) x0
+      + sigma_t sqrt(1 - e^{-2h}) z`` (first order); the second-order multistep
+      ("midpoint") form replaces x0 by x0_i + (x0_i - x0_{i-1}) / (2r).
+
+    The first step and the last step (to t = 0, where sigma_t = 0 and h is infinite) are first
+    order, as in diffusers (``lower_order_final`` with ``final_sigmas_type="zero"``); the last
+    step therefore returns x0_i and draws no noise.
+    """
+
+    def __init__(
+        self, schedule: NoiseSchedule, steps: int, stochastic: bool = False, spacing="time"
+    ):
+        self.schedule = schedule
+        self.stochastic = stochastic
+        self.timesteps = spaced_timesteps(schedule, steps, spacing)
+        s = self.timesteps
+        t = np.append(s[1:], 0)
+        ab_s, ab_t = schedule.alpha_bar64[s], schedule.alpha_bar64[t]
+        alpha_s, sigma_s = np.sqrt(ab_s), np.sqrt(1.0 - ab_s)
+        alpha_t, sigma_t = np.sqrt(ab_t), np.sqrt(1.0 - ab_t)
+        lam_s = np.log(alpha_s) - np.log(sigma_s)
+        with np.errstate(divide="ignore"):
+            lam_t = np.log(alpha_t) - np.log(sigma_t)  # +inf at t = 0
+        h = lam_t - lam_s
+        e = np.exp(-2.0 * h) if stochastic else np.exp(-h)  # 0 at t = 0
+        # x0_i = x_s / alpha_s - (sigma_s / alpha_s) eps
+        self._x0_x = (1.0 / alpha_s).astype(_f32)
+        self._x0_eps = (sigma_s / alpha_s).astype(_f32)
+        # x_t = ratio x_s + coef D (+ noise z)
+        ratio = sigma_t / sigma_s * (np.exp(-h) if stochastic else 1.0)
+        self._ratio = ratio.astype(_f32)
+        self._coef = (alpha_t * (1.0 - e)).astype(_f32)
+        self._noise = (sigma_t * np.sqrt(np.maximum(1.0 - e, 0.0)) if stochastic else 0 * h)
+        self._noise = self._noise.astype(_f32)
+        # second order where there is a previous step and t > 0: 1/(2r), r = h_{i-1}/h_i
+        half_inv_r = np.zeros(len(s))
+        second = np.zeros(len(s), dtype=bool)
+        second[1:-1] = True
+        half_inv_r[1:-1] = 0.5 * h[1:-1] / h[:-2]
+        self._second = second
+        self._half_inv_r = half_inv_r.astype(_f32)
+        self._prev_x0: np.ndarray | None = None
+        self._next = 0
+
+    def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
+        if i != self._next and i != 0:
+            raise ValueError(f"multistep sampler: step {i} after step {self._next - 1}")
+        x0 = self._x0_x[i] * x - self._x0_eps[i] * eps
+        d = x0
+        if self._second[i]:
+            d = x0 + self._half_inv_r[i] * (x0 - self._prev_x0)
+        self._prev_x0, self._next = x0, i + 1
+        x_t = self._ratio[i] * x + self._coef[i] * d
+        if self._noise[i] > 0:
+            x_t = x_t + self._noise[i] * rng.standard_normal(x.shape, dtype=_f32)
+        return x_t
 
 
 # DDIM's default stochasticity. Measured on the shipped emoji model (ddpm-rt eval, judge
 # features, 428 images): DDIM-50 with eta = 0 doubled the Fréchet distance of DDPM-500
 # (9.26 vs 4.54, recognition@1 0.81 vs 0.90); eta = 1 gave 4.06 and 0.94.
 DEFAULT_DDIM_ETA = 1.0
+DEFAULT_STEPS = 50  # for the few-step samplers when steps is not given
+
+Sampler = DDPMSampler | DDIMSampler | DPMSolverPP2M
 
 
 def make_sampler(
-    name: str, schedule: NoiseSchedule, steps: int | None = None, eta: float | None = None
-) -> DDPMSampler | DDIMSampler:
-    """Build a sampler by name. ``steps=None``: all T for ddpm, 50 for ddim;
-    ``eta=None``: :data:`DEFAULT_DDIM_ETA` for ddim."""
+    name: str,
+    schedule: NoiseSchedule,
+    steps: int | None = None,
+    eta: float | None = None,
+    spacing: str | None = None,
+) -> Sampler:
+    """Build a sampler by name. ``steps=None``: all T for ddpm, 50 otherwise; ``eta=None``:
+    :data:`DEFAULT_DDIM_ETA` for ddim; ``spacing=None``: ``time``."""
     if name == "ddpm":
         if steps is not None and steps != schedule.timesteps:
             raise InputError(
-                f"ddpm runs all {schedule.timesteps} steps; use --sampler ddim for {steps} steps"
+                f"ddpm runs all {schedule.timesteps} steps; use another sampler for {steps} steps"
             )
         if eta is not None:
             raise InputError("eta applies to ddim only")
+        if spacing is not None:
+            raise InputError("spacing applies to the few-step samplers, not ddpm")
         return DDPMSampler(schedule)
+    if name not in SAMPLERS:
+        raise InputError(f"unknown sampler {name!r} (choose from: {', '.join(SAMPLERS)})")
+    steps = min(DEFAULT_STEPS, schedule.timesteps) if steps is None else steps
+    spacing = spacing or "time"
     if name == "ddim":
-        steps = min(50, schedule.timesteps) if steps is None else steps
-        return DDIMSampler(schedule, steps=steps, eta=DEFAULT_DDIM_ETA if eta is None else eta)
-    raise InputError(f"unknown sampler {name!r} (choose from: {', '.join(SAMPLERS)})")
+        eta = DEFAULT_DDIM_ETA if eta is None else eta
+        return DDIMSampler(schedule, steps=steps, eta=eta, spacing=spacing)
+    if eta is not None:
+        raise InputError("eta applies to ddim only")
+    return DPMSolverPP2M(schedule, steps, stochastic=name.endswith("-sde"), spacing=spacing)
 
 
 EpsFn = Callable[[np.ndarray, int], np.ndarray]
@@ -117,7 +246,7 @@ EpsFn = Callable[[np.ndarray, int], np.ndarray]
 
 def sample_loop(
     eps_fn: EpsFn,
-    sampler: DDPMSampler | DDIMSampler,
+    sampler: Sampler,
     shape: tuple[int, ...],
     rng: np.random.Generator,
     progress: Callable[[Iterable], Iterable] | None = None,

@@ -57,6 +57,9 @@ class NoiseSchedule:
         beta[1:] = np.linspace(config.beta_start, config.beta_end, T, dtype=np.float64)
         alpha = 1.0 - beta
         alpha_bar = np.cumprod(alpha)  # alpha[0] == 1, so alpha_bar[0] == 1
+        # float64 tables for samplers' per-run coefficients (computed in float64, then
+        # stored float32 once per run, so no per-step scalar promotion rules apply)
+        self.beta64, self.alpha64, self.alpha_bar64 = beta, alpha, alpha_bar
         self.beta = beta.astype(np.float32)
         self.alpha = alpha.astype(np.float32)
         self.alpha_bar = alpha_bar.astype(np.float32)
