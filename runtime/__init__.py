@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Bundle": ".bundle",
-    "GenerateConfig": ".pipeline",
+    "GenerateConfig": ".config",
     "Generator": ".pipeline",
     "NoiseSchedule": ".schedule",
     "ScheduleConfig": ".schedule",
@@ -37,7 +37,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .bundle import Bundle
-    from .pipeline import GenerateConfig, Generator
+    from .config import GenerateConfig
+    from .pipeline import Generator
     from .schedule import NoiseSchedule, ScheduleConfig
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .samplers import SAMPLERS, SPACINGS
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -55,15 +56,22 @@ def _providers(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .bundle import Bundle
+    from .config import GenerateConfig, check_memory, estimate_bytes
     from .fileio import check_writable
     from .images import check_png, save_png
-    from .pipeline import GenerateConfig, Generator, check_memory, estimate_bytes
+    from .pipeline import Generator
     from .text import check_prompt
 
     # 1. Arguments and the output path, before anything is loaded.
     cfg = GenerateConfig(**fields_of(GenerateConfig, args))
     cfg.validate()
-    check_prompt(args.prompt, "--prompt")
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += _read_prompts(Path(args.prompts))
+    if not prompts:
+        raise InputError("give --prompt TEXT (repeatable) or --prompts FILE")
+    for p in prompts:
+        check_prompt(p, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
         if cfg.guidance == 1.0:
@@ -78,23 +86,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 2. The manifest (validated, no graph loaded yet) sizes the output.
     bundle = Bundle.load(args.model or default_model(), hash_all=False, expected_digest=digest)
     _, h, w = bundle.image_shape
-    check_png(cfg.num, h, w, args.scale)
-    check_memory(f"--num {cfg.num}", estimate_bytes(cfg, bundle.image_shape))
+    ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
+    check_png(cfg.num * len(prompts), h, w, args.scale, ncols)
+    check_memory(
+        f"{len(prompts)} x --num {cfg.num}", estimate_bytes(cfg, bundle.image_shape, len(prompts))
+    )
     # 3. The graphs, checked against the bundle; then the work.
     gen = Generator(
         bundle, backend=args.backend, providers=providers, text_precision=args.text_precision
     )
     t0 = time.perf_counter()
     images = gen.generate(
-        args.prompt, negative_prompt=args.negative_prompt, config=cfg, progress=not args.no_progress
+        prompts if len(prompts) > 1 else prompts[0],
+        negative_prompt=args.negative_prompt,
+        config=cfg,
+        progress=not args.no_progress,
     )
-    save_png(out, images, scale=args.scale)
+    save_png(out, images, scale=args.scale, ncols=ncols)
     print(
         f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, "
         f"{time.perf_counter() - t0:.1f} s)",
         file=sys.stderr,
     )
     return 0
+
+
+MAX_PROMPTS = 1000
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise InputError(f"--prompts file {path} is over 1 MiB")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"--prompts file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--prompts file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read --prompts file {path}: {e.strerror}") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise InputError(f"--prompts file {path} must hold 1-{MAX_PROMPTS} non-empty lines")
+    return prompts
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -130,8 +165,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_bench, run_bench
+    from .config import MAX_BATCH_SIZE, check_int
     from .fileio import atomic_write, check_writable
-    from .pipeline import MAX_BATCH_SIZE, Generator, check_int
+    from .pipeline import Generator
 
     try:
         sizes = tuple(int(s) for s in args.batch_sizes.split(","))
@@ -156,12 +192,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_generate_parsers(sub, common) -> None:
     g = sub.add_parser("generate", help="generate images from a prompt (default command)")
-    g.add_argument("--prompt", required=True, help="what to draw ('' = unconditional)")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        help="what to draw ('' = unconditional); repeat for one grid row per prompt",
+    )
+    g.add_argument("--prompts", help="a UTF-8 file with one prompt per line (one row each)")
     g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
-    g.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    g.add_argument("--steps", type=int, help="sampling steps (ddpm: all T; ddim: default 50)")
+    g.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: ddpm)")
+    g.add_argument("--steps", type=int, help="sampling steps (ddpm: all T; others: default 50)")
+    g.add_argument(
+        "--spacing", choices=list(SPACINGS), help="few-step samplers' timesteps (default time)"
+    )
     g.add_argument(
         "--eta", type=float, help="ddim stochasticity in [0, 1]: 0 deterministic (default 1)"
     )
@@ -183,6 +227,7 @@ def add_generate_parsers(sub, common) -> None:
     )
     g.add_argument("--backend", default="ort", choices=["ort"])
     g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
+    g.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")
     g.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
     g.add_argument("--no-progress", action="store_true")
     common(g)

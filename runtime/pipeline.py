@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,99 +11,22 @@ from tqdm import tqdm
 
 from .backends import make_backend
 from .bundle import Bundle
+from .config import (
+    MAX_NUM,
+    GenerateConfig,
+    check_int,
+    check_memory,
+    estimate_bytes,
+)
 from .errors import BundleError, InputError, NumericalError
-from .manifest import MAX_TIMESTEPS
-from .samplers import SAMPLERS, make_sampler, sample_loop, to_uint8
+from .noise import ImageNoise
+from .samplers import make_sampler, sample_loop, to_uint8
 from .schedule import NoiseSchedule, timestep_input
 from .text import TextEncoder, check_prompt, parse_blend
 from .tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
 
-MAX_NUM = 100_000  # images per call; memory is checked separately, against this machine
-MAX_BATCH_SIZE = 4096
-MAX_GUIDANCE = 50.0  # beyond this guided noise leaves the model's range (and is useless)
-MAX_SEED = 2**63 - 1
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_real(v) -> bool:
-    return _is_int(v) or isinstance(v, (float, np.floating))
-
-
-def check_int(name: str, v, lo: int, hi: int) -> int:
-    if not _is_int(v):
-        raise InputError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
-    if not lo <= v <= hi:
-        raise InputError(f"{name} must be between {lo} and {hi}, got {v}")
-    return int(v)
-
-
-def check_real(name: str, v, lo: float, hi: float) -> float:
-    if not _is_real(v):
-        raise InputError(f"{name} must be a number, got {type(v).__name__} {v!r:.40}")
-    if not (math.isfinite(v) and lo <= v <= hi):  # NaN and Inf fail here
-        raise InputError(f"{name} must be a finite number between {lo:g} and {hi:g}, got {v}")
-    return float(v)
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Sampling settings; CLI flags map one to one onto these fields."""
-
-    num: int = 1
-    sampler: str = "ddpm"
-    steps: int | None = None  # None: all T steps for ddpm, 50 for ddim
-    eta: float | None = None  # ddim only, in [0, 1]; None: DEFAULT_DDIM_ETA (1.0)
-    seed: int = 0
-    guidance: float = 1.0  # classifier-free guidance scale in [0, 50]; 1 = plain conditional
-    batch_size: int = 16
-
-    def validate(self) -> None:
-        """Types and ranges of every field; raises :class:`InputError` naming the field."""
-        check_int("num", self.num, 1, MAX_NUM)
-        check_int("batch size", self.batch_size, 1, MAX_BATCH_SIZE)
-        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
-            raise InputError(
-                f"unknown sampler {self.sampler!r:.40} (choose from: {', '.join(SAMPLERS)})"
-            )
-        if self.steps is not None:
-            check_int("steps", self.steps, 1, MAX_TIMESTEPS)
-        if self.eta is not None:
-            check_real("eta", self.eta, 0.0, 1.0)
-        check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)
-        check_int("seed", self.seed, 0, MAX_SEED)
-
-
-def memory_limit() -> int:
-    """Bytes one generation may plan to use: half of this machine's physical memory."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small device
-        return 2 * 2**30
-
-
-def estimate_bytes(cfg: GenerateConfig, image_shape: tuple[int, int, int]) -> int:
-    """What a call will allocate, roughly: the uint8 results plus, for the rows of one U-Net
-    call, x_t, eps, noise and their copies, and the U-Net's activations (about 64 image-sized
-    float32 tensors per row at this project's widths)."""
-    c, h, w = image_shape
-    rows = min(cfg.batch_size, cfg.num) * (1 if cfg.guidance == 1.0 else 2)
-    return cfg.num * h * w * c + rows * c * h * w * 4 * (8 + 64)
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def check_memory(what: str, need: int) -> None:
-    limit = memory_limit()
-    if need > limit:
-        raise InputError(
-            f"{what} needs about {_size(need)}, over the limit of {_size(limit)} "
-            "(half of this machine's memory)"
-        )
+__all__ = ["GenerateConfig", "Generator"]
+MAX_THREADS = 256
 
 
 class Generator:
@@ -127,9 +49,13 @@ class Generator:
         text_precision: str | None = None,
         *,
         expected_digest: str | None = None,
+        threads: int | None = None,
     ):
         """``expected_digest``: the sha256 of the bundle's manifest.json, from a trusted
-        place; a bundle with another digest is refused (``ddpm-rt info`` prints it)."""
+        place; a bundle with another digest is refused (``ddpm-rt info`` prints it).
+        ``threads``: ONNX Runtime's intra-op threads (default: its own, the physical cores)."""
+        if threads is not None:
+            check_int("threads", threads, 1, MAX_THREADS)
         if isinstance(bundle, Bundle):
             if expected_digest is not None and bundle.digest != expected_digest:
                 raise BundleError(
@@ -160,7 +86,7 @@ class Generator:
             self.text_precision = precision
         elif text_precision is not None:
             raise InputError("text precision applies to text-conditioned bundles only")
-        self.backend = make_backend(backend, self.bundle, providers)
+        self.backend = make_backend(backend, self.bundle, providers, threads=threads)
         # Sessions the generation path uses are created (and checked) now, not mid-call.
         self.backend.session("unet")
         if cond["kind"] == "text":
@@ -258,21 +184,15 @@ class Generator:
         ``uncond`` (B,D) replaces the null context (a negative prompt); default zeros.
         """
         b = x.shape[0]
-        if guidance != 1.0:
-            x = np.concatenate([x, x])
+        guided = guidance != 1.0
+        if guided:
             c = np.concatenate([c, np.zeros_like(c) if uncond is None else uncond])
-        t_in = np.full(
-            (x.shape[0], 1), timestep_input(t, self.schedule.timesteps), dtype=np.float32
-        )
-        out = self.backend.run("unet", {"x": x, "t": t_in, "c": c})["eps"]
-        if guidance == 1.0:
-            return out
-        cond, uncond = out[:b], out[b:]
-        return uncond + np.float32(guidance) * (cond - uncond)
+        step = _UNetStep(self, b, c, guided, np.float32(guidance))
+        return step(x, timestep_input(t, self.schedule.timesteps))
 
     def generate(
         self,
-        prompt: str | None = None,
+        prompt: str | list[str] | None = None,
         *,
         context: np.ndarray | None = None,
         negative_prompt: str | None = None,
@@ -280,13 +200,17 @@ class Generator:
         progress: bool = False,
         **overrides,
     ) -> np.ndarray:
-        """Generate ``num`` images for a prompt (or a raw context). Returns (N, H, W, 3) uint8.
+        """Generate ``num`` images per prompt (or for a raw context). Returns (N, H, W, 3) uint8.
 
-        Keyword overrides are :class:`GenerateConfig` fields (``num``, ``seed``, ``sampler``,
-        ``steps``, ``eta``, ``guidance``, ``batch_size``). ``negative_prompt`` replaces the
-        null context of classifier-free guidance, so it needs ``guidance != 1``. Every
-        argument is checked before any work; a step whose predicted noise or result is not
-        finite (or absurdly large) raises :class:`NumericalError` and nothing is returned.
+        ``prompt`` may be a list: ``num`` images for each prompt, in one batch, prompt-major
+        (rows of ``num``); row j is exactly what ``generate(prompt[j], ...)`` gives with the
+        same seed, because image i of every prompt draws its noise from the stream of
+        (seed, i) (see :mod:`ddpm_rt.noise`). Keyword overrides are :class:`GenerateConfig`
+        fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
+        ``batch_size``, ``spacing``). ``negative_prompt`` replaces the null context of
+        classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
+        before any work; a step whose predicted noise or result is not finite (or absurdly
+        large) raises :class:`NumericalError` and nothing is returned.
         """
         if config is not None and not isinstance(config, GenerateConfig):
             raise InputError(f"config must be a GenerateConfig, got {type(config).__name__}")
@@ -300,15 +224,33 @@ class Generator:
         cfg.validate()
         if (prompt is None) == (context is None):
             raise InputError("give exactly one of prompt or context")
+        prompts = None
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not prompts:
+                raise InputError(
+                    f"prompt must be a string or a non-empty list of strings, "
+                    f"got {type(prompt).__name__}"
+                )
+            for p in prompts:
+                check_prompt(p)
+            if len(prompts) * cfg.num > MAX_NUM:
+                raise InputError(
+                    f"{len(prompts)} prompts x {cfg.num} images is over the limit of {MAX_NUM}"
+                )
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative prompt")
             if cfg.guidance == 1.0:
                 raise InputError("a negative prompt only acts through guidance: set guidance != 1")
-        sampler = make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta)
-        check_memory(f"generating {cfg.num} images", estimate_bytes(cfg, self.bundle.image_shape))
+        make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing)  # checks
+        rows = len(prompts) if prompts else 1
+        check_memory(
+            f"generating {rows * cfg.num} images",
+            estimate_bytes(cfg, self.bundle.image_shape, rows),
+        )
         d = self.bundle.context_dim
-        if context is None:
-            ctx = np.broadcast_to(self.context(prompt), (cfg.num, d))
+        if prompts is not None:
+            ctx = np.repeat(np.stack([self.context(p) for p in prompts]), cfg.num, axis=0)
         else:
             ctx = self.check_context(context)
             if ctx.ndim == 1:
@@ -317,13 +259,16 @@ class Generator:
                 raise InputError(f"context must be ({d},) or ({cfg.num}, {d}), got {ctx.shape}")
         neg = None if negative_prompt is None else self.context(negative_prompt)
         ctx = np.ascontiguousarray(ctx, dtype=np.float32)
-        rng = np.random.Generator(np.random.PCG64(cfg.seed))
-        chunks = range(0, cfg.num, cfg.batch_size)
-        n_steps = len(sampler.timesteps)
+        image_index = np.tile(np.arange(cfg.num), rows)  # i of (prompt j, image i)
+        total = len(ctx)
+        chunks = range(0, total, cfg.batch_size)
+        n_steps = len(
+            make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps
+        )
         bar = tqdm(
             total=len(chunks) * n_steps,
             disable=not progress,
-            desc=f"{cfg.sampler} x{cfg.num}",
+            desc=f"{cfg.sampler} x{total}",
             unit="step",
             leave=False,
         )
@@ -342,20 +287,57 @@ class Generator:
                         "was produced"
                     )
 
+        guided = cfg.guidance != 1.0
+        T = self.schedule.timesteps
         out = []
         with bar:
             for start in chunks:
                 c = ctx[start : start + cfg.batch_size]
-                shape = (len(c), *self.bundle.image_shape)
-                u = None if neg is None else np.ascontiguousarray(np.broadcast_to(neg, c.shape))
+                b = len(c)
+                if guided:  # fixed for the run: the context rows of the one U-Net call
+                    u = np.zeros_like(c) if neg is None else np.broadcast_to(neg, c.shape)
+                    c = np.concatenate([c, u])
+                unet = _UNetStep(self, b, c, guided, np.float32(cfg.guidance))
+                t_in = {}  # t / T per timestep, made once
 
-                def eps_fn(x, t, c=c, u=u):
+                def eps_fn(x, t, unet=unet, t_in=t_in):
                     bar.update()
-                    return self.eps(x, t, c, cfg.guidance, u)
+                    if t not in t_in:
+                        t_in[t] = timestep_input(t, T)
+                    return unet(x, t_in[t])
 
+                # a sampler per chunk: multistep solvers keep per-run history
+                sampler = make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing)
+                noise = ImageNoise(cfg.seed, image_index[start : start + b])
+                shape = (b, *self.bundle.image_shape)
                 # Non-finite values are caught by check_step with a clear error; NumPy's own
                 # warnings about them would only add noise before it.
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    x = sample_loop(eps_fn, sampler, shape, rng, on_step=check_step)
+                    x = sample_loop(eps_fn, sampler, shape, noise, on_step=check_step)
                 out.append(to_uint8(x))
         return np.concatenate(out)
+
+
+class _UNetStep:
+    """One chunk's U-Net call, with everything fixed for the run made once: the context rows
+    (conditional, then unconditional), the input buffers, the time input's array."""
+
+    def __init__(self, gen: Generator, b: int, c: np.ndarray, guided: bool, guidance):
+        self.backend = gen.backend
+        self.b, self.guided, self.guidance = b, guided, guidance
+        self.c = np.ascontiguousarray(c, dtype=np.float32)
+        rows = len(self.c)
+        self.x = np.empty((rows, *gen.bundle.image_shape), dtype=np.float32)
+        self.t = np.empty((rows, 1), dtype=np.float32)
+
+    def __call__(self, x: np.ndarray, t_value: float) -> np.ndarray:
+        b = self.b
+        self.x[:b] = x
+        if self.guided:
+            self.x[b:] = x
+        self.t.fill(t_value)
+        out = self.backend.run("unet", {"x": self.x, "t": self.t, "c": self.c})["eps"]
+        if not self.guided:
+            return out
+        cond, uncond = out[:b], out[b:]
+        return uncond + self.guidance * (cond - uncond)

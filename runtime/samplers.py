@@ -175,8 +175,8 @@ class DPMSolverPP2M:
         ratio = sigma_t / sigma_s * (np.exp(-h) if stochastic else 1.0)
         self._ratio = ratio.astype(_f32)
         self._coef = (alpha_t * (1.0 - e)).astype(_f32)
-        self._noise = (sigma_t * np.sqrt(np.maximum(1.0 - e, 0.0)) if stochastic else 0 * h)
-        self._noise = self._noise.astype(_f32)
+        noise = sigma_t * np.sqrt(np.maximum(1.0 - e, 0.0)) if stochastic else np.zeros(len(s))
+        self._noise = noise.astype(_f32)
         # second order where there is a previous step and t > 0: 1/(2r), r = h_{i-1}/h_i
         half_inv_r = np.zeros(len(s))
         second = np.zeros(len(s), dtype=bool)

@@ -121,7 +121,7 @@ def test_unwritable_output(trained, tmp_path):
 
 def test_incompatible_flags(trained, tmp_path):
     assert_clean_error(
-        _generate(trained["bundle"], tmp_path / "a.png", "--steps", "25"), "use --sampler ddim"
+        _generate(trained["bundle"], tmp_path / "a.png", "--steps", "25"), "use another sampler"
     )
     assert_clean_error(_generate(trained["bundle"], tmp_path / "a.png", "--num", "0"), "num")
     assert_clean_error(

@@ -207,3 +207,36 @@ def test_ddim_eta0_keeps_the_implied_noise_constant():
     e0 = seen[0][1]
     for t, e in seen[1:]:
         np.testing.assert_allclose(e, e0, atol=1e-3, err_msg=f"t={t}")
+
+
+# -- a seed means one image ------------------------------------------------------------------
+def test_image_i_is_independent_of_num_batch_and_prompts(tmp_path):
+    gen = Generator(write_bundle(tmp_path / "b"))
+    kw = {"sampler": "dpm++2m-sde", "steps": 5, "seed": 11}
+    ref = gen.generate("thing 1", num=16, batch_size=16, **kw)
+    for num, batch in ((1, 1), (3, 2), (16, 4), (16, 5)):
+        got = gen.generate("thing 1", num=num, batch_size=batch, **kw)
+        np.testing.assert_array_equal(got, ref[:num], err_msg=f"num {num}, batch {batch}")
+    guided = gen.generate("thing 1", num=3, guidance=2.0, batch_size=2, **kw)
+    np.testing.assert_array_equal(
+        guided, gen.generate("thing 1", num=3, guidance=2.0, batch_size=3, **kw)
+    )
+    multi = gen.generate(["thing 2", "thing 1", "thing 3"], num=3, batch_size=4, **kw)
+    for j, p in enumerate(["thing 2", "thing 1", "thing 3"]):
+        np.testing.assert_array_equal(multi[3 * j : 3 * j + 3], gen.generate(p, num=3, **kw))
+
+
+def test_threads_match_serial(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = Generator(write_bundle(tmp_path / "b"))
+    jobs = [("thing 1", s) for s in range(8)]
+    serial = [gen.generate(p, num=2, seed=s, sampler="dpm++2m", steps=4) for p, s in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        par = list(
+            pool.map(
+                lambda a: gen.generate(a[0], num=2, seed=a[1], sampler="dpm++2m", steps=4), jobs
+            )
+        )
+    for a, b in zip(serial, par, strict=True):
+        np.testing.assert_array_equal(a, b)

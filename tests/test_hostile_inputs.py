@@ -46,8 +46,12 @@ def text_gen(tmp_path_factory, tiny_text) -> Generator:
 
 # -- API argument types and ranges ------------------------------------------------------
 API_CASES = [
-    ("prompt-int", {"prompt": 123}, "prompt must be a string, got int"),
-    ("prompt-bytes", {"prompt": b"thing 1"}, "prompt must be a string, got bytes"),
+    (
+        "prompt-int",
+        {"prompt": 123},
+        "prompt must be a string or a non-empty list of strings, got int",
+    ),
+    ("prompt-bytes", {"prompt": b"thing 1"}, "got bytes"),
     ("prompt-surrogate", {"prompt": "thing \udc80"}, "not valid Unicode text"),
     ("prompt-huge", {"prompt": "a" * 20_000}, "over the limit"),
     ("num-str", {"num": "2"}, "num must be an integer, got str"),
@@ -171,9 +175,9 @@ def test_api_context_returns_a_copy(text_gen):
 
 
 def test_api_memory_is_refused_up_front_with_the_estimate(tmp_path, monkeypatch):
-    import ddpm_rt.pipeline as pipeline
+    import ddpm_rt.config as config
 
-    monkeypatch.setattr(pipeline, "memory_limit", lambda: 10 * 2**20)  # a 10 MiB device
+    monkeypatch.setattr(config, "memory_limit", lambda: 10 * 2**20)  # a 10 MiB device
     gen = Generator(write_bundle(tmp_path / "b"))
     with pytest.raises(
         InputError, match=r"100000 images needs about \d+ MiB, over the limit of 10 MiB"

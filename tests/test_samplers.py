@@ -218,3 +218,51 @@ def test_logsnr_spacing_is_uniform_in_lambda():
     # integer timesteps only approximate the ideal points; the spacing is close to even
     assert gaps.std() / gaps.mean() < 0.1, gaps
     assert spaced_timesteps(s, 500, "logsnr").tolist() == list(range(500, 0, -1))
+
+
+# -- seeded noise: one stream per image ---------------------------------------------------
+def test_noise_spec_reimplemented_from_its_text():
+    """Philox4x64-10 and Box-Muller written from runtime/noise.py's text, in pure Python."""
+    import math
+
+    from ddpm_rt.noise import ImageNoise
+
+    m0, m1 = 0xD2E7470EE14C6C93, 0xCA5A826395121157
+    w0, w1 = 0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B
+    mask = 2**64 - 1
+
+    def philox(ctr, key):
+        c0, c1, c2, c3 = ctr
+        k0, k1 = key
+        for _ in range(10):
+            p0, p1 = m0 * c0, m1 * c2
+            c0, c1, c2, c3 = (p1 >> 64) ^ c1 ^ k0, p1 & mask, (p0 >> 64) ^ c3 ^ k1, p0 & mask
+            k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+        return [c0, c1, c2, c3]
+
+    def stream(seed, i, n):
+        words, b = [], 1
+        while len(words) < n:
+            words += philox((b, 0, 0, 0), (seed, i))
+            b += 1
+        return words[:n]
+
+    def normals(words):
+        out = []
+        for a, b in zip(words[0::2], words[1::2], strict=True):
+            u1 = ((a >> 11) + 1) * 2.0**-53
+            u2 = (b >> 11) * 2.0**-53
+            r = math.sqrt(-2.0 * math.log(u1))
+            out += [r * math.cos(2 * math.pi * u2), r * math.sin(2 * math.pi * u2)]
+        return np.array(out, dtype=np.float32)
+
+    seed, shape = 2**40 + 17, (2, 3, 4, 4)
+    noise = ImageNoise(seed, [5, 0])
+    first, second = noise.standard_normal(shape), noise.standard_normal(shape)
+    n = 3 * 4 * 4
+    for row, i in enumerate([5, 0]):
+        words = stream(seed, i, 2 * n)
+        np.testing.assert_array_equal(first[row].ravel(), normals(words[:n]))
+        np.testing.assert_array_equal(second[row].ravel(), normals(words[n:]))
+    z = ImageNoise(0, range(64)).standard_normal((64, 3, 16, 16))
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02

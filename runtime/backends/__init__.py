@@ -16,7 +16,9 @@ from ..errors import InputError
 BACKENDS = ("ort",)
 
 
-def make_backend(name: str, bundle: Bundle, providers: list[str] | None = None):
+def make_backend(
+    name: str, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None
+):
     if name == "ort":
         from .ort import OrtBackend
 
@@ -24,5 +26,6 @@ def make_backend(name: str, bundle: Bundle, providers: list[str] | None = None):
             {g: (lambda g=g: bundle.open_verified(bundle.graphs[g].file)) for g in bundle.graphs},
             specs=bundle.graphs,
             providers=providers,
+            threads=threads,
         )
     raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

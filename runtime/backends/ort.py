@@ -47,6 +47,7 @@ class OrtBackend:
         graphs: dict[str, Callable[[], AbstractContextManager[str | bytes]]],
         specs: dict[str, GraphIO] | None = None,
         providers: list[str] | None = None,
+        threads: int | None = None,
     ):
         """``graphs`` maps graph names to functions opening the verified ONNX graph (a context
         manager yielding a path to the verified open file, or the bytes);
@@ -71,6 +72,7 @@ class OrtBackend:
         self.graphs = dict(graphs)
         self.specs = dict(specs or {})
         self.providers = providers
+        self.threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()  # sessions are created once, then shared by threads
 
@@ -88,6 +90,8 @@ class OrtBackend:
             raise BackendError(f"no graph {graph!r} (have: {', '.join(self.graphs)})")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
         opts.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA
         )
