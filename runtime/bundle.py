@@ -56,6 +56,12 @@ class Bundle:
         return int(self.conditioning["context_dim"])
 
     @property
+    def unet_precisions(self) -> dict[str, str]:
+        """U-Net precision -> graph name (``fp32`` is always ``unet``)."""
+        extra = self.manifest.get("unet_precisions", {})
+        return {"fp32": "unet", **{p: e["graph"] for p, e in extra.items()}}
+
+    @property
     def label_names(self) -> list[str]:
         return list(self.conditioning.get("label_names", []))
 

@@ -18,7 +18,7 @@ import sys
 
 from .errors import DdpmRtError, first_line
 
-SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "eval", "text", "data")
+SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "quantize", "eval", "text", "data")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

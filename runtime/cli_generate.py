@@ -225,6 +225,11 @@ def add_generate_parsers(sub, common) -> None:
         choices=["fp32", "int8"],
         help="text encoder precision (default: the bundle's)",
     )
+    g.add_argument(
+        "--unet-precision",
+        choices=["fp32", "fp16", "int8"],
+        help="U-Net precision, if the bundle has it (default: see the model card)",
+    )
     g.add_argument("--backend", default="ort", choices=["ort"])
     g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
     g.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")

@@ -87,6 +87,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    q = _need("export", "ddpm_rt.export.quantize")
+    q.quantize_bundle(args.bundle, force=args.force, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
 def cmd_text_export(args: argparse.Namespace) -> int:
     tx = _need("export", "ddpm_rt.export.text_export")
     tx.export_text_encoder(
@@ -166,6 +172,12 @@ def add_train_parsers(sub, common) -> None:
     e.add_argument("--text-precisions", help="encoder graphs to ship: fp32,int8 (default both)")
     common(e)
     e.set_defaults(func=cmd_export)
+
+    qz = sub.add_parser("quantize", help="add the CPU int8 U-Net to a bundle (ddpm-rt[export])")
+    qz.add_argument("bundle", help="bundle folder (its manifest is rewritten)")
+    qz.add_argument("--force", action="store_true", help="redo an existing int8 U-Net")
+    common(qz)
+    qz.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("eval", help="judge-based evaluation of an emoji model")
     ev.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")

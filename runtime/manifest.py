@@ -45,6 +45,7 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _GRAPH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 CONDITIONING_KINDS = ("label", "text", "vector")
+UNET_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class _Fail(Exception):
@@ -215,10 +216,24 @@ def _validate(m: Any) -> None:
     if "unet" not in graphs:
         _fail("graphs", "no 'unet' graph")
 
+    precisions = _dict(m, "", "unet_precisions", required=False) or {}
+    for precision, entry in precisions.items():
+        where = f"unet_precisions.{precision}"
+        if precision not in UNET_PRECISIONS:
+            _fail(
+                "unet_precisions", f"{_show(precision)} is not one of {', '.join(UNET_PRECISIONS)}"
+            )
+        if not isinstance(entry, dict):
+            _fail(where, f"must be an object, got {_show(entry)}")
+        gname = _str(entry, where, "graph", _GRAPH_NAME)
+        if gname not in graphs:
+            _fail(f"{where}.graph", f"{gname} is not a graph of this bundle")
+
     cond = _dict(m, "", "conditioning")
     kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
     d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
-    _expect_graph(unet_io(c, h, w, d), graphs["unet"], "must agree with image and conditioning")
+    for gname in {"unet", *(e["graph"] for e in precisions.values())}:
+        _expect_graph(unet_io(c, h, w, d), graphs[gname], "must agree with image and conditioning")
     if kind == "label":
         names = _get(cond, "conditioning", "label_names", required=False) or []
         ok = isinstance(names, list) and len(names) <= min(d, MAX_LABELS)

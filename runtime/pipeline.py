@@ -27,6 +27,9 @@ from .tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
 
 __all__ = ["GenerateConfig", "Generator"]
 MAX_THREADS = 256
+# The U-Net precision used when a bundle offers it and the caller does not choose; set by
+# the evaluation (models/default/MODEL_CARD.md): fp32 unless int8 is no worse there.
+DEFAULT_UNET_PRECISION = "fp32"
 
 
 class Generator:
@@ -50,10 +53,13 @@ class Generator:
         *,
         expected_digest: str | None = None,
         threads: int | None = None,
+        unet_precision: str | None = None,
     ):
         """``expected_digest``: the sha256 of the bundle's manifest.json, from a trusted
         place; a bundle with another digest is refused (``ddpm-rt info`` prints it).
-        ``threads``: ONNX Runtime's intra-op threads (default: its own, the physical cores)."""
+        ``threads``: ONNX Runtime's intra-op threads (default: its own, the physical cores).
+        ``unet_precision``: ``fp32`` or a variant the bundle lists (``int8``); default
+        :data:`DEFAULT_UNET_PRECISION` when the bundle has it, else fp32."""
         if threads is not None:
             check_int("threads", threads, 1, MAX_THREADS)
         if isinstance(bundle, Bundle):
@@ -73,7 +79,17 @@ class Generator:
             )
         self.schedule = NoiseSchedule(self.bundle.schedule)
         self.text: TextEncoder | None = None
-        self.unet_precision = "fp32"
+        variants = self.bundle.unet_precisions
+        if unet_precision is None:
+            unet_precision = (
+                DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
+            )
+        if not isinstance(unet_precision, str) or unet_precision not in variants:
+            raise InputError(
+                f"this bundle's U-Net comes in {', '.join(variants)}, not {unet_precision!r:.20}"
+            )
+        self.unet_precision = unet_precision
+        self.unet_graph = variants[unet_precision]
         cond = self.bundle.conditioning
         if cond["kind"] == "text":
             t = cond["text"]
@@ -88,7 +104,7 @@ class Generator:
             raise InputError("text precision applies to text-conditioned bundles only")
         self.backend = make_backend(backend, self.bundle, providers, threads=threads)
         # Sessions the generation path uses are created (and checked) now, not mid-call.
-        self.backend.session("unet")
+        self.backend.session(self.unet_graph)
         if cond["kind"] == "text":
             graph = t["graphs"][precision]
             self.backend.session(graph)
@@ -324,6 +340,7 @@ class _UNetStep:
 
     def __init__(self, gen: Generator, b: int, c: np.ndarray, guided: bool, guidance):
         self.backend = gen.backend
+        self.graph = gen.unet_graph
         self.b, self.guided, self.guidance = b, guided, guidance
         self.c = np.ascontiguousarray(c, dtype=np.float32)
         rows = len(self.c)
@@ -336,7 +353,7 @@ class _UNetStep:
         if self.guided:
             self.x[b:] = x
         self.t.fill(t_value)
-        out = self.backend.run("unet", {"x": self.x, "t": self.t, "c": self.c})["eps"]
+        out = self.backend.run(self.graph, {"x": self.x, "t": self.t, "c": self.c})["eps"]
         if not self.guided:
             return out
         cond, uncond = out[:b], out[b:]

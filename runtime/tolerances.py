@@ -11,6 +11,14 @@ import numpy as np
 TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
     # fp32 ONNX Runtime vs torch eager: same math, different kernels and summation order.
     ("ort", "fp32"): {"rtol": 1e-3, "atol": 1e-5},
+    # int8 U-Net (CPU, QOperator u8/s8) vs fp32, on x_t recorded along real trajectories.
+    # Quantisation error is relative to each activation's range, so elementwise bounds say
+    # little: the check is the cosine between eps vectors, averaged over all timesteps
+    # (measured 0.988 on the shipped model: 0.9996 at t > 50, falling to ~0.76 at t = 1,
+    # where eps is read off an almost clean image -- but enters the image scaled by
+    # sigma_t / alpha_t = 0.01, about one grey level). The judged quality in the model card
+    # (recognition and Fréchet distance vs fp32) is the real check.
+    ("ort", "int8"): {"min_mean_cosine": 0.98, "min_cosine_late": 0.99},
 }
 
 

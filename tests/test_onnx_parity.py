@@ -59,3 +59,19 @@ def test_parity_failure_is_reported():
         m.out[-1].bias.add_(0.1)
     with pytest.raises(ExportError, match="differs from torch"):
         check_unet_parity(m, onnx_bytes, cond)
+
+
+def test_quantize_adds_a_checked_int8_unet(trained, tmp_path):
+    import shutil
+
+    from ddpm_rt import Bundle, Generator
+    from ddpm_rt.export.quantize import INT8_GRAPH, quantize_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(trained["bundle"], b)
+    entry = quantize_bundle(b, log=lambda s: None)
+    assert entry["checks"]["mean_cosine"] >= 0.98
+    bundle = Bundle.load(b)
+    assert bundle.unet_precisions == {"fp32": "unet", "int8": INT8_GRAPH}
+    gen = Generator(b, unet_precision="int8")
+    assert gen.generate("red circle", num=2, sampler="ddim", steps=5).shape == (2, 16, 16, 3)
