@@ -67,13 +67,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for out in (args.json, args.grid):
         if out:
             check_writable(Path(out), force=args.force)
-    settings = tuple(s.strip() for s in args.settings.split(","))
+    if args.settings == "full":
+        settings = ev.FULL_GRID
+    else:
+        settings = tuple(s.strip() for s in args.settings.split(","))
+    try:
+        guidance = tuple(float(g) for g in args.guidance.split(","))
+    except ValueError:
+        raise InputError(
+            f"--guidance must be comma-separated numbers, got {args.guidance!r}"
+        ) from None
     report = ev.evaluate(
         args.bundle or default_model(),
         args.data,
         settings,
         args.per_concept,
-        args.guidance,
+        guidance,
         args.seed,
         log=lambda s: print(s, file=sys.stderr),
     )
@@ -185,10 +194,11 @@ def add_train_parsers(sub, common) -> None:
     ev.add_argument(
         "--settings",
         default="ddpm,ddim:50,ddim:25",
-        help="sampler[:steps] list (default ddpm,ddim:50,ddim:25)",
+        help="sampler[:steps[:eta]][@int8] list, or 'full' for the speed grid "
+        "(default ddpm,ddim:50,ddim:25)",
     )
     ev.add_argument("--per-concept", type=int, default=4)
-    ev.add_argument("--guidance", type=float, default=1.0)
+    ev.add_argument("--guidance", default="1", help="guidance scale(s), comma-separated")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the report here")
     ev.add_argument("--grid", help="PNG of the first setting's images")

@@ -78,12 +78,48 @@ def test_eval_runs_end_to_end(emoji_dir, tiny_text, tmp_path):
     r = evaluate(
         tmp_path / "b",
         out / "emoji.npz",
-        settings=("ddim:3",),
+        settings=("ddpm", "ddim:3:0", "dpm++2m-sde:3"),
         per_concept=2,
+        guidance=(1.0, 2.0),
         judge_steps=30,
         log=lambda s: None,
     )
-    row = r["settings"]["ddim:3"]
+    assert sorted(r["settings"]) == sorted(
+        f"{s}@g{g}" for s in ("ddpm", "ddim:3:0", "dpm++2m-sde:3") for g in (1, 2)
+    )
+    assert r["settings"]["dpm++2m-sde:3@g2"]["cost"] == 6
+    assert r["default"]["setting"] in r["settings"]
+    row = r["settings"]["ddim:3:0@g1"]
     for kind in ("train_captions", "heldout_paraphrases"):
         assert 0 <= row[kind]["top1"] <= row[kind]["top5"] <= 1
         assert row[kind]["frechet"] >= 0 and row[kind]["_images"].shape == (12, 16, 16, 3)
+
+
+def test_default_rule_picks_the_cheapest_row_within_the_bounds():
+    from ddpm_rt.training.evaluate import choose_default
+
+    def row(cost, top5, frechet, precision="fp32"):
+        return {
+            "cost": cost,
+            "precision": precision,
+            "sampler": "x",
+            "steps": cost,
+            "eta": None,
+            "guidance": 1.0,
+            "heldout_paraphrases": {"top5": top5},
+            "train_captions": {"frechet": frechet},
+        }
+
+    report = {
+        "concepts": 100,
+        "per_concept": 1,
+        "settings": {
+            "ddpm@g1": row(500, 0.80, 4.0),
+            "a@g1": row(10, 0.70, 4.0),  # too far below (SE of 0.8 at n=100 is 0.04)
+            "b@g1": row(20, 0.77, 4.3),  # within one SE and 1.1x
+            "c@g1": row(20, 0.79, 4.3),  # same cost, better recognition: wins the tie
+            "d@g1": row(15, 0.90, 4.5),  # Fréchet over 1.1x
+            "e@g1": row(5, 0.95, 3.0, "int8"),  # not fp32
+        },
+    }
+    assert choose_default(report)["setting"] == "c@g1"

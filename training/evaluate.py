@@ -25,6 +25,70 @@ from ddpm_rt.pipeline import Generator
 from .judge import frechet_distance, judge_outputs, topk_hits, train_judge
 
 DEFAULT_SETTINGS: tuple[str, ...] = ("ddpm", "ddim:50", "ddim:25")
+STEP_GRID = (8, 10, 15, 20, 25, 50)
+# The speed issue's grid: DDPM-500, then DDIM eta 0 and 1, DPM-Solver++(2M) and its SDE
+# variant at each step count.
+FULL_GRID: tuple[str, ...] = (
+    "ddpm",
+    *(f"ddim:{n}:0" for n in STEP_GRID),
+    *(f"ddim:{n}:1" for n in STEP_GRID),
+    *(f"dpm++2m:{n}" for n in STEP_GRID),
+    *(f"dpm++2m-sde:{n}" for n in STEP_GRID),
+)
+
+
+def parse_setting(setting: str) -> dict:
+    """``sampler[:steps[:eta]][@precision]`` -> generate() keywords (+ ``unet_precision``)."""
+    spec, _, precision = setting.partition("@")
+    parts = spec.split(":")
+    kw = {"sampler": parts[0], "steps": int(parts[1]) if len(parts) > 1 and parts[1] else None}
+    if len(parts) > 2:
+        kw["eta"] = float(parts[2])
+    return {"kw": kw, "precision": precision or "fp32"}
+
+
+def cost(setting: str, guidance: float, timesteps: int) -> int:
+    """U-Net image-evaluations per image: steps, doubled by guidance's unconditional rows."""
+    steps = parse_setting(setting)["kw"]["steps"] or timesteps
+    return steps * (1 if guidance == 1.0 else 2)
+
+
+def standard_error(p: float, n: int) -> float:
+    return float(np.sqrt(max(p * (1 - p), 1e-12) / max(n, 1)))
+
+
+def choose_default(report: dict) -> dict:
+    """The default-setting rule (the speed issue's, written down so a retrained model
+    re-chooses the same way): among fp32 rows, the cheapest -- counting guidance's doubled
+    rows -- whose recognition@5 on held-out paraphrases is no more than one standard error
+    below DDPM-500 at guidance 1, and whose Fréchet distance (training captions) is within
+    1.1x of it. Ties go to the higher held-out recognition@5."""
+    rows = report["settings"]
+    ref = rows.get("ddpm@g1")
+    if ref is None:
+        raise InputError("the default rule needs the reference row ddpm at guidance 1")
+    n = report["concepts"] * report["per_concept"]
+    ref5 = ref["heldout_paraphrases"]["top5"]
+    floor = ref5 - standard_error(ref5, n)
+    cap = 1.1 * ref["train_captions"]["frechet"]
+    ok = [
+        (r["cost"], -r["heldout_paraphrases"]["top5"], key)
+        for key, r in rows.items()
+        if r["precision"] == "fp32"
+        and r["heldout_paraphrases"]["top5"] >= floor
+        and r["train_captions"]["frechet"] <= cap
+    ]
+    if not ok:
+        return {"setting": "ddpm@g1", "reason": "no cheaper row met the rule"}
+    _, _, key = min(ok)
+    return {
+        "setting": key,
+        **{k: rows[key][k] for k in ("sampler", "steps", "eta", "guidance", "precision")},
+        "cost": rows[key]["cost"],
+        "reference_cost": ref["cost"],
+        "heldout_top5_floor": floor,
+        "frechet_cap": cap,
+    }
 
 
 def _load(data: Path) -> dict:
@@ -44,7 +108,7 @@ def evaluate(
     data: str | Path,
     settings=DEFAULT_SETTINGS,
     per_concept: int = 4,
-    guidance: float = 1.0,
+    guidance: float | tuple[float, ...] = 1.0,
     seed: int = 0,
     holdout_style: str = "twemoji",
     judge_steps: int = 1500,
@@ -79,45 +143,59 @@ def evaluate(
     _, real_feats = judge_outputs(judge, images)
 
     # (2)+(3) Generate and score.
-    gen = Generator(bundle)
+    gens = {}
     heldout = [str(h).split("\n") for h in d["heldout"]]
+    guidances = (guidance,) if isinstance(guidance, (int, float)) else tuple(guidance)
     report["settings"] = {}
     for setting in settings:
-        sampler, _, steps = setting.partition(":")
-        steps = int(steps) if steps else None
-        row = {}
-        for kind in ("train_captions", "heldout_paraphrases"):
-            t0 = time.perf_counter()
-            prompts, want = [], []
-            for c in range(k):
-                for i in range(per_concept):
-                    h = heldout[c][i % len(heldout[c])]
-                    prompts.append(names[c] if kind == "train_captions" else h)
-                    want.append(c)
-            ctx = np.stack([gen.context(p) for p in prompts])
-            gen_imgs = gen.generate(
-                context=ctx,
-                num=len(ctx),
-                sampler=sampler,
-                steps=steps,
-                seed=seed,
-                guidance=guidance,
-                batch_size=64,
-            )
-            want = np.array(want)
-            logits, feats = judge_outputs(judge, gen_imgs)
-            row[kind] = {
-                "top1": topk_hits(logits, want, 1),
-                "top5": topk_hits(logits, want, 5),
-                "frechet": frechet_distance(feats, real_feats),
-                "seconds": time.perf_counter() - t0,
+        parsed = parse_setting(setting)
+        precision = parsed["precision"]
+        if precision not in gens:
+            gens[precision] = Generator(bundle, unet_precision=precision)
+        gen = gens[precision]
+        for g in guidances:
+            key = f"{setting}@g{g:g}"
+            row = {
+                **{k: parsed["kw"].get(k) for k in ("sampler", "steps", "eta")},
+                "guidance": g,
+                "precision": precision,
+                "cost": cost(setting, g, gen.schedule.timesteps),
             }
-            log(
-                f"{setting} {kind}: recognition@1 {row[kind]['top1']:.3f} @5 "
-                f"{row[kind]['top5']:.3f}, Fréchet {row[kind]['frechet']:.2f}"
-            )
-            row[kind]["_images"] = gen_imgs
-        report["settings"][setting] = row
+            for kind in ("train_captions", "heldout_paraphrases"):
+                t0 = time.perf_counter()
+                prompts, want = [], []
+                for c in range(k):
+                    for i in range(per_concept):
+                        h = heldout[c][i % len(heldout[c])]
+                        prompts.append(names[c] if kind == "train_captions" else h)
+                        want.append(c)
+                ctx = np.stack([gen.context(p) for p in prompts])
+                gen_imgs = gen.generate(
+                    context=ctx,
+                    num=len(ctx),
+                    seed=seed,
+                    guidance=g,
+                    batch_size=64,
+                    **{a: v for a, v in parsed["kw"].items() if v is not None},
+                )
+                want = np.array(want)
+                logits, feats = judge_outputs(judge, gen_imgs)
+                row[kind] = {
+                    "top1": topk_hits(logits, want, 1),
+                    "top5": topk_hits(logits, want, 5),
+                    "frechet": frechet_distance(feats, real_feats),
+                    "seconds": time.perf_counter() - t0,
+                }
+                row[kind]["top5_se"] = standard_error(row[kind]["top5"], len(want))
+                log(
+                    f"{key} {kind}: recognition@1 {row[kind]['top1']:.3f} @5 "
+                    f"{row[kind]['top5']:.3f}, Fréchet {row[kind]['frechet']:.2f}"
+                )
+                row[kind]["_images"] = gen_imgs
+            report["settings"][key] = row
+    if "ddpm@g1" in report["settings"]:
+        report["default"] = choose_default(report)
+        log(f"default by the rule: {report['default']}")
     return report
 
 
