@@ -1,17 +1,47 @@
-"""``ddpm-rt bench``: per-step U-Net latency and end-to-end generation time on this machine.
+"""``ddpm-rt bench``: ddpm-rt against the PyTorch way, side by side in one run.
 
-Speed targets live here, not in timed tests: figures are medians of repeated runs, and
-comparisons are made side by side within one run.
+Speed targets live here, not in timed tests: every figure is a median of repeated runs on
+this machine, and comparisons are ratios measured in the same run. Sections:
+
+1. the machine's fp32 peak, from a large ONNX Runtime MatMul (NumPy's BLAS reads far lower);
+2. the U-Net's FLOPs per image-step, counted from the graph;
+3. per-step latency and images/s at each batch size for torch eager, torch.compile (same
+   weights, parity-checked first), ddpm-rt fp32 and int8, with the fraction of the peak;
+4. end to end, one image at batch 1: the course's torch DDPM-500 loop vs ddpm-rt at its
+   default and at every sampler/step row of the evaluation grid;
+5. the sampler's own overhead per step (everything but the U-Net call);
+6. cold start (process start -> PNG on disk) and peak RSS of ``ddpm-rt --prompt`` at the
+   defaults vs a torch script doing the same with the same weights; torch never imported.
+
+Rows that need torch (``train`` extra) or onnx (``export`` extra) are skipped with the
+reason when those are missing. Never imports torch at module level.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
+from .config import GenerateConfig
 from .pipeline import Generator
+from .samplers import EVAL_GRID
+
+PROMPT = "red apple"
+
+
+def _prompt(gen: Generator) -> str:
+    """What to ask for: "red apple" for a text bundle, else its first label (or nothing)."""
+    if gen.text is not None:
+        return PROMPT
+    return (gen.bundle.label_names or [""])[0]
 
 
 def _time(fn, repeats: int, warmup: int = 3) -> np.ndarray:
@@ -25,67 +55,445 @@ def _time(fn, repeats: int, warmup: int = 3) -> np.ndarray:
     return out
 
 
-def run_bench(gen: Generator, batch_sizes=(1, 8, 16), repeats: int = 30) -> dict:
+def _need(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module), None
+    except ImportError as e:
+        return None, f"needs {e.name} (pip install 'ddpm-rt[{extra}]')"
+
+
+def peak_gflops(threads: int | None, n: int = 1024) -> tuple[float | None, str | None]:
+    """fp32 GFLOP/s of an n x n x n MatMul in ONNX Runtime (the machine's practical peak)."""
+    onnx, why = _need("onnx", "export")
+    if onnx is None:
+        return None, why
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    s = _time(lambda: sess.run(None, {"a": a, "b": a}), 10)
+    return 2 * n**3 / float(np.median(s)) / 1e9, None
+
+
+def unet_flops(onnx_bytes: bytes) -> tuple[float | None, str | None]:
+    """FLOPs per image-step (2 x multiply-adds of Conv, ConvTranspose, Gemm, MatMul)."""
+    onnx, why = _need("onnx", "export")
+    if onnx is None:
+        return None, why
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load_from_string(onnx_bytes)
+    for inp in model.graph.input:
+        dim = inp.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(numpy_helper.to_array(init).shape)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            w, out = shapes[node.input[1]], shapes[node.output[0]]
+            inp = shapes[node.input[0]]
+            if node.op_type == "Conv":  # w: (Cout, Cin/g, kh, kw)
+                total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+            else:  # w: (Cin, Cout/g, kh, kw), every input pixel scatters a kernel
+                total += 2 * int(np.prod(inp)) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, out = shapes[node.input[0]], shapes[node.output[0]]
+            total += 2 * int(np.prod(out)) * a[-1]
+    return float(total), None
+
+
+def _torch_model(gen: Generator, checkpoint):
+    """(torch module, torch_reference module, None) or (None, None, why not)."""
+    torch, why = _need("torch", "train")
+    if torch is None:
+        return None, None, why
+    ref, why = _need("ddpm_rt.training.torch_reference", "train,export")
+    if ref is None:
+        return None, None, why
+    try:
+        return ref.model_from_bundle(gen.bundle.path, checkpoint), ref, None
+    except Exception as e:  # a bundle without a recorded config, unmapped weights
+        return None, None, f"cannot rebuild the torch U-Net: {e}"
+
+
+def _torch_rows(gen: Generator, batch_sizes, repeats, model, compile_: bool, flops, peak):
+    import torch
+
+    from .tolerances import check
+
     c, h, w = gen.bundle.image_shape
     d = gen.bundle.context_dim
     rng = np.random.default_rng(0)
-    rows = []
-    t_mid = max(1, gen.schedule.timesteps // 2)
+    x = rng.standard_normal((8, c, h, w), dtype=np.float32)
+    ctx = rng.standard_normal((8, d)).astype(np.float32)
+    ctx /= np.linalg.norm(ctx, axis=1, keepdims=True)
+    t = max(1, gen.schedule.timesteps // 2)
+    with torch.no_grad():
+        want = model(
+            torch.from_numpy(x),
+            torch.full((8, 1), t / gen.schedule.timesteps),
+            torch.from_numpy(ctx),
+        ).numpy()
+    ok, excess = check("ort", "fp32", gen.eps(x, t, ctx), want)
+    if not ok:
+        return {"skipped": f"torch and ONNX Runtime disagree (excess {excess:.2e}): refused"}
+    rows = {"parity": "torch vs ddpm-rt fp32 within the tolerance table"}
+    variants = {"torch eager": model}
+    if not compile_:
+        rows["torch.compile"] = {"skipped": "not asked for (--no-compile)"}
+    else:
+        try:
+            variants["torch.compile"] = torch.compile(model)
+        except Exception as e:
+            rows["torch.compile"] = {"skipped": f"torch.compile unavailable: {e}"}
+    for name, net in variants.items():
+        out = []
+        for b in batch_sizes:
+            xb = torch.from_numpy(rng.standard_normal((b, c, h, w), dtype=np.float32))
+            tb = torch.full((b, 1), 0.5)
+            cb = torch.from_numpy(np.repeat(ctx[:1], b, axis=0))
+
+            def run(net=net, xb=xb, tb=tb, cb=cb):
+                with torch.no_grad():
+                    net(xb, tb, cb)
+
+            try:
+                s = _time(run, repeats, warmup=5)
+            except Exception as e:  # torch.compile needs a C++ toolchain at first call
+                out = {"skipped": f"{name} failed: {str(e).splitlines()[0][:120]}"}
+                break
+            out.append(_row(b, s, flops, peak))
+        rows[name] = out
+    return rows
+
+
+def _row(b: int, s: np.ndarray, flops, peak) -> dict:
+    med = float(np.median(s))
+    row = {
+        "batch": b,
+        "ms_per_step": 1e3 * med,
+        "p90_ms": 1e3 * float(np.percentile(s, 90)),
+        "images_per_s_per_step": b / med,
+    }
+    if flops and peak:
+        row["fraction_of_peak"] = flops * b / med / 1e9 / peak
+    return row
+
+
+def _ort_rows(gen: Generator, batch_sizes, repeats, flops, peak) -> list[dict]:
+    c, h, w = gen.bundle.image_shape
+    rng = np.random.default_rng(0)
+    ctx1 = gen.context(_prompt(gen))
+    out = []
+    t = max(1, gen.schedule.timesteps // 2)
     for b in batch_sizes:
         x = rng.standard_normal((b, c, h, w), dtype=np.float32)
-        ctx = np.zeros((b, d), dtype=np.float32)
-        s = _time(lambda x=x, ctx=ctx: gen.eps(x, t_mid, ctx), repeats)
-        rows.append(
-            {
-                "batch": b,
-                "unet_ms_median": 1e3 * float(np.median(s)),
-                "unet_ms_p90": 1e3 * float(np.percentile(s, 90)),
-                "images_per_s_per_step": b / float(np.median(s)),
+        ctx = np.repeat(ctx1[None].astype(np.float32), b, axis=0)
+        out.append(_row(b, _time(lambda x=x, ctx=ctx: gen.eps(x, t, ctx), repeats), flops, peak))
+    return out
+
+
+def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: int) -> dict:
+    ctx = gen.context(_prompt(gen))
+    rows = {}
+    settings = [("default", default)]
+    for name, steps, eta in EVAL_GRID:
+        if steps is None or steps <= gen.schedule.timesteps:
+            settings.append(
+                (
+                    f"{name}-{steps or gen.schedule.timesteps}"
+                    + (f" eta {eta:g}" if eta is not None else ""),
+                    GenerateConfig(sampler=name, steps=steps, eta=eta),
+                )
+            )
+    for label, cfg in settings:
+        s = _time(lambda cfg=cfg: gen.generate(context=ctx, config=cfg), repeats, warmup=1)
+        rows[label] = {"seconds": float(np.median(s)), "images_per_s": 1 / float(np.median(s))}
+    model, ref, why = torch_model
+    if model is None:
+        rows["torch course DDPM"] = {"skipped": why}
+        return rows
+    import torch
+
+    c = torch.from_numpy(ctx[None].astype(np.float32))
+    s = _time(lambda: ref.course_ddpm(model, c, gen.schedule), max(1, repeats), warmup=1)
+    base = float(np.median(s))
+    rows[f"torch course DDPM-{gen.schedule.timesteps}"] = {
+        "seconds": base,
+        "images_per_s": 1 / base,
+    }
+    for r in rows.values():
+        r["vs_torch_course"] = base / r["seconds"]
+    return rows
+
+
+def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
+    """Per step at batch 1: the whole step vs the U-Net call alone."""
+    ctx = gen.context(_prompt(gen))
+    from .samplers import make_sampler
+
+    n = len(make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
+    total = float(np.median(_time(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
+    c, h, w = gen.bundle.image_shape
+    x = np.zeros((1, c, h, w), np.float32)
+    c1 = ctx[None].astype(np.float32)
+    unet = float(np.median(_time(lambda: gen.eps(x, 1, c1, cfg.guidance), 5 * repeats)))
+    return {
+        "setting": f"{cfg.sampler}-{n} guidance {cfg.guidance:g}",
+        "step_ms": 1e3 * total,
+        "unet_ms": 1e3 * unet,
+        "overhead_fraction": max(0.0, 1 - unet / total),
+    }
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stderr of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])}… failed: {err.strip().splitlines()[-1:]}")
+    return wall, usage.ru_maxrss * 1024, err
+
+
+def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "a.png")
+        ours = [
+            sys.executable,
+            "-m",
+            "ddpm_rt.cli",
+            "--model",
+            str(gen.bundle.path),
+            "--prompt",
+            _prompt(gen),
+            "--out",
+            out,
+            "--force",
+            "--no-progress",
+        ]
+        runs = [_run_measured(ours) for _ in range(repeats)]
+        # torch never imported on this path: ask the interpreter itself
+        _, _, log = _run_measured([sys.executable, "-X", "importtime", *ours[1:]])
+        imported = {ln.split("|")[-1].strip() for ln in log.splitlines() if "|" in ln}
+        result = {
+            "ddpm_rt": {
+                "seconds": float(np.median([r[0] for r in runs])),
+                "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+                "torch_imported": any(m == "torch" or m.startswith("torch.") for m in imported),
             }
-        )
-    ctx1 = np.zeros(d, dtype=np.float32)
-    ends = {}
-    for sampler, steps in (("ddim", min(50, gen.schedule.timesteps)), ("ddpm", None)):
-        s = _time(
-            lambda sampler=sampler, steps=steps: gen.generate(
-                context=ctx1, sampler=sampler, steps=steps
-            ),
-            repeats=3,
-            warmup=1,
-        )
-        ends[f"{sampler}{steps or gen.schedule.timesteps}_s"] = float(np.median(s))
-    text = {}
-    if gen.text is not None:
+        }
+        if torch_why:
+            result["torch_script"] = {"skipped": torch_why}
+            return result
+        theirs = [
+            sys.executable,
+            "-m",
+            "ddpm_rt.training.torch_reference",
+            "--bundle",
+            str(gen.bundle.path),
+            "--prompt",
+            _prompt(gen),
+            "--out",
+            out,
+            "--sampler",
+            default.sampler,
+            "--guidance",
+            str(default.guidance),
+        ]
+        if default.steps:
+            theirs += ["--steps", str(default.steps)]
+        try:
+            runs = [_run_measured(theirs) for _ in range(repeats)]
+        except RuntimeError as e:
+            result["torch_script"] = {"skipped": str(e)}
+            return result
+        result["torch_script"] = {
+            "seconds": float(np.median([r[0] for r in runs])),
+            "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+        }
+        result["speedup"] = result["torch_script"]["seconds"] / result["ddpm_rt"]["seconds"]
+        return result
+
+
+def run_bench(
+    gen: Generator,
+    batch_sizes=(1, 8, 32),
+    repeats: int = 30,
+    checkpoint: str | None = None,
+    sections: tuple[str, ...] = ("unet", "e2e", "overhead", "cold", "text"),
+    compile_torch: bool = True,
+) -> dict:
+    default = GenerateConfig()
+    torch_model = (
+        _torch_model(gen, checkpoint)
+        if {"unet", "e2e", "cold"} & set(sections)
+        else (None, None, "not measured")
+    )
+    peak, peak_why = peak_gflops(gen.backend.threads)
+    flops, flops_why = unet_flops(gen.bundle.graph_bytes("unet"))
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "providers": gen.backend.providers,
+        "bundle_digest": gen.bundle.digest,
+        "prompt": _prompt(gen),
+        "peak_gflops": peak if peak else {"skipped": peak_why},
+        "unet_flops_per_image_step": flops if flops else {"skipped": flops_why},
+        "default": {
+            "sampler": default.sampler,
+            "steps": default.steps,
+            "guidance": default.guidance,
+            "unet_precision": gen.unet_precision,
+        },
+    }
+    if "unet" in sections:
+        rows = {}
+        for precision in gen.bundle.unet_precisions:
+            g = (
+                gen
+                if precision == gen.unet_precision
+                else Generator(
+                    gen.bundle,
+                    providers=gen.backend.providers,
+                    unet_precision=precision,
+                    threads=gen.backend.threads,
+                )
+            )
+            rows[f"ddpm-rt {precision}"] = _ort_rows(g, batch_sizes, repeats, flops, peak)
+        if torch_model[0] is None:
+            rows["torch"] = {"skipped": torch_model[2]}
+        else:
+            rows.update(
+                _torch_rows(gen, batch_sizes, repeats, torch_model[0], compile_torch, flops, peak)
+            )
+        result["unet_per_step"] = rows
+    if "e2e" in sections:
+        result["end_to_end_1_image"] = _end_to_end(gen, default, torch_model, max(3, repeats // 10))
+    if "overhead" in sections:
+        result["sampler_overhead"] = _overhead(gen, default, max(5, repeats // 3))
+    if "cold" in sections:
+        result["cold_start"] = _cold_start(gen, default, 3, torch_model[2])
+    if "text" in sections and gen.text is not None:
         from .text import tokenize
 
         ids, mask, _ = tokenize(
             gen.text.tokenizer, "a small red apple on a plain background", gen.text.max_tokens
         )
+        text = {}
         for precision, graph in gen.bundle.conditioning["text"]["graphs"].items():
             feeds = {"input_ids": ids, "attention_mask": mask}
             s = _time(lambda graph=graph, feeds=feeds: gen.backend.run(graph, feeds), repeats)
             text[precision] = 1e3 * float(np.median(s))
-    return {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "providers": gen.backend.providers,
-        "unet": rows,
-        "generate_1_image": ends,
-        "text_encoder_ms_per_prompt": text,
-    }
+        result["text_encoder_ms_per_prompt"] = text
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def format_bench(r: dict) -> str:
     lines = [
-        f"machine {r['machine']}, providers {','.join(r['providers'])}",
-        "batch  unet ms (median)  p90     images/s per step",
+        f"machine: {r['cpu']} ({r['cores']} cores), onnxruntime {r['onnxruntime']}, "
+        f"providers {','.join(r['providers'])}",
     ]
-    for row in r["unet"]:
-        lines.append(
-            f"{row['batch']:>5}  {row['unet_ms_median']:>16.2f}  "
-            f"{row['unet_ms_p90']:>6.2f}  {row['images_per_s_per_step']:>10.0f}"
+    peak, flops = r["peak_gflops"], r["unet_flops_per_image_step"]
+    lines.append(
+        "fp32 peak (ORT MatMul 1024^3): "
+        + (f"{peak:.0f} GFLOP/s" if isinstance(peak, float) else f"skipped: {peak['skipped']}")
+    )
+    lines.append(
+        "U-Net FLOPs per image-step: "
+        + (
+            f"{flops / 1e9:.3f} GFLOP"
+            if isinstance(flops, float)
+            else f"skipped: {flops['skipped']}"
         )
-    for k, v in r["generate_1_image"].items():
-        lines.append(f"generate 1 image, {k[:-2]}: {v:.2f} s")
+    )
+    d = r["default"]
+    lines.append(
+        f"defaults: {d['sampler']} {d['steps'] or 'all'} steps, guidance {d['guidance']:g}, "
+        f"U-Net {d['unet_precision']}"
+    )
+    if "unet_per_step" in r:
+        lines += ["", "U-Net per step        batch   ms (median)   p90   images/s   of peak"]
+        for name, rows in r["unet_per_step"].items():
+            if isinstance(rows, str):
+                lines.append(f"{name}: {rows}")
+            elif isinstance(rows, dict):
+                lines.append(f"{name:<20} skipped: {rows['skipped']}")
+            else:
+                for row in rows:
+                    frac = row.get("fraction_of_peak")
+                    lines.append(
+                        f"{name:<20} {row['batch']:>5}  {row['ms_per_step']:>12.2f}  "
+                        f"{row['p90_ms']:>5.2f}  {row['images_per_s_per_step']:>9.0f}  "
+                        + (f"{100 * frac:>6.0f} %" if frac is not None else "")
+                    )
+    if "end_to_end_1_image" in r:
+        lines += ["", "one image, batch 1           seconds   images/s   vs torch course DDPM"]
+        for name, row in r["end_to_end_1_image"].items():
+            if "skipped" in row:
+                lines.append(f"{name:<28} skipped: {row['skipped']}")
+                continue
+            vs = row.get("vs_torch_course")
+            lines.append(
+                f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
+                + (f"{vs:>8.1f}x" if vs else "")
+            )
+    if "sampler_overhead" in r:
+        o = r["sampler_overhead"]
+        lines.append(
+            f"\nsampler overhead ({o['setting']}, batch 1): step {o['step_ms']:.3f} ms, U-Net "
+            f"{o['unet_ms']:.3f} ms -> {100 * o['overhead_fraction']:.1f} % of a step"
+        )
+    if "cold_start" in r:
+        cs = r["cold_start"]
+        ours = cs["ddpm_rt"]
+        lines.append(
+            f'\ncold start `ddpm-rt --prompt "{r["prompt"]}"` (defaults): {ours["seconds"]:.2f} s, '
+            f"peak RSS {ours['peak_rss_mb']:.0f} MB, torch imported: {ours['torch_imported']}"
+        )
+        ts = cs["torch_script"]
+        if "skipped" in ts:
+            lines.append(f"torch script: skipped: {ts['skipped']}")
+        else:
+            lines.append(
+                f"torch script, same weights and settings: {ts['seconds']:.2f} s, peak RSS "
+                f"{ts['peak_rss_mb']:.0f} MB -> ddpm-rt {cs['speedup']:.1f}x faster"
+            )
     for k, v in r.get("text_encoder_ms_per_prompt", {}).items():
         lines.append(f"text encoder {k}: {v:.2f} ms per prompt (10 tokens, uncached)")
     return "\n".join(lines)

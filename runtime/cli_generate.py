@@ -18,6 +18,7 @@ from .errors import InputError
 from .samplers import SAMPLERS, SPACINGS
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+SECTIONS = ("unet", "e2e", "overhead", "cold", "text")
 
 
 def default_model() -> Path:
@@ -178,12 +179,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for s in sizes:
         check_int("--batch-sizes entry", s, 1, MAX_BATCH_SIZE)
     check_int("--repeats", args.repeats, 1, 10_000)
+    sections = tuple(x.strip() for x in args.sections.split(","))
+    bad = sorted(set(sections) - set(SECTIONS))
+    if bad:
+        raise InputError(
+            f"unknown --sections {', '.join(bad)} (choose from: {', '.join(SECTIONS)})"
+        )
+    if args.checkpoint and not (Path(args.checkpoint) / "model.safetensors").is_file():
+        raise InputError(f"--checkpoint {args.checkpoint} is not a checkpoint folder")
     if args.json:
         check_writable(Path(args.json), force=args.force)
     gen = Generator(
-        args.bundle or default_model(), providers=_providers(args), expected_digest=_digest(args)
+        args.bundle or default_model(),
+        providers=_providers(args),
+        expected_digest=_digest(args),
+        threads=args.threads,
     )
-    result = run_bench(gen, sizes, args.repeats)
+    result = run_bench(gen, sizes, args.repeats, args.checkpoint, sections, not args.no_compile)
     print(format_bench(result))
     if args.json:
         atomic_write(Path(args.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
@@ -246,7 +258,15 @@ def add_generate_parsers(sub, common) -> None:
 
     bn = sub.add_parser("bench", help="U-Net latency per step and generation time")
     bn.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
-    bn.add_argument("--batch-sizes", default="1,8,16")
+    bn.add_argument("--batch-sizes", default="1,8,32")
+    bn.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"what to measure (default all: {','.join(SECTIONS)})",
+    )
+    bn.add_argument("--checkpoint", help="torch rows: load weights from this checkpoint")
+    bn.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    bn.add_argument("--threads", type=int, help="ONNX Runtime threads")
     bn.add_argument("--repeats", type=int, default=30)
     bn.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
     bn.add_argument("--json", help="also write the figures to this JSON file")

@@ -209,6 +209,17 @@ DEFAULT_STEPS = 50  # for the few-step samplers when steps is not given
 
 Sampler = DDPMSampler | DDIMSampler | DPMSolverPP2M
 
+# The evaluation grid (sampler, steps, eta) that `ddpm-rt eval --settings full` judges and
+# `ddpm-rt bench` times: DDPM-500, DDIM eta 0 and 1, DPM-Solver++(2M) and its SDE variant.
+EVAL_STEPS = (8, 10, 15, 20, 25, 50)
+EVAL_GRID: tuple[tuple[str, int | None, float | None], ...] = (
+    ("ddpm", None, None),
+    *(("ddim", n, 0.0) for n in EVAL_STEPS),
+    *(("ddim", n, 1.0) for n in EVAL_STEPS),
+    *(("dpm++2m", n, None) for n in EVAL_STEPS),
+    *(("dpm++2m-sde", n, None) for n in EVAL_STEPS),
+)
+
 
 def make_sampler(
     name: str,

@@ -21,19 +21,15 @@ import torch
 from ddpm_rt.errors import InputError
 from ddpm_rt.fileio import atomic_write
 from ddpm_rt.pipeline import Generator
+from ddpm_rt.samplers import EVAL_GRID
 
 from .judge import frechet_distance, judge_outputs, topk_hits, train_judge
 
 DEFAULT_SETTINGS: tuple[str, ...] = ("ddpm", "ddim:50", "ddim:25")
-STEP_GRID = (8, 10, 15, 20, 25, 50)
-# The speed issue's grid: DDPM-500, then DDIM eta 0 and 1, DPM-Solver++(2M) and its SDE
-# variant at each step count.
-FULL_GRID: tuple[str, ...] = (
-    "ddpm",
-    *(f"ddim:{n}:0" for n in STEP_GRID),
-    *(f"ddim:{n}:1" for n in STEP_GRID),
-    *(f"dpm++2m:{n}" for n in STEP_GRID),
-    *(f"dpm++2m-sde:{n}" for n in STEP_GRID),
+# The speed issue's grid (ddpm_rt.samplers.EVAL_GRID) as setting strings.
+FULL_GRID: tuple[str, ...] = tuple(
+    name if steps is None else f"{name}:{steps}" + ("" if eta is None else f":{eta:g}")
+    for name, steps, eta in EVAL_GRID
 )
 
 
