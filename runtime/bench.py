@@ -88,36 +88,37 @@ def peak_gflops(threads: int | None, n: int = 1024) -> tuple[float | None, str |
     return 2 * n**3 / float(np.median(s)) / 1e9, None
 
 
-def unet_flops(onnx_bytes: bytes) -> tuple[float | None, str | None]:
-    """FLOPs per image-step (2 x multiply-adds of Conv, ConvTranspose, Gemm, MatMul)."""
+def unet_flops(onnx_bytes: bytes, feeds: dict) -> tuple[float | None, str | None]:
+    """FLOPs per image-step: 2 x the multiply-adds of Conv, ConvTranspose, Gemm and MatMul,
+    from the real tensor shapes of one run at batch 1 (the graph's own shape inference loses
+    dimensions after GroupNorm's reshapes)."""
     onnx, why = _need("onnx", "export")
     if onnx is None:
         return None, why
-    from onnx import numpy_helper, shape_inference
+    from onnx import helper, numpy_helper
 
     model = onnx.load_from_string(onnx_bytes)
-    for inp in model.graph.input:
-        dim = inp.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_param")
-        dim.dim_value = 1
-    model = shape_inference.infer_shapes(model)
-    shapes = {}
-    for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(numpy_helper.to_array(init).shape)
+    inits = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
+    nodes = [
+        n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    ]
+    wanted = {name for n in nodes for name in (n.input[0], n.output[0])}
+    wanted -= {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for name in sorted(wanted):
+        model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    shapes = {**{k: v.shape for k, v in outs.items()}, **{k: v.shape for k, v in feeds.items()}}
     total = 0
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w, out = shapes[node.input[1]], shapes[node.output[0]]
-            inp = shapes[node.input[0]]
-            if node.op_type == "Conv":  # w: (Cout, Cin/g, kh, kw)
-                total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
-            else:  # w: (Cin, Cout/g, kh, kw), every input pixel scatters a kernel
-                total += 2 * int(np.prod(inp)) * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul"):
-            a, out = shapes[node.input[0]], shapes[node.output[0]]
-            total += 2 * int(np.prod(out)) * a[-1]
+    for n in nodes:
+        w = inits.get(n.input[1]) or shapes.get(n.input[1])
+        inp, out = shapes[n.input[0]], shapes[n.output[0]]
+        if n.op_type == "Conv":  # w: (Cout, Cin/groups, kh, kw)
+            total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+        elif n.op_type == "ConvTranspose":  # w: (Cin, Cout/groups, kh, kw)
+            total += 2 * int(np.prod(inp)) * int(np.prod(w[1:]))
+        else:  # (..., K) x (K, N)
+            total += 2 * int(np.prod(out)) * inp[-1]
     return float(total), None
 
 
@@ -354,7 +355,13 @@ def run_bench(
         else (None, None, "not measured")
     )
     peak, peak_why = peak_gflops(gen.backend.threads)
-    flops, flops_why = unet_flops(gen.bundle.graph_bytes("unet"))
+    c, h, w = gen.bundle.image_shape
+    one = {
+        "x": np.zeros((1, c, h, w), np.float32),
+        "t": np.full((1, 1), 0.5, np.float32),
+        "c": gen.context(_prompt(gen))[None].astype(np.float32),
+    }
+    flops, flops_why = unet_flops(gen.bundle.graph_bytes("unet"), one)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu": _cpu_name(),
