@@ -1,6 +1,6 @@
 """Print an `ddpm-rt eval --json` report as the model card's markdown table.
 
-    python scripts/eval_table.py runs/eval_grid.json
+python scripts/eval_table.py runs/eval_grid.json
 """
 
 from __future__ import annotations

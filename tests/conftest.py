@@ -148,3 +148,9 @@ class CountingBackend:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_ort_cache(tmp_path_factory):
+    """Tests (and the CLI processes they start) use their own optimised-graph cache."""
+    os.environ["DDPM_RT_CACHE"] = str(tmp_path_factory.mktemp("ort_cache"))

@@ -542,3 +542,19 @@ def test_bench_runs_on_a_bundle_with_few_timesteps(tmp_path):
 def test_every_error_is_a_project_error():
     for cls in (BundleError, BackendError, InputError, NumericalError):
         assert issubclass(cls, DdpmRtError)
+
+
+def test_optimised_graph_cache_is_keyed_checked_and_exact(good, tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path / "cache"))
+    first = Generator(good).generate("thing 1", **GEN)
+    entries = sorted((tmp_path / "cache" / "ort").glob("*.onnx"))
+    assert len(entries) == 1  # the U-Net (a label bundle has no text encoder)
+    second = Generator(good).generate("thing 1", **GEN)  # from the cache
+    np.testing.assert_array_equal(first, second)
+    entries[0].write_bytes(entries[0].read_bytes()[:-8] + b"tampered")  # ignored, rewritten
+    np.testing.assert_array_equal(Generator(good).generate("thing 1", **GEN), first)
+    data = bytearray((good / "unet.onnx").read_bytes())  # the bundle is still verified
+    data[len(data) // 2] ^= 1
+    (good / "unet.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Generator(good)

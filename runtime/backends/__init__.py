@@ -27,5 +27,9 @@ def make_backend(
             specs=bundle.graphs,
             providers=providers,
             threads=threads,
+            hashes={
+                g: bundle.manifest["files"][spec.file]["sha256"]
+                for g, spec in bundle.graphs.items()
+            },
         )
     raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")

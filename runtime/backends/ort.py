@@ -8,10 +8,12 @@ import threading
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .. import ort_cache
 from ..errors import BackendError, InputError, first_line
 from ..io_spec import ORT_TYPES, GraphIO, TensorSpec
 
@@ -48,6 +50,7 @@ class OrtBackend:
         specs: dict[str, GraphIO] | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
+        hashes: dict[str, str] | None = None,
     ):
         """``graphs`` maps graph names to functions opening the verified ONNX graph (a context
         manager yielding a path to the verified open file, or the bytes);
@@ -73,6 +76,7 @@ class OrtBackend:
         self.specs = dict(specs or {})
         self.providers = providers
         self.threads = threads
+        self.hashes = dict(hashes or {})
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()  # sessions are created once, then shared by threads
 
@@ -95,14 +99,20 @@ class OrtBackend:
         opts.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA
         )
-        with self.graphs[graph]() as source:
-            try:
-                sess = ort.InferenceSession(source, sess_options=opts, providers=self.providers)
-            except Exception as e:  # ORT raises its own untyped errors
-                msg = first_line(e)
-                if "xternal data" in msg:
-                    msg = "it refers to external data files, which bundles may not use"
-                raise BackendError(f"ONNX Runtime cannot load graph {graph!r}: {msg}") from None
+        sha = self.hashes.get(graph)
+        cacheable = sha and self.providers == ["CPUExecutionProvider"] and ort_cache.enabled()
+        with self.graphs[graph]() as source, tempfile.TemporaryDirectory() as tmp:
+            # the bundle's graph is verified (hashed) even when its optimised form is cached
+            cached = ort_cache.lookup(sha, self.providers) if cacheable else None
+            if cached:  # the optimised form of the graph with this verified sha256
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                sess = self._session(graph, cached, opts)
+            else:
+                if cacheable:
+                    opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
+                sess = self._session(graph, source, opts)
+                if cacheable and os.path.exists(opts.optimized_model_filepath):
+                    ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
         spec = self.specs.get(graph)
         if spec is not None:
             why = spec.mismatch(live_spec(graph, sess))
@@ -111,6 +121,15 @@ class OrtBackend:
                     f"graph {graph!r} ({spec.file}) does not match the bundle's I/O spec: {why}"
                 )
         return sess
+
+    def _session(self, graph: str, source, opts) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(source, sess_options=opts, providers=self.providers)
+        except Exception as e:  # ORT raises its own untyped errors
+            msg = first_line(e)
+            if "xternal data" in msg:
+                msg = "it refers to external data files, which bundles may not use"
+            raise BackendError(f"ONNX Runtime cannot load graph {graph!r}: {msg}") from None
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session(graph)
