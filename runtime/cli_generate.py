@@ -213,8 +213,12 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
-    g.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: ddpm)")
-    g.add_argument("--steps", type=int, help="sampling steps (ddpm: all T; others: default 50)")
+    g.add_argument(
+        "--sampler", choices=list(SAMPLERS), help="sampler (default: dpm++2m-sde, 10 steps)"
+    )
+    g.add_argument(
+        "--steps", type=int, help="sampling steps (ddpm: all T; ddim: 50; dpm++2m[-sde]: 10)"
+    )
     g.add_argument(
         "--spacing", choices=list(SPACINGS), help="few-step samplers' timesteps (default time)"
     )

@@ -89,6 +89,12 @@ def test_eval_runs_end_to_end(emoji_dir, tiny_text, tmp_path):
     )
     assert r["settings"]["dpm++2m-sde:3@g2"]["cost"] == 6
     assert r["default"]["setting"] in r["settings"]
+    from ddpm_rt.training.evaluate import save_report
+
+    save_report(r, tmp_path / "report.json")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert "_images" not in saved["settings"]["ddpm@g1"]["train_captions"]
+    assert saved["default"]["setting"] == r["default"]["setting"]
     row = r["settings"]["ddim:3:0@g1"]
     for kind in ("train_captions", "heldout_paraphrases"):
         assert 0 <= row[kind]["top1"] <= row[kind]["top5"] <= 1

@@ -199,5 +199,6 @@ def save_report(report: dict, path: Path) -> None:
     clean = json.loads(json.dumps(report, default=lambda o: None))
     for row in clean.get("settings", {}).values():
         for v in row.values():
-            v.pop("_images", None)
+            if isinstance(v, dict):
+                v.pop("_images", None)
     atomic_write(path, lambda f: f.write((json.dumps(clean, indent=2) + "\n").encode()))
