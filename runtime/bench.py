@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from .config import GenerateConfig
 from .pipeline import Generator
-from .samplers import EVAL_GRID
+from .samplers import EVAL_GRID, make_sampler
 
 PROMPT = "red apple"
 
@@ -187,7 +187,7 @@ def _torch_rows(gen: Generator, batch_sizes, repeats, model, compile_: bool, flo
     return rows
 
 
-def _row(b: int, s: np.ndarray, flops, peak) -> dict:
+def _row(b: int, s: np.ndarray, flops, peak, fp32: bool = True) -> dict:
     med = float(np.median(s))
     row = {
         "batch": b,
@@ -195,12 +195,13 @@ def _row(b: int, s: np.ndarray, flops, peak) -> dict:
         "p90_ms": 1e3 * float(np.percentile(s, 90)),
         "images_per_s_per_step": b / med,
     }
-    if flops and peak:
+    if flops and peak and fp32:  # an int8 graph is not bound by the fp32 peak
         row["fraction_of_peak"] = flops * b / med / 1e9 / peak
     return row
 
 
 def _ort_rows(gen: Generator, batch_sizes, repeats, flops, peak) -> list[dict]:
+    fp32 = gen.unet_precision == "fp32"
     c, h, w = gen.bundle.image_shape
     rng = np.random.default_rng(0)
     ctx1 = gen.context(_prompt(gen))
@@ -209,7 +210,8 @@ def _ort_rows(gen: Generator, batch_sizes, repeats, flops, peak) -> list[dict]:
     for b in batch_sizes:
         x = rng.standard_normal((b, c, h, w), dtype=np.float32)
         ctx = np.repeat(ctx1[None].astype(np.float32), b, axis=0)
-        out.append(_row(b, _time(lambda x=x, ctx=ctx: gen.eps(x, t, ctx), repeats), flops, peak))
+        s = _time(lambda x=x, ctx=ctx: gen.eps(x, t, ctx), repeats)
+        out.append(_row(b, s, flops, peak, fp32))
     return out
 
 
@@ -250,7 +252,6 @@ def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: i
 def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     """Per step at batch 1: the whole step vs the U-Net call alone."""
     ctx = gen.context(_prompt(gen))
-    from .samplers import make_sampler
 
     n = len(make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
     total = float(np.median(_time(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
@@ -266,8 +267,31 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     }
 
 
-def _run_measured(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (bytes) and stderr of one child process."""
+# Runs a module as ``python -m`` would, then reports the process's own peak RSS (VmHWM).
+# (wait4's ru_maxrss of a child started from this process counts the parent's pages it
+# shared between fork and exec: hundreds of MB once torch is loaded here.)
+_WRAP = """
+import os, runpy, sys
+mod = sys.argv[1]
+sys.argv = [mod, *sys.argv[2:]]
+try:
+    runpy.run_module(mod, run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+try:
+    with open("/proc/self/status") as f:
+        hwm = next(ln for ln in f if ln.startswith("VmHWM")).split()[1]
+    os.write(2, ("\\nVMHWM_KB " + hwm + "\\n").encode())
+except (OSError, StopIteration):
+    pass
+sys.exit(code)
+"""
+
+
+def _run_measured(module: str, args: list[str], extra: tuple[str, ...] = ()) -> tuple:
+    """Wall seconds, peak RSS (bytes) and stderr of ``python -m module args`` as a child."""
+    cmd = [sys.executable, *extra, "-c", _WRAP, module, *args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -276,17 +300,16 @@ def _run_measured(cmd: list[str]) -> tuple[float, int, str]:
     proc.stderr.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:4])}… failed: {err.strip().splitlines()[-1:]}")
-    return wall, usage.ru_maxrss * 1024, err
+        raise RuntimeError(f"{module} failed: {err.strip().splitlines()[-1:]}")
+    hwm = [ln.split()[1] for ln in err.splitlines() if ln.startswith("VMHWM_KB ")]
+    rss = int(hwm[-1]) * 1024 if hwm else usage.ru_maxrss * 1024
+    return wall, rss, err
 
 
 def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "a.png")
         ours = [
-            sys.executable,
-            "-m",
-            "ddpm_rt.cli",
             "--model",
             str(gen.bundle.path),
             "--prompt",
@@ -296,9 +319,10 @@ def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why
             "--force",
             "--no-progress",
         ]
-        runs = [_run_measured(ours) for _ in range(repeats)]
+        _run_measured("ddpm_rt.cli", ours)  # a first run fills the optimised-graph cache
+        runs = [_run_measured("ddpm_rt.cli", ours) for _ in range(repeats)]
         # torch never imported on this path: ask the interpreter itself
-        _, _, log = _run_measured([sys.executable, "-X", "importtime", *ours[1:]])
+        _, _, log = _run_measured("ddpm_rt.cli", ours, ("-X", "importtime"))
         imported = {ln.split("|")[-1].strip() for ln in log.splitlines() if "|" in ln}
         result = {
             "ddpm_rt": {
@@ -311,9 +335,6 @@ def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why
             result["torch_script"] = {"skipped": torch_why}
             return result
         theirs = [
-            sys.executable,
-            "-m",
-            "ddpm_rt.training.torch_reference",
             "--bundle",
             str(gen.bundle.path),
             "--prompt",
@@ -328,7 +349,9 @@ def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why
         if default.steps:
             theirs += ["--steps", str(default.steps)]
         try:
-            runs = [_run_measured(theirs) for _ in range(repeats)]
+            runs = [
+                _run_measured("ddpm_rt.training.torch_reference", theirs) for _ in range(repeats)
+            ]
         except RuntimeError as e:
             result["torch_script"] = {"skipped": str(e)}
             return result
@@ -374,7 +397,11 @@ def run_bench(
         "unet_flops_per_image_step": flops if flops else {"skipped": flops_why},
         "default": {
             "sampler": default.sampler,
-            "steps": default.steps,
+            "steps": len(
+                make_sampler(
+                    default.sampler, gen.schedule, default.steps, default.eta, default.spacing
+                ).timesteps
+            ),
             "guidance": default.guidance,
             "unet_precision": gen.unet_precision,
         },
@@ -451,11 +478,11 @@ def format_bench(r: dict) -> str:
     )
     d = r["default"]
     lines.append(
-        f"defaults: {d['sampler']} {d['steps'] or 'all'} steps, guidance {d['guidance']:g}, "
+        f"defaults: {d['sampler']} {d['steps']} steps, guidance {d['guidance']:g}, "
         f"U-Net {d['unet_precision']}"
     )
     if "unet_per_step" in r:
-        lines += ["", "U-Net per step        batch   ms (median)   p90   images/s   of peak"]
+        lines += ["", "U-Net per step        batch   ms (median)   p90   images/s   of fp32 peak"]
         for name, rows in r["unet_per_step"].items():
             if isinstance(rows, str):
                 lines.append(f"{name}: {rows}")

@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts if len(prompts) > 1 else prompts[0],
         negative_prompt=args.negative_prompt,
         config=cfg,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),  # a bar only for a person
     )
     save_png(out, images, scale=args.scale, ncols=ncols)
     print(

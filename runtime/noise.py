@@ -50,10 +50,18 @@ def box_muller(words: np.ndarray) -> np.ndarray:
 class ImageNoise:
     """The sampler's noise source for a batch of images: row k of every draw comes from the
     stream of image ``indices[k]``. Implements ``standard_normal(shape, dtype)`` as the
-    samplers' contract expects; per-call state, never shared between calls or threads."""
+    samplers' contract expects; per-call state, never shared between calls or threads.
 
-    def __init__(self, seed: int, indices):
+    Normals are made ahead in blocks of several draws (at most ``draws`` -- the run's count,
+    when the caller knows it -- and about ``block_bytes`` of output), one vectorised
+    Box-Muller per block: the streams are read in order either way, so the values are the
+    same, and a few-step run pays for its transcendental functions once, not per step."""
+
+    def __init__(self, seed: int, indices, draws: int = 64, block_bytes: int = 1 << 20):
         self._streams = [np.random.Philox(key=[int(seed), int(i)]) for i in indices]
+        self._draws, self._block_bytes = max(1, draws), block_bytes
+        self._ready = np.empty((len(self._streams), 0), dtype=np.float32)
+        self._used = 0
 
     def standard_normal(self, shape, dtype=np.float32) -> np.ndarray:
         b, *rest = shape
@@ -62,5 +70,11 @@ class ImageNoise:
         n = int(np.prod(rest))
         if n % 2:
             raise ValueError("a draw must hold an even number of values")
-        words = np.stack([s.random_raw(n) for s in self._streams])
-        return box_muller(words).reshape(shape)
+        if self._used + n > self._ready.shape[1]:
+            draws = max(1, min(self._draws, self._block_bytes // (4 * n * max(1, b))))
+            words = np.stack([s.random_raw(n * draws) for s in self._streams])
+            self._ready = np.concatenate([self._ready[:, self._used :], box_muller(words)], 1)
+            self._used = 0
+        out = self._ready[:, self._used : self._used + n]
+        self._used += n
+        return out.reshape(shape)

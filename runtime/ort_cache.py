@@ -10,8 +10,9 @@ untrusted): ``$DDPM_RT_CACHE`` or ``$XDG_CACHE_HOME/ddpm-rt`` or ``~/.cache/ddpm
 ``ort/``. An entry is keyed by the sha256 of the verified ONNX graph, the ONNX Runtime
 version, the providers and this CPU (ONNX Runtime's fully optimised graphs may use layouts
 specific to the CPU they were made on), and a JSON beside it records how it was made and the
-sha256 of the optimised graph, which is checked before every use: an entry that does not
-match is ignored and rewritten. The bundle's own graph is still verified on every load.
+sha256, inode, size and mtime of the optimised graph; an entry whose file changed since it
+was written, or that fails to load, is ignored and rewritten. (The cache is the user's own
+output, like any file they write; the bundle's graph is still verified on every load.)
 Only CPU-only sessions are cached. Writes are atomic; a folder that cannot be written just
 means no cache. ``DDPM_RT_NO_CACHE=1`` turns it off.
 """
@@ -62,17 +63,29 @@ def entry(graph_sha256: str, providers: list[str]) -> tuple[Path, dict]:
     return cache_root() / "ort" / f"{key}.onnx", meta
 
 
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 def lookup(graph_sha256: str, providers: list[str]) -> str | None:
-    """The cached optimised graph's path, if present and intact."""
+    """The cached optimised graph's path, if present and unchanged since it was written
+    (inode, size and mtime as recorded: hashing it again would cost what the cache saves)."""
     path, meta = entry(graph_sha256, providers)
     try:
         recorded = json.loads(path.with_suffix(".json").read_text())
-        data = path.read_bytes()
+        if recorded.get("key") != meta or recorded.get("stamp") != _stamp(path):
+            return None
     except (OSError, ValueError):
         return None
-    if recorded.get("key") != meta or recorded.get("sha256") != hashlib.sha256(data).hexdigest():
-        return None
     return str(path)
+
+
+def discard(graph_sha256: str, providers: list[str]) -> None:
+    """Remove an entry that failed to load."""
+    path, _ = entry(graph_sha256, providers)
+    for p in (path, path.with_suffix(".json")):
+        p.unlink(missing_ok=True)
 
 
 def store(graph_sha256: str, providers: list[str], optimised: Path) -> None:
@@ -82,7 +95,11 @@ def store(graph_sha256: str, providers: list[str], optimised: Path) -> None:
         data = optimised.read_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: f.write(data))
-        record = {"key": meta, "sha256": hashlib.sha256(data).hexdigest()}
+        record = {
+            "key": meta,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "stamp": _stamp(path),
+        }
         atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
     except Exception:  # no cache is never an error
         return

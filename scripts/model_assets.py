@@ -1,6 +1,7 @@
 """Make the shipped model's card assets: loss curve and a sample grid for a dozen prompts.
 
 python scripts/model_assets.py CHECKPOINT BUNDLE OUT_DIR
+python scripts/model_assets.py BUNDLE OUT_DIR        # the sample grid only
 """
 
 from __future__ import annotations
@@ -60,19 +61,19 @@ def loss_curve(metrics: Path, out: Path, w: int = 640, h: int = 360, pad: int = 
 
 def sample_grid(bundle: Path, out: Path, per_prompt: int = 6) -> None:
     gen = Generator(bundle)
-    rows = [
-        gen.generate(p, num=per_prompt, seed=1, sampler="ddpm", batch_size=per_prompt)
-        for p in PROMPTS
-    ]
-    grid = make_grid(np.concatenate(rows), ncols=per_prompt)
+    images = gen.generate(PROMPTS, num=per_prompt, seed=1)  # the defaults; a row per prompt
+    grid = make_grid(images, ncols=per_prompt)
     Image.fromarray(grid).resize(
         (grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST
     ).save(out)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3:  # BUNDLE OUT_DIR: the sample grid only
+        sys.argv.insert(1, "")
     ckpt, bundle, out = (Path(a) for a in sys.argv[1:4])
     out.mkdir(parents=True, exist_ok=True)
-    loss_curve(ckpt / "metrics.jsonl", out / "loss_curve.png")
+    if str(ckpt) not in ("", "."):
+        loss_curve(ckpt / "metrics.jsonl", out / "loss_curve.png")
     sample_grid(bundle, out / "samples.png")
     print(f"wrote {out / 'loss_curve.png'} and {out / 'samples.png'} (rows: {', '.join(PROMPTS)})")

@@ -25,6 +25,17 @@ _NO_EXTERNAL_DATA = os.path.join(tempfile.gettempdir(), f"ddpm-rt-no-external-da
 _DTYPE_OF = {v: k for k, v in ORT_TYPES.items()}
 
 
+def _options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA
+    )
+    return opts
+
+
 def live_spec(name: str, sess: ort.InferenceSession) -> GraphIO:
     """The I/O of a loaded session, in the bundle's spec terms (dynamic dims as '?')."""
 
@@ -92,22 +103,21 @@ class OrtBackend:
     def _create(self, graph: str) -> ort.InferenceSession:
         if graph not in self.graphs:
             raise BackendError(f"no graph {graph!r} (have: {', '.join(self.graphs)})")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only; warnings would drown the progress bar
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        opts.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", _NO_EXTERNAL_DATA
-        )
+        opts = _options(self.threads)
         sha = self.hashes.get(graph)
         cacheable = sha and self.providers == ["CPUExecutionProvider"] and ort_cache.enabled()
         with self.graphs[graph]() as source, tempfile.TemporaryDirectory() as tmp:
             # the bundle's graph is verified (hashed) even when its optimised form is cached
             cached = ort_cache.lookup(sha, self.providers) if cacheable else None
+            sess = None
             if cached:  # the optimised form of the graph with this verified sha256
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                sess = self._session(graph, cached, opts)
-            else:
+                fast = _options(self.threads)
+                fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                try:
+                    sess = self._session(graph, cached, fast)
+                except BackendError:  # a damaged entry: drop it, load the bundle's graph
+                    ort_cache.discard(sha, self.providers)
+            if sess is None:
                 if cacheable:
                     opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
                 sess = self._session(graph, source, opts)
