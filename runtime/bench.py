@@ -430,7 +430,12 @@ def run_bench(
     if "e2e" in sections:
         result["end_to_end_1_image"] = _end_to_end(gen, default, torch_model, max(3, repeats // 10))
     if "overhead" in sections:
-        result["sampler_overhead"] = _overhead(gen, default, max(5, repeats // 3))
+        # the default run (per-call setup amortised over its few steps) and the seed's
+        # DDPM-500 (the per-step cost alone)
+        result["sampler_overhead"] = [
+            _overhead(gen, default, max(5, repeats // 3)),
+            _overhead(gen, GenerateConfig(sampler="ddpm"), 3),
+        ]
     if "cold" in sections:
         result["cold_start"] = _cold_start(gen, default, 3, torch_model[2])
     if "text" in sections and gen.text is not None:
@@ -507,10 +512,10 @@ def format_bench(r: dict) -> str:
                 f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
                 + (f"{vs:>8.1f}x" if vs else "")
             )
-    if "sampler_overhead" in r:
-        o = r["sampler_overhead"]
+    for k, o in enumerate(r.get("sampler_overhead", [])):
         lines.append(
-            f"\nsampler overhead ({o['setting']}, batch 1): step {o['step_ms']:.3f} ms, U-Net "
+            ("\n" if k == 0 else "")
+            + f"sampler overhead ({o['setting']}, batch 1): step {o['step_ms']:.3f} ms, U-Net "
             f"{o['unet_ms']:.3f} ms -> {100 * o['overhead_fraction']:.1f} % of a step"
         )
     if "cold_start" in r:

@@ -257,7 +257,8 @@ class Generator:
             check_prompt(negative_prompt, "negative prompt")
             if cfg.guidance == 1.0:
                 raise InputError("a negative prompt only acts through guidance: set guidance != 1")
-        make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing)  # checks
+        # made (and checked) once; each chunk runs a fresh copy (multistep history is per run)
+        template = make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing)
         rows = len(prompts) if prompts else 1
         check_memory(
             f"generating {rows * cfg.num} images",
@@ -277,9 +278,7 @@ class Generator:
         image_index = np.tile(np.arange(cfg.num), rows)  # i of (prompt j, image i)
         total = len(ctx)
         chunks = range(0, total, cfg.batch_size)
-        n_steps = len(
-            make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps
-        )
+        n_steps = len(template.timesteps)
         bar = _progress_bar(progress, len(chunks) * n_steps, f"{cfg.sampler} x{total}")
 
         def check_step(i: int, t: int, eps: np.ndarray, x: np.ndarray) -> None:
@@ -320,7 +319,7 @@ class Generator:
                     return unet(x, t_in[t])
 
                 # a sampler per chunk: multistep solvers keep per-run history
-                sampler = make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing)
+                sampler = template.fresh()
                 # initial noise + at most one draw per step
                 noise = ImageNoise(cfg.seed, image_index[start : start + b], draws=n_steps + 1)
                 shape = (b, *self.bundle.image_shape)

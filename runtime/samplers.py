@@ -28,6 +28,7 @@ sigma_t = sqrt(1 - ab_t) with ab_t the schedule's alpha-bar; lambda_t = log(alph
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -84,6 +85,10 @@ class DDPMSampler:
         # (2) + sqrt(beta_t) z, with z = 0 at the last step (t = 1)
         self._noise = np.where(t > 1, np.sqrt(b), 0.0).astype(_f32)
 
+    def fresh(self) -> DDPMSampler:
+        """A sampler for a new run (this one keeps no state between steps)."""
+        return self
+
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         mean = (x - self._eps_coef[i] * eps) * self._inv_sqrt_alpha[i]
         if self._noise[i] > 0:
@@ -120,6 +125,10 @@ class DDIMSampler:
         self._x0_coef = np.sqrt(ab_prev).astype(_f32)
         self._dir_coef = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)).astype(_f32)
         self._noise = sigma.astype(_f32)
+
+    def fresh(self) -> DDIMSampler:
+        """A sampler for a new run (this one keeps no state between steps)."""
+        return self
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         x0 = self._x_coef[i] * x - self._x0_eps[i] * eps
@@ -186,6 +195,12 @@ class DPMSolverPP2M:
         self._half_inv_r = half_inv_r.astype(_f32)
         self._prev_x0: np.ndarray | None = None
         self._next = 0
+
+    def fresh(self) -> DPMSolverPP2M:
+        """A copy for a new run: the same coefficient tables, no history."""
+        new = copy.copy(self)
+        new._prev_x0, new._next = None, 0
+        return new
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         if i != self._next and i != 0:
