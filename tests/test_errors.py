@@ -121,7 +121,11 @@ def test_unwritable_output(trained, tmp_path):
 
 def test_incompatible_flags(trained, tmp_path):
     assert_clean_error(
-        _generate(trained["bundle"], tmp_path / "a.png", "--steps", "25"), "use another sampler"
+        _generate(trained["bundle"], tmp_path / "a.png", "--sampler", "ddpm", "--steps", "25"),
+        "use another sampler",
+    )
+    assert_clean_error(
+        _generate(trained["bundle"], tmp_path / "a.png", "--eta", "0.5"), "eta applies to ddim"
     )
     assert_clean_error(_generate(trained["bundle"], tmp_path / "a.png", "--num", "0"), "num")
     assert_clean_error(
