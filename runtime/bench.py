@@ -14,7 +14,8 @@ this machine, and comparisons are ratios measured in the same run. Sections:
    defaults vs a torch script doing the same with the same weights; torch never imported.
 
 Rows that need torch (``train`` extra) or onnx (``export`` extra) are skipped with the
-reason when those are missing. Never imports torch at module level.
+reason when those are missing. The torch code lives in ddpm_rt.training.torch_reference,
+imported lazily for those rows only: the runtime itself never imports torch.
 """
 
 from __future__ import annotations
@@ -136,11 +137,12 @@ def _torch_model(gen: Generator, checkpoint):
         return None, None, f"cannot rebuild the torch U-Net: {e}"
 
 
-def _torch_rows(gen: Generator, batch_sizes, repeats, model, compile_: bool, flops, peak):
-    import torch
-
+def _torch_rows(gen: Generator, batch_sizes, repeats, torch_model, compile_: bool, flops, peak):
+    """Per-step rows for torch eager and torch.compile, after a parity check against ddpm-rt
+    fp32 (the torch code itself lives in ddpm_rt.training.torch_reference)."""
     from .tolerances import check
 
+    model, ref, _ = torch_model
     c, h, w = gen.bundle.image_shape
     d = gen.bundle.context_dim
     rng = np.random.default_rng(0)
@@ -148,12 +150,7 @@ def _torch_rows(gen: Generator, batch_sizes, repeats, model, compile_: bool, flo
     ctx = rng.standard_normal((8, d)).astype(np.float32)
     ctx /= np.linalg.norm(ctx, axis=1, keepdims=True)
     t = max(1, gen.schedule.timesteps // 2)
-    with torch.no_grad():
-        want = model(
-            torch.from_numpy(x),
-            torch.full((8, 1), t / gen.schedule.timesteps),
-            torch.from_numpy(ctx),
-        ).numpy()
+    want = ref.eps(model, x, t / gen.schedule.timesteps, ctx)
     ok, excess = check("ort", "fp32", gen.eps(x, t, ctx), want)
     if not ok:
         return {"skipped": f"torch and ONNX Runtime disagree (excess {excess:.2e}): refused"}
@@ -163,20 +160,14 @@ def _torch_rows(gen: Generator, batch_sizes, repeats, model, compile_: bool, flo
         rows["torch.compile"] = {"skipped": "not asked for (--no-compile)"}
     else:
         try:
-            variants["torch.compile"] = torch.compile(model)
+            variants["torch.compile"] = ref.compiled(model)
         except Exception as e:
             rows["torch.compile"] = {"skipped": f"torch.compile unavailable: {e}"}
     for name, net in variants.items():
         out = []
         for b in batch_sizes:
-            xb = torch.from_numpy(rng.standard_normal((b, c, h, w), dtype=np.float32))
-            tb = torch.full((b, 1), 0.5)
-            cb = torch.from_numpy(np.repeat(ctx[:1], b, axis=0))
-
-            def run(net=net, xb=xb, tb=tb, cb=cb):
-                with torch.no_grad():
-                    net(xb, tb, cb)
-
+            xb = rng.standard_normal((b, c, h, w), dtype=np.float32)
+            run = ref.runner(net, xb, 0.5, np.repeat(ctx[:1], b, axis=0))
             try:
                 s = _time(run, repeats, warmup=5)
             except Exception as e:  # torch.compile needs a C++ toolchain at first call
@@ -235,9 +226,7 @@ def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: i
     if model is None:
         rows["torch course DDPM"] = {"skipped": why}
         return rows
-    import torch
-
-    c = torch.from_numpy(ctx[None].astype(np.float32))
+    c = ctx[None].astype(np.float32)
     s = _time(lambda: ref.course_ddpm(model, c, gen.schedule), max(1, repeats), warmup=1)
     base = float(np.median(s))
     rows[f"torch course DDPM-{gen.schedule.timesteps}"] = {
@@ -424,7 +413,7 @@ def run_bench(
             rows["torch"] = {"skipped": torch_model[2]}
         else:
             rows.update(
-                _torch_rows(gen, batch_sizes, repeats, torch_model[0], compile_torch, flops, peak)
+                _torch_rows(gen, batch_sizes, repeats, torch_model, compile_torch, flops, peak)
             )
         result["unet_per_step"] = rows
     if "e2e" in sections:

@@ -64,8 +64,33 @@ def model_from_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = No
 
 
 @torch.no_grad()
-def course_ddpm(model: ContextUnet, context: torch.Tensor, schedule: NoiseSchedule, seed=0):
+def eps(model: ContextUnet, x: np.ndarray, t_value: float, c: np.ndarray) -> np.ndarray:
+    """The torch model's eps for NumPy inputs (t_value = t / T for every row)."""
+    t = torch.full((len(x), 1), float(t_value))
+    return model(torch.from_numpy(x), t, torch.from_numpy(c)).numpy()
+
+
+def compiled(model: ContextUnet):
+    return torch.compile(model)
+
+
+def runner(model, x: np.ndarray, t_value: float, c: np.ndarray):
+    """A no-argument function running the model once on these inputs (for timing)."""
+    xb, cb = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(c))
+    tb = torch.full((len(x), 1), float(t_value))
+
+    def run():
+        with torch.no_grad():
+            model(xb, tb, cb)
+
+    return run
+
+
+@torch.no_grad()
+def course_ddpm(model: ContextUnet, context, schedule: NoiseSchedule, seed=0):
     """The course's sample_ddpm: all T steps, torch all the way (noise from torch.randn)."""
+    if isinstance(context, np.ndarray):
+        context = torch.from_numpy(context)
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     n, T = len(context), schedule.timesteps
