@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .config import GenerateConfig
+from .errors import first_line
 from .pipeline import Generator
 from .samplers import EVAL_GRID, make_sampler
 
@@ -171,7 +172,7 @@ def _torch_rows(gen: Generator, batch_sizes, repeats, torch_model, compile_: boo
             try:
                 s = _time(run, repeats, warmup=5)
             except Exception as e:  # torch.compile needs a C++ toolchain at first call
-                out = {"skipped": f"{name} failed: {str(e).splitlines()[0][:120]}"}
+                out = {"skipped": f"{name} failed: {first_line(e)[:120]}"}
                 break
             out.append(_row(b, s, flops, peak))
         rows[name] = out

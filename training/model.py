@@ -58,9 +58,6 @@ class UNetConfig:
     def from_dict(cls, d: dict) -> UNetConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
 
 class ResidualConvBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int, is_res: bool = False):
