@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import BackendError, BundleError, DdpmRtError, InputError, NumericalError
+from .errors import (
+    BackendError,
+    BundleError,
+    Cancelled,
+    DdpmRtError,
+    InputError,
+    NumericalError,
+)
 
 __version__ = "0.1.0"
 
@@ -17,6 +24,7 @@ _LAZY = {
     "Bundle": ".bundle",
     "GenerateConfig": ".config",
     "Generator": ".pipeline",
+    "StepInfo": ".pipeline",
     "NoiseSchedule": ".schedule",
     "ScheduleConfig": ".schedule",
 }
@@ -25,6 +33,7 @@ __all__ = [
     "BackendError",
     "Bundle",
     "BundleError",
+    "Cancelled",
     "DdpmRtError",
     "GenerateConfig",
     "Generator",
@@ -32,13 +41,14 @@ __all__ = [
     "NoiseSchedule",
     "NumericalError",
     "ScheduleConfig",
+    "StepInfo",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .bundle import Bundle
     from .config import GenerateConfig
-    from .pipeline import Generator
+    from .pipeline import Generator, StepInfo
     from .schedule import NoiseSchedule, ScheduleConfig
 
 

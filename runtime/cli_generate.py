@@ -56,10 +56,12 @@ def _providers(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .bundle import Bundle
     from .config import GenerateConfig, check_memory, estimate_bytes
     from .fileio import check_writable
-    from .images import check_png, save_png
+    from .images import check_png, save_gif, save_png
     from .pipeline import Generator
     from .text import check_prompt
 
@@ -82,12 +84,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--out must be a .png file, got {out}")
     check_writable(out, force=args.force)
     check_png(1, 1, 1, args.scale)  # the scale's range; the PNG's size once the shape is known
+    if args.preview_every is not None and args.preview_every < 1:
+        raise InputError(f"--preview-every must be >= 1, got {args.preview_every}")
+    trajectory = Path(args.trajectory) if args.trajectory else None
+    if trajectory is not None:
+        if trajectory.suffix.lower() != ".gif":
+            raise InputError(f"--trajectory must be a .gif file, got {trajectory}")
+        check_writable(trajectory, force=args.force)
     digest = _digest(args)
     providers = _providers(args)
     # 2. The manifest (validated, no graph loaded yet) sizes the output.
     bundle = Bundle.load(args.model or default_model(), hash_all=False, expected_digest=digest)
     _, h, w = bundle.image_shape
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
+    if args.preview_every:
+        from .samplers import make_sampler
+        from .schedule import NoiseSchedule
+
+        schedule = NoiseSchedule(bundle.schedule)
+        n = len(make_sampler(cfg.sampler, schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
+        for k in range(args.preview_every, n + 1, args.preview_every):
+            check_writable(out.with_name(f"{out.stem}.step{k:04d}.png"), force=args.force)
     check_png(cfg.num * len(prompts), h, w, args.scale, ncols)
     check_memory(
         f"{len(prompts)} x --num {cfg.num}", estimate_bytes(cfg, bundle.image_shape, len(prompts))
@@ -96,14 +113,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = Generator(
         bundle, backend=args.backend, providers=providers, text_precision=args.text_precision
     )
+    frames: dict[int, np.ndarray] = {}  # step within a chunk -> x̂0 of every image
+    every = 1 if trajectory is not None else (args.preview_every or 0)
+
+    def keep_previews(info) -> None:
+        if info.preview is not None and (every and info.chunk_step % every == 0):
+            if info.chunk_step not in frames:
+                frames[info.chunk_step] = np.zeros((cfg.num * len(prompts), h, w, 3), np.uint8)
+            frames[info.chunk_step][info.first_image : info.first_image + info.images] = (
+                info.preview
+            )
+
     t0 = time.perf_counter()
     images = gen.generate(
         prompts if len(prompts) > 1 else prompts[0],
         negative_prompt=args.negative_prompt,
         config=cfg,
         progress=not args.no_progress and sys.stderr.isatty(),  # a bar only for a person
+        callback=keep_previews if every else None,
+        preview_every=every,
     )
-    save_png(out, images, scale=args.scale, ncols=ncols)
+    from . import __version__
+
+    provenance = {
+        "prompts": prompts,
+        "negative_prompt": args.negative_prompt,
+        "num": cfg.num,
+        "seed": cfg.seed,
+        "sampler": cfg.sampler,
+        "steps": len(make_sampler_for(cfg, gen).timesteps),
+        "eta": cfg.eta,
+        "spacing": cfg.spacing,
+        "guidance": cfg.guidance,
+        "unet_precision": gen.unet_precision,
+        "text_precision": getattr(gen, "text_precision", None),
+        "bundle_digest": gen.bundle.digest,
+        "ddpm_rt": __version__,
+    }
+    save_png(out, images, scale=args.scale, ncols=ncols, provenance=provenance)
+    if args.preview_every:
+        for k in sorted(frames):
+            if k % args.preview_every == 0:
+                save_png(out.with_name(f"{out.stem}.step{k:04d}.png"), frames[k], args.scale, ncols)
+    if trajectory is not None:
+        save_gif(trajectory, [frames[k] for k in sorted(frames)], args.scale, ncols)
     print(
         f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, "
         f"{time.perf_counter() - t0:.1f} s)",
@@ -133,11 +186,24 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def make_sampler_for(cfg, gen):
+    from .samplers import make_sampler
+
+    return make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a bundle after validating it as strictly as generation does (and more: every
-    file is hashed and every graph loaded and checked)."""
+    file is hashed and every graph loaded and checked) -- or, given a PNG this command
+    wrote, the settings that made it."""
     from .bundle import Bundle
     from .pipeline import Generator
+
+    if args.bundle and Path(args.bundle).suffix.lower() == ".png" and Path(args.bundle).is_file():
+        from .images import read_provenance
+
+        print(json.dumps(read_provenance(Path(args.bundle)), indent=2))
+        return 0
 
     b = Bundle.load(args.bundle or default_model(), hash_all=True, expected_digest=_digest(args))
     gen = Generator(b)
@@ -235,6 +301,10 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--batch-size", type=int, help="images per U-Net call (default 16)")
     g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.add_argument("--trajectory", help="also write the denoising (x̂0 at every step) as a GIF")
+    g.add_argument(
+        "--preview-every", type=int, help="also save the x̂0 grid every K steps (OUT.stepK.png)"
+    )
     g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
     g.add_argument(
         "--text-precision",
@@ -254,8 +324,12 @@ def add_generate_parsers(sub, common) -> None:
     common(g)
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="validate and describe a bundle (prints its digest)")
-    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    i = sub.add_parser(
+        "info", help="validate and describe a bundle (prints its digest), or a PNG's settings"
+    )
+    i.add_argument(
+        "bundle", nargs="?", help="bundle folder (default: the shipped model), or a PNG it made"
+    )
     i.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
     common(i)
     i.set_defaults(func=cmd_info)

@@ -23,6 +23,10 @@ class NumericalError(BackendError):
     """A graph produced NaN, Inf or an absurdly large value; nothing is written."""
 
 
+class Cancelled(DdpmRtError):
+    """A generate() callback returned False: the call stopped cleanly, nothing returned."""
+
+
 class CheckpointError(DdpmRtError):
     """A training checkpoint is missing or malformed."""
 

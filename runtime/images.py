@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -52,10 +53,20 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
     return grid
 
 
+PROVENANCE_KEY = "ddpm-rt"
+
+
 def save_png(
-    path: str | Path, images: np.ndarray, scale: int = 1, ncols: int | None = None
+    path: str | Path,
+    images: np.ndarray,
+    scale: int = 1,
+    ncols: int | None = None,
+    provenance: dict | None = None,
 ) -> Path:
-    """Write one image (H, W, 3) or a batch (N, H, W, 3) -- several become one grid."""
+    """Write one image (H, W, 3) or a batch (N, H, W, 3) -- several become one grid.
+
+    ``provenance`` (the settings that made the images) goes into a PNG text chunk
+    ``ddpm-rt`` as JSON; :func:`read_provenance` reads it back."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise InputError(f"output must be a .png file, got {path}")
@@ -66,4 +77,48 @@ def save_png(
     img = Image.fromarray(images, "RGB")
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+    info = None
+    if provenance is not None:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_itxt(PROVENANCE_KEY, json.dumps(provenance, ensure_ascii=False))
+    return atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The settings recorded in a PNG written by ``ddpm-rt``."""
+    try:
+        with Image.open(path) as img:
+            text = img.text.get(PROVENANCE_KEY) if hasattr(img, "text") else None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    if text is None:
+        raise InputError(f"{path} has no ddpm-rt settings (not written by ddpm-rt)")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InputError(f"{path}: its ddpm-rt settings are not valid JSON") from None
+
+
+def save_gif(
+    path: str | Path, frames: list[np.ndarray], scale: int = 1, ncols: int | None = None
+) -> Path:
+    """An animated GIF of grids (one frame per (N, H, W, 3) batch), written atomically."""
+    if not frames:
+        raise InputError("no frames to write")
+    n, h, w = frames[0].shape[:3]
+    check_png(n, h, w, scale, ncols)
+    imgs = []
+    for f in frames:
+        grid = f[0] if len(f) == 1 else make_grid(f, ncols)
+        img = Image.fromarray(grid, "RGB")
+        if scale != 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+        imgs.append(img)
+    return atomic_write(
+        path,
+        lambda f: imgs[0].save(
+            f, format="GIF", save_all=True, append_images=imgs[1:], duration=120, loop=0
+        ),
+    )

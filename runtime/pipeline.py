@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,14 @@ from .config import (
     check_memory,
     estimate_bytes,
 )
-from .errors import BundleError, InputError, NumericalError
+from .errors import BundleError, Cancelled, InputError, NumericalError
 from .noise import ImageNoise
 from .samplers import make_sampler, sample_loop, to_uint8
 from .schedule import NoiseSchedule, timestep_input
 from .text import TextEncoder, check_prompt, parse_blend
 from .tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
 
-__all__ = ["GenerateConfig", "Generator"]
+__all__ = ["GenerateConfig", "Generator", "StepInfo"]
 MAX_THREADS = 256
 # The U-Net precision used when a bundle offers it and the caller does not choose; set by
 # the evaluation (models/default/MODEL_CARD.md): fp32 unless int8 is no worse there.
@@ -184,6 +185,12 @@ class Generator:
         return arr
 
     # -- sampling -----------------------------------------------------------------------
+    def _x0_preview(self, x: np.ndarray, eps: np.ndarray, t: int) -> np.ndarray:
+        """uint8 images of x̂0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) (DDIM eq. 12)."""
+        ab = self.schedule.alpha_bar64[t]
+        x0 = (x - np.float32(np.sqrt(1.0 - ab)) * eps) / np.float32(np.sqrt(ab))
+        return to_uint8(x0)
+
     def eps(
         self,
         x: np.ndarray,
@@ -213,6 +220,8 @@ class Generator:
         negative_prompt: str | None = None,
         config: GenerateConfig | None = None,
         progress: bool = False,
+        callback: Callable[[StepInfo], bool | None] | None = None,
+        preview_every: int = 0,
         **overrides,
     ) -> np.ndarray:
         """Generate ``num`` images per prompt (or for a raw context). Returns (N, H, W, 3) uint8.
@@ -226,7 +235,16 @@ class Generator:
         classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
         before any work; a step whose predicted noise or result is not finite (or absurdly
         large) raises :class:`NumericalError` and nothing is returned.
+
+        ``callback(info)`` is called after every step with a :class:`StepInfo` (step and total
+        across the call, the chunk's images, and every ``preview_every`` steps and at each
+        chunk's last step a uint8 preview of the current clean-image estimate x̂0). Returning
+        ``False`` stops the call cleanly: it raises :class:`Cancelled`. The callback runs in
+        the calling thread; what it holds is a copy.
         """
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {type(callback).__name__}")
+        check_int("preview_every", preview_every, 0, 1_000_000)
         if config is not None and not isinstance(config, GenerateConfig):
             raise InputError(f"config must be a GenerateConfig, got {type(config).__name__}")
         known = {f.name for f in fields(GenerateConfig)}
@@ -302,8 +320,10 @@ class Generator:
         guided = cfg.guidance != 1.0
         T = self.schedule.timesteps
         out = []
+        done = [0]
+        total_steps = len(chunks) * n_steps
         with bar:
-            for start in chunks:
+            for chunk, start in enumerate(chunks):
                 c = ctx[start : start + cfg.batch_size]
                 b = len(c)
                 if guided:  # fixed for the run: the context rows of the one U-Net call
@@ -312,11 +332,22 @@ class Generator:
                 unet = _UNetStep(self, b, c, guided, np.float32(cfg.guidance))
                 t_in = {}  # t / T per timestep, made once
 
-                def eps_fn(x, t, unet=unet, t_in=t_in):
-                    bar.update()
+                def eps_fn(x, t, unet=unet, t_in=t_in, start=start, chunk=chunk):
                     if t not in t_in:
                         t_in[t] = timestep_input(t, T)
-                    return unet(x, t_in[t])
+                    eps = unet(x, t_in[t])
+                    done[0] += 1
+                    bar.update()
+                    if callback is not None:
+                        k = done[0] - chunk * n_steps  # step within this chunk, 1-based
+                        want = (preview_every and k % preview_every == 0) or k == n_steps
+                        preview = self._x0_preview(x, eps, t) if want else None
+                        info = StepInfo(
+                            done[0], total_steps, k, n_steps, int(t), start, len(x), preview
+                        )
+                        if callback(info) is False:
+                            raise Cancelled(f"cancelled by the callback at step {done[0]}")
+                    return eps
 
                 # a sampler per chunk: multistep solvers keep per-run history
                 sampler = template.fresh()
@@ -329,6 +360,20 @@ class Generator:
                     x = sample_loop(eps_fn, sampler, shape, noise, on_step=check_step)
                 out.append(to_uint8(x))
         return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a :meth:`Generator.generate` callback sees after each step."""
+
+    step: int  # 1-based, across the whole call
+    total: int  # steps of the whole call (steps x batch chunks)
+    chunk_step: int  # 1-based within the current chunk
+    chunk_steps: int
+    timestep: int  # the timestep t this step started from
+    first_image: int  # index of the chunk's first image in the call's output
+    images: int  # images in the chunk
+    preview: np.ndarray | None  # (images, H, W, 3) uint8 estimate of the clean images, or None
 
 
 class _NoBar:

@@ -240,3 +240,92 @@ def test_threads_match_serial(tmp_path):
         )
     for a, b in zip(serial, par, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# -- callbacks: progress, preview, cancel ------------------------------------------------------
+def test_callback_progress_preview_and_cancel(tmp_path):
+    from ddpm_rt import Cancelled, InputError
+
+    gen = Generator(write_bundle(tmp_path / "b"))
+    seen = []
+    out = gen.generate(
+        ["thing 1", "thing 2"],
+        num=3,
+        batch_size=4,
+        sampler="ddim",
+        steps=6,
+        seed=2,
+        callback=seen.append,
+        preview_every=3,
+    )
+    assert [i.step for i in seen] == list(range(1, 13)) and {i.total for i in seen} == {12}
+    previews = [i for i in seen if i.preview is not None]
+    assert [(i.chunk_step, i.first_image, i.images) for i in previews] == [
+        (3, 0, 4),
+        (6, 0, 4),
+        (3, 4, 2),
+        (6, 4, 2),
+    ]
+    # the last step's x̂0 estimate is the image itself (DDIM's last step lands on x̂0)
+    np.testing.assert_array_equal(previews[1].preview, out[:4])
+    with pytest.raises(Cancelled, match="step 4"):
+        gen.generate("thing 1", sampler="ddim", steps=6, callback=lambda i: i.step < 4)
+    with pytest.raises(InputError, match="callback must be callable"):
+        gen.generate("thing 1", callback=3)
+
+
+def test_cli_trajectory_previews_and_provenance(tmp_path):
+    import json as _json
+
+    from PIL import Image
+
+    from conftest import run_cli
+
+    b = write_bundle(tmp_path / "b")
+    out = tmp_path / "a.png"
+    args = [
+        "--model",
+        str(b),
+        "--prompt",
+        "thing 1",
+        "--prompt",
+        "thing 2",
+        "--num",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--trajectory",
+        str(tmp_path / "t.gif"),
+        "--preview-every",
+        "2",
+    ]
+    run_cli(*args)
+    assert Image.open(tmp_path / "t.gif").n_frames == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == [
+        "a.png",
+        "a.step0002.png",
+        "a.step0004.png",
+    ]
+    # the last preview is the image; the provenance regenerates it
+    assert (tmp_path / "a.step0004.png").read_bytes() != b""
+    info = _json.loads(run_cli("info", str(out)).stdout)
+    assert info["prompts"] == ["thing 1", "thing 2"] and info["seed"] == 5
+    assert info["bundle_digest"] == Generator(b).bundle.digest
+    again = Generator(b).generate(
+        info["prompts"],
+        num=info["num"],
+        seed=info["seed"],
+        sampler=info["sampler"],
+        steps=info["steps"],
+    )
+    grid = np.asarray(Image.open(out))
+    np.testing.assert_array_equal(grid[1:9, 1:9], again[0])
+    # an existing preview file is not replaced without --force
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 1 and "pass --force" in proc.stderr
