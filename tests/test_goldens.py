@@ -214,7 +214,7 @@ def test_image_i_is_independent_of_num_batch_and_prompts(tmp_path):
     gen = Generator(write_bundle(tmp_path / "b"))
     kw = {"sampler": "dpm++2m-sde", "steps": 5, "seed": 11}
     ref = gen.generate("thing 1", num=16, batch_size=16, **kw)
-    for num, batch in ((1, 1), (3, 2), (16, 4), (16, 5)):
+    for num, batch in ((1, 1), (1, 16), (3, 1), (3, 4), (3, 16), (16, 1), (16, 4), (16, 5)):
         got = gen.generate("thing 1", num=num, batch_size=batch, **kw)
         np.testing.assert_array_equal(got, ref[:num], err_msg=f"num {num}, batch {batch}")
     guided = gen.generate("thing 1", num=3, guidance=2.0, batch_size=2, **kw)

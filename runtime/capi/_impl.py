@@ -1,0 +1,171 @@
+"""The Python side of libddpm_rt: the functions ddpm_rt.h declares, run by the embedded
+interpreter. Every exception becomes a status code and a one-line message; nothing here
+may raise into C or print."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .. import __version__
+from ..errors import (
+    BackendError,
+    BundleError,
+    Cancelled,
+    InputError,
+    NumericalError,
+    first_line,
+)
+
+OK, INVALID, BUNDLE, BACKEND, NUMERICAL, CANCELLED, TOO_SMALL, INTERNAL = range(8)
+_CODES = (  # most specific first
+    (NumericalError, NUMERICAL),
+    (Cancelled, CANCELLED),
+    (InputError, INVALID),
+    (BundleError, BUNDLE),
+    (BackendError, BACKEND),
+)
+
+
+class _Handle:
+    def __init__(self, gen):
+        self.gen = gen
+        self.error = b""
+
+
+def bind(ffi) -> None:
+    """Define the extern functions on the embedding module's ffi."""
+    handles: dict[int, tuple] = {}  # address -> (cdata keeping the handle alive, _Handle)
+    empty = ffi.new("char[]", b"")
+    state = {"open_error": empty, "errors": {}}
+    version = ffi.new("char[]", __version__.encode())
+
+    def get(h):
+        if h == ffi.NULL:
+            raise InputError("handle is NULL")
+        entry = handles.get(int(ffi.cast("uintptr_t", h)))
+        if entry is None:
+            raise InputError("not an open handle")
+        return entry[1]
+
+    def fail(h, e: BaseException) -> int:
+        code = next((c for cls, c in _CODES if isinstance(e, cls)), INTERNAL)
+        msg = first_line(e) if code != INTERNAL else f"{type(e).__name__}: {first_line(e)}"
+        buf = ffi.new("char[]", msg.encode("utf-8", "replace"))
+        if h is None or h == ffi.NULL:
+            state["open_error"] = buf
+        else:
+            state["errors"][int(ffi.cast("uintptr_t", h))] = buf
+        return code
+
+    @ffi.def_extern()
+    def ddpm_rt_version():
+        return version
+
+    @ffi.def_extern(onerror=lambda *a: None)
+    def ddpm_rt_open(bundle_dir, options_json, out):
+        try:
+            if bundle_dir == ffi.NULL or out == ffi.NULL:
+                raise InputError("bundle_dir and out must not be NULL")
+            from ..pipeline import Generator
+
+            options = {}
+            if options_json != ffi.NULL:
+                try:
+                    options = json.loads(ffi.string(options_json).decode("utf-8"))
+                except ValueError as e:
+                    raise InputError(f"options_json is not valid JSON: {first_line(e)}") from None
+                allowed = {
+                    "unet_precision",
+                    "text_precision",
+                    "threads",
+                    "providers",
+                    "expected_digest",
+                }
+                if not isinstance(options, dict) or set(options) - allowed:
+                    raise InputError(f"options_json may hold only {', '.join(sorted(allowed))}")
+            path = ffi.string(bundle_dir).decode("utf-8", "surrogateescape")
+            gen = Generator(path, **options)
+            handle = _Handle(gen)
+            keep = ffi.new_handle(handle)
+            cdata = ffi.cast("ddpm_rt_handle *", keep)
+            handles[int(ffi.cast("uintptr_t", cdata))] = (keep, handle)
+            out[0] = cdata
+            state["open_error"] = empty
+            return OK
+        except BaseException as e:
+            return fail(None, e)
+
+    @ffi.def_extern()
+    def ddpm_rt_image_shape(h, height, width, channels):
+        try:
+            c, hh, w = get(h).gen.bundle.image_shape
+            state["errors"].pop(int(ffi.cast("uintptr_t", h)), None)
+            for ptr, v in ((height, hh), (width, w), (channels, c)):
+                if ptr != ffi.NULL:
+                    ptr[0] = v
+            return OK
+        except BaseException as e:
+            return fail(h, e)
+
+    @ffi.def_extern()
+    def ddpm_rt_generate(
+        h, prompt, num, seed, steps, guidance, progress, user, out_rgb, out_capacity, written
+    ):
+        try:
+            handle = get(h)
+            if prompt == ffi.NULL or out_rgb == ffi.NULL or written == ffi.NULL:
+                raise InputError("prompt, out_rgb and written must not be NULL")
+            try:
+                text = ffi.string(prompt).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("prompt is not valid UTF-8") from None
+            if num < 1:
+                raise InputError(f"num must be >= 1, got {num}")
+            c, hh, w = handle.gen.bundle.image_shape
+            need = num * hh * w * c
+            written[0] = 0
+            if out_capacity < need:
+                written[0] = need
+                raise _TooSmall(f"out_capacity {out_capacity} < {need} bytes needed")
+            callback = None
+            if progress != ffi.NULL:
+
+                def callback(info):
+                    return bool(progress(info.step, info.total, user))
+
+            kw = {"num": num, "seed": int(seed), "callback": callback}
+            if steps > 0:
+                kw["steps"] = steps
+            if guidance > 0:
+                kw["guidance"] = float(guidance)
+            images = np.ascontiguousarray(handle.gen.generate(text, **kw))
+            ffi.memmove(out_rgb, ffi.from_buffer(images), images.nbytes)
+            written[0] = images.nbytes
+            state["errors"].pop(int(ffi.cast("uintptr_t", h)), None)
+            return OK
+        except _TooSmall as e:
+            fail(h, e)
+            return TOO_SMALL
+        except BaseException as e:
+            return fail(h, e)
+
+    @ffi.def_extern()
+    def ddpm_rt_last_error(h):
+        if h == ffi.NULL:
+            return state["open_error"]
+        return state["errors"].get(
+            int(ffi.cast("uintptr_t", h)), state["open_error"] and ffi.new("char[]", b"")
+        )
+
+    @ffi.def_extern()
+    def ddpm_rt_close(h):
+        if h != ffi.NULL:
+            key = int(ffi.cast("uintptr_t", h))
+            handles.pop(key, None)
+            state["errors"].pop(key, None)
+
+
+class _TooSmall(InputError):
+    pass

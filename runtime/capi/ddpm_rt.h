@@ -1,0 +1,78 @@
+/*
+ * ddpm_rt.h -- the C ABI of ddpm-rt (libddpm_rt). These comments are the API reference.
+ *
+ * libddpm_rt embeds CPython (through cffi's embedding mode) and runs the same Python
+ * runtime as the `ddpm-rt` command: at run time it needs libpython3 and a Python
+ * environment with ddpm-rt, NumPy, ONNX Runtime and tokenizers installed (the one it was
+ * built from, or the folders in the environment variable DDPM_RT_PYTHONPATH, separated by
+ * ':'). Python is started on the first call, without signal handlers: signals stay the
+ * host's. Nothing is printed to stdout; warnings are silenced.
+ *
+ * Every function returns a status code (DDPM_RT_OK = 0 on success) and never aborts the
+ * host. After a failure, ddpm_rt_last_error(handle) -- or ddpm_rt_last_error(NULL) after a
+ * failed ddpm_rt_open -- gives a one-line message. A handle may be used from several
+ * threads at once (calls are serialised by Python's interpreter lock while Python code
+ * runs; ONNX Runtime releases it while it computes).
+ *
+ * Images: image i of a seed is the same whatever `num` (see the README's seed contract),
+ * and byte-identical to the Python API's for the same bundle, prompt and settings.
+ */
+#ifndef DDPM_RT_H
+#define DDPM_RT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    DDPM_RT_OK = 0,
+    DDPM_RT_INVALID_ARGUMENT = 1, /* a bad prompt, number, option, or a NULL pointer */
+    DDPM_RT_BUNDLE_ERROR = 2,     /* missing, malformed or modified bundle */
+    DDPM_RT_BACKEND_ERROR = 3,    /* a graph that cannot load or run */
+    DDPM_RT_NUMERICAL_ERROR = 4,  /* NaN/Inf/overflow in a graph's output: no image */
+    DDPM_RT_CANCELLED = 5,        /* the progress callback returned 0 */
+    DDPM_RT_BUFFER_TOO_SMALL = 6, /* out_capacity < num * height * width * 3; *written says how much */
+    DDPM_RT_INTERNAL_ERROR = 7    /* anything else (Python could not start, a bug) */
+};
+
+typedef struct ddpm_rt_handle ddpm_rt_handle; /* opaque */
+
+/* Called after every sampling step: step counts from 1 to total. Return nonzero to go on,
+ * 0 to cancel (ddpm_rt_generate then returns DDPM_RT_CANCELLED and writes nothing). */
+typedef int (*ddpm_rt_progress_fn)(int step, int total, void *user);
+
+/* The library's version, e.g. "0.1.0" (static storage). */
+const char *ddpm_rt_version(void);
+
+/* Load and validate a bundle folder. options_json may be NULL or a JSON object with any of
+ * "unet_precision" ("fp32"|"int8"), "text_precision", "threads" (int), "providers"
+ * (list of ONNX Runtime providers), "expected_digest" (sha256 of manifest.json). */
+int ddpm_rt_open(const char *bundle_dir, const char *options_json, ddpm_rt_handle **out);
+
+/* The images' shape: height, width and channels (3, RGB). */
+int ddpm_rt_image_shape(ddpm_rt_handle *handle, int *height, int *width, int *channels);
+
+/* Generate `num` images for a UTF-8 prompt into out_rgb: num * height * width * 3 bytes,
+ * image after image, rows top to bottom, RGB interleaved (uint8). steps <= 0 and
+ * guidance <= 0 mean the runtime's defaults; the sampler is the default one. progress may
+ * be NULL. *written receives the bytes written (or, with DDPM_RT_BUFFER_TOO_SMALL, the
+ * bytes needed). */
+int ddpm_rt_generate(ddpm_rt_handle *handle, const char *prompt, int num, uint64_t seed,
+                     int steps, double guidance, ddpm_rt_progress_fn progress, void *user,
+                     uint8_t *out_rgb, size_t out_capacity, size_t *written);
+
+/* The last error on this handle (or of the last failed ddpm_rt_open with NULL), as a
+ * one-line UTF-8 message; "" when there was none. Valid until the next call on the handle. */
+const char *ddpm_rt_last_error(ddpm_rt_handle *handle);
+
+/* Release a handle (NULL is ignored). */
+void ddpm_rt_close(ddpm_rt_handle *handle);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DDPM_RT_H */

@@ -1,0 +1,140 @@
+"""The C ABI (libddpm_rt via cffi's embedding mode) and the C++17 example: built with the
+system compiler as the README says, run as a program, and compared byte for byte with the
+Python API; the error paths return codes and one-line messages."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "models" / "default"
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake"),
+    pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C/C++ compiler"),
+    pytest.mark.skipif(sys.platform != "linux", reason="the C ABI is built and tested on Linux"),
+]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    pytest.importorskip("cffi", reason="pip install 'ddpm-rt[capi]'")
+    d = tmp_path_factory.mktemp("capi")
+    capi, cpp = d / "capi", d / "cpp"
+    run = {"check": True, "capture_output": True, "text": True}
+    subprocess.run([sys.executable, "-m", "ddpm_rt.capi", "--out", str(capi)], **run)
+    subprocess.run(
+        ["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(cpp), f"-DDDPM_RT_CAPI={capi}"],
+        **run,
+    )
+    subprocess.run(["cmake", "--build", str(cpp)], **run)
+    errors = d / "errors"
+    subprocess.run(
+        [
+            "cc",
+            "-Wall",
+            str(ROOT / "examples" / "cpp" / "errors.c"),
+            "-I",
+            str(capi),
+            "-L",
+            str(capi),
+            "-lddpm_rt",
+            f"-Wl,-rpath,{capi}",
+            "-o",
+            str(errors),
+        ],
+        **run,
+    )
+    return {"example": cpp / "ddpm_rt_example", "errors": errors, "dir": d}
+
+
+def test_cpp_example_matches_the_python_api(built):
+    from ddpm_rt import Generator
+
+    out = built["dir"] / "apple.ppm"
+    proc = subprocess.run(
+        [str(built["example"]), str(DEFAULT), "red apple", "7", "3", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # the library prints nothing to the host's stdout
+    assert "step 10/10" in proc.stderr
+    header, pixels = out.read_bytes().split(b"\n255\n", 1)
+    assert header == b"P6\n16 48"
+    want = Generator(DEFAULT).generate("red apple", num=3, seed=7)
+    assert pixels == want.tobytes()
+    # steps and guidance pass through
+    proc = subprocess.run(
+        [str(built["example"]), str(DEFAULT), "a frog", "2", "1", str(out), "6", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    want = Generator(DEFAULT).generate("a frog", num=1, seed=2, steps=6, guidance=2.0)
+    assert out.read_bytes().split(b"\n255\n", 1)[1] == want.tobytes()
+
+
+def test_c_abi_error_paths(built):
+    proc = subprocess.run(
+        [str(built["errors"]), str(DEFAULT)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in proc.stdout.splitlines()}
+    assert got["missing-bundle"].startswith("2 bundle not found")
+    assert got["bad-options"].startswith("1 options_json is not valid JSON")
+    assert got["unknown-option"].startswith("1 options_json may hold only")
+    assert got["null-out"].startswith("1 ")
+    assert got["open"].strip() == "0"
+    assert got["num-zero"] == "1 num must be >= 1, got 0"
+    assert got["too-small"] == "6 1536 out_capacity 16 < 1536 bytes needed"
+    assert got["null-prompt"].startswith("1 ")
+    assert got["bad-utf8"] == "1 prompt is not valid UTF-8"
+    assert got["guidance-huge"].startswith("1 guidance must be a finite number")
+    assert got["null-handle"] == "1 handle is NULL"
+    assert got["version"] == __import__("ddpm_rt").__version__
+
+
+def test_cpp_example_cancels_on_sigint(built, tmp_path):
+    """The host's SIGINT handler makes the progress callback return 0: DDPM_RT_CANCELLED."""
+    import signal
+    import time
+
+    out = tmp_path / "a.ppm"
+    proc = subprocess.Popen(
+        [str(built["example"]), str(DEFAULT), "red apple", "1", "64", str(out), "500"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err = ""
+    while "step" not in err and proc.poll() is None:  # sampling has started
+        err += proc.stderr.read(1)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err += proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 5, err  # DDPM_RT_CANCELLED
+    assert "cancelled by the callback" in err
+    assert not out.exists()
+
+
+def test_header_matches_the_library_contract():
+    text = (ROOT / "runtime" / "capi" / "ddpm_rt.h").read_text()
+    for name in (
+        "ddpm_rt_open",
+        "ddpm_rt_generate",
+        "ddpm_rt_last_error",
+        "ddpm_rt_close",
+        "ddpm_rt_version",
+        "ddpm_rt_image_shape",
+    ):
+        assert name + "(" in text
+    assert np.dtype(np.uint8).itemsize == 1
