@@ -298,6 +298,12 @@ class Generator:
         chunks = range(0, total, cfg.batch_size)
         n_steps = len(template.timesteps)
         bar = _progress_bar(progress, len(chunks) * n_steps, f"{cfg.sampler} x{total}")
+        user_callback = callback
+        if progress:  # the progress bar is one more client of the step hook
+
+            def callback(info, _user=user_callback):
+                bar.update()
+                return True if _user is None else _user(info)
 
         def check_step(i: int, t: int, eps: np.ndarray, x: np.ndarray) -> None:
             # One pass per step: NaN, Inf and overflow in eps all reach x_t; only when x_t
@@ -337,10 +343,11 @@ class Generator:
                         t_in[t] = timestep_input(t, T)
                     eps = unet(x, t_in[t])
                     done[0] += 1
-                    bar.update()
                     if callback is not None:
                         k = done[0] - chunk * n_steps  # step within this chunk, 1-based
-                        want = (preview_every and k % preview_every == 0) or k == n_steps
+                        want = user_callback is not None and (
+                            (preview_every and k % preview_every == 0) or k == n_steps
+                        )
                         preview = self._x0_preview(x, eps, t) if want else None
                         info = StepInfo(
                             done[0], total_steps, k, n_steps, int(t), start, len(x), preview
