@@ -99,7 +99,12 @@ def test_noise_from_the_spec_text_alone():
             out += [r * math.cos(theta), r * math.sin(theta)]
         return np.array(out, dtype=np.float32)
 
-    seed = 123456789
-    got = ImageNoise(seed, [0, 3]).standard_normal((2, 3, 4, 4))
-    for row, i in enumerate([0, 3]):
-        np.testing.assert_array_equal(got[row].ravel(), normals(seed, i, 48))
+    seed = 2**40 + 17
+    noise = ImageNoise(seed, [5, 0])
+    first, second = noise.standard_normal((2, 3, 4, 4)), noise.standard_normal((2, 3, 4, 4))
+    for row, i in enumerate([5, 0]):  # draws follow one another on each image's stream
+        stream = normals(seed, i, 96)
+        np.testing.assert_array_equal(first[row].ravel(), stream[:48])
+        np.testing.assert_array_equal(second[row].ravel(), stream[48:])
+    z = ImageNoise(0, range(64)).standard_normal((64, 3, 16, 16))
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
