@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .bench_probe import cpu_name, need, run_measured, time_it, peak_gflops, unet_flops
+from .bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 from .config import GenerateConfig
 from .errors import first_line
 from .pipeline import Generator
@@ -46,90 +45,12 @@ def _prompt(gen: Generator) -> str:
     return (gen.bundle.label_names or [""])[0]
 
 
-def _time(fn, repeats: int, warmup: int = 3) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    out = np.empty(repeats)
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out[i] = time.perf_counter() - t0
-    return out
-
-
-def _need(module: str, extra: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module), None
-    except ImportError as e:
-        return None, f"needs {e.name} (pip install 'ddpm-rt[{extra}]')"
-
-
-def peak_gflops(threads: int | None, n: int = 1024) -> tuple[float | None, str | None]:
-    """fp32 GFLOP/s of an n x n x n MatMul in ONNX Runtime (the machine's practical peak)."""
-    onnx, why = _need("onnx", "export")
-    if onnx is None:
-        return None, why
-    from onnx import TensorProto, helper
-
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["y"])],
-        "mm",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
-    )
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    s = _time(lambda: sess.run(None, {"a": a, "b": a}), 10)
-    return 2 * n**3 / float(np.median(s)) / 1e9, None
-
-
-def unet_flops(onnx_bytes: bytes, feeds: dict) -> tuple[float | None, str | None]:
-    """FLOPs per image-step: 2 x the multiply-adds of Conv, ConvTranspose, Gemm and MatMul,
-    from the real tensor shapes of one run at batch 1 (the graph's own shape inference loses
-    dimensions after GroupNorm's reshapes)."""
-    onnx, why = _need("onnx", "export")
-    if onnx is None:
-        return None, why
-    from onnx import helper, numpy_helper
-
-    model = onnx.load_from_string(onnx_bytes)
-    inits = {i.name: numpy_helper.to_array(i).shape for i in model.graph.initializer}
-    nodes = [
-        n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-    ]
-    wanted = {name for n in nodes for name in (n.input[0], n.output[0])}
-    wanted -= {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    for name in sorted(wanted):
-        model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
-    shapes = {**{k: v.shape for k, v in outs.items()}, **{k: v.shape for k, v in feeds.items()}}
-    total = 0
-    for n in nodes:
-        w = inits.get(n.input[1]) or shapes.get(n.input[1])
-        inp, out = shapes[n.input[0]], shapes[n.output[0]]
-        if n.op_type == "Conv":  # w: (Cout, Cin/groups, kh, kw)
-            total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
-        elif n.op_type == "ConvTranspose":  # w: (Cin, Cout/groups, kh, kw)
-            total += 2 * int(np.prod(inp)) * int(np.prod(w[1:]))
-        else:  # (..., K) x (K, N)
-            total += 2 * int(np.prod(out)) * inp[-1]
-    return float(total), None
-
-
 def _torch_model(gen: Generator, checkpoint):
     """(torch module, torch_reference module, None) or (None, None, why not)."""
-    torch, why = _need("torch", "train")
+    torch, why = need("torch", "train")
     if torch is None:
         return None, None, why
-    ref, why = _need("ddpm_rt.training.torch_reference", "train,export")
+    ref, why = need("ddpm_rt.training.torch_reference", "train,export")
     if ref is None:
         return None, None, why
     try:
@@ -170,7 +91,7 @@ def _torch_rows(gen: Generator, batch_sizes, repeats, torch_model, compile_: boo
             xb = rng.standard_normal((b, c, h, w), dtype=np.float32)
             run = ref.runner(net, xb, 0.5, np.repeat(ctx[:1], b, axis=0))
             try:
-                s = _time(run, repeats, warmup=5)
+                s = time_it(run, repeats, warmup=5)
             except Exception as e:  # torch.compile needs a C++ toolchain at first call
                 out = {"skipped": f"{name} failed: {first_line(e)[:120]}"}
                 break
@@ -202,7 +123,7 @@ def _ort_rows(gen: Generator, batch_sizes, repeats, flops, peak) -> list[dict]:
     for b in batch_sizes:
         x = rng.standard_normal((b, c, h, w), dtype=np.float32)
         ctx = np.repeat(ctx1[None].astype(np.float32), b, axis=0)
-        s = _time(lambda x=x, ctx=ctx: gen.eps(x, t, ctx), repeats)
+        s = time_it(lambda x=x, ctx=ctx: gen.eps(x, t, ctx), repeats)
         out.append(_row(b, s, flops, peak, fp32))
     return out
 
@@ -221,14 +142,14 @@ def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: i
                 )
             )
     for label, cfg in settings:
-        s = _time(lambda cfg=cfg: gen.generate(context=ctx, config=cfg), repeats, warmup=1)
+        s = time_it(lambda cfg=cfg: gen.generate(context=ctx, config=cfg), repeats, warmup=1)
         rows[label] = {"seconds": float(np.median(s)), "images_per_s": 1 / float(np.median(s))}
     model, ref, why = torch_model
     if model is None:
         rows["torch course DDPM"] = {"skipped": why}
         return rows
     c = ctx[None].astype(np.float32)
-    s = _time(lambda: ref.course_ddpm(model, c, gen.schedule), max(1, repeats), warmup=1)
+    s = time_it(lambda: ref.course_ddpm(model, c, gen.schedule), max(1, repeats), warmup=1)
     base = float(np.median(s))
     rows[f"torch course DDPM-{gen.schedule.timesteps}"] = {
         "seconds": base,
@@ -244,56 +165,17 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     ctx = gen.context(_prompt(gen))
 
     n = len(make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
-    total = float(np.median(_time(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
+    total = float(np.median(time_it(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
     c, h, w = gen.bundle.image_shape
     x = np.zeros((1, c, h, w), np.float32)
     c1 = ctx[None].astype(np.float32)
-    unet = float(np.median(_time(lambda: gen.eps(x, 1, c1, cfg.guidance), 5 * repeats)))
+    unet = float(np.median(time_it(lambda: gen.eps(x, 1, c1, cfg.guidance), 5 * repeats)))
     return {
         "setting": f"{cfg.sampler}-{n} guidance {cfg.guidance:g}",
         "step_ms": 1e3 * total,
         "unet_ms": 1e3 * unet,
         "overhead_fraction": max(0.0, 1 - unet / total),
     }
-
-
-# Runs a module as ``python -m`` would, then reports the process's own peak RSS (VmHWM).
-# (wait4's ru_maxrss of a child started from this process counts the parent's pages it
-# shared between fork and exec: hundreds of MB once torch is loaded here.)
-_WRAP = """
-import os, runpy, sys
-mod = sys.argv[1]
-sys.argv = [mod, *sys.argv[2:]]
-try:
-    runpy.run_module(mod, run_name="__main__", alter_sys=True)
-    code = 0
-except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-try:
-    with open("/proc/self/status") as f:
-        hwm = next(ln for ln in f if ln.startswith("VmHWM")).split()[1]
-    os.write(2, ("\\nVMHWM_KB " + hwm + "\\n").encode())
-except (OSError, StopIteration):
-    pass
-sys.exit(code)
-"""
-
-
-def _run_measured(module: str, args: list[str], extra: tuple[str, ...] = ()) -> tuple:
-    """Wall seconds, peak RSS (bytes) and stderr of ``python -m module args`` as a child."""
-    cmd = [sys.executable, *extra, "-c", _WRAP, module, *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{module} failed: {err.strip().splitlines()[-1:]}")
-    hwm = [ln.split()[1] for ln in err.splitlines() if ln.startswith("VMHWM_KB ")]
-    rss = int(hwm[-1]) * 1024 if hwm else usage.ru_maxrss * 1024
-    return wall, rss, err
 
 
 def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why) -> dict:
@@ -309,10 +191,10 @@ def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why
             "--force",
             "--no-progress",
         ]
-        _run_measured("ddpm_rt.cli", ours)  # a first run fills the optimised-graph cache
-        runs = [_run_measured("ddpm_rt.cli", ours) for _ in range(repeats)]
+        run_measured("ddpm_rt.cli", ours)  # a first run fills the optimised-graph cache
+        runs = [run_measured("ddpm_rt.cli", ours) for _ in range(repeats)]
         # torch never imported on this path: ask the interpreter itself
-        _, _, log = _run_measured("ddpm_rt.cli", ours, ("-X", "importtime"))
+        _, _, log = run_measured("ddpm_rt.cli", ours, ("-X", "importtime"))
         imported = {ln.split("|")[-1].strip() for ln in log.splitlines() if "|" in ln}
         result = {
             "ddpm_rt": {
@@ -340,7 +222,7 @@ def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why
             theirs += ["--steps", str(default.steps)]
         try:
             runs = [
-                _run_measured("ddpm_rt.training.torch_reference", theirs) for _ in range(repeats)
+                run_measured("ddpm_rt.training.torch_reference", theirs) for _ in range(repeats)
             ]
         except RuntimeError as e:
             result["torch_script"] = {"skipped": str(e)}
@@ -377,7 +259,7 @@ def run_bench(
     flops, flops_why = unet_flops(gen.bundle.graph_bytes("unet"), one)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "providers": gen.backend.providers,
@@ -437,92 +319,7 @@ def run_bench(
         text = {}
         for precision, graph in gen.bundle.conditioning["text"]["graphs"].items():
             feeds = {"input_ids": ids, "attention_mask": mask}
-            s = _time(lambda graph=graph, feeds=feeds: gen.backend.run(graph, feeds), repeats)
+            s = time_it(lambda graph=graph, feeds=feeds: gen.backend.run(graph, feeds), repeats)
             text[precision] = 1e3 * float(np.median(s))
         result["text_encoder_ms_per_prompt"] = text
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def format_bench(r: dict) -> str:
-    lines = [
-        f"machine: {r['cpu']} ({r['cores']} cores), onnxruntime {r['onnxruntime']}, "
-        f"providers {','.join(r['providers'])}",
-    ]
-    peak, flops = r["peak_gflops"], r["unet_flops_per_image_step"]
-    lines.append(
-        "fp32 peak (ORT MatMul 1024^3): "
-        + (f"{peak:.0f} GFLOP/s" if isinstance(peak, float) else f"skipped: {peak['skipped']}")
-    )
-    lines.append(
-        "U-Net FLOPs per image-step: "
-        + (
-            f"{flops / 1e9:.3f} GFLOP"
-            if isinstance(flops, float)
-            else f"skipped: {flops['skipped']}"
-        )
-    )
-    d = r["default"]
-    lines.append(
-        f"defaults: {d['sampler']} {d['steps']} steps, guidance {d['guidance']:g}, "
-        f"U-Net {d['unet_precision']}"
-    )
-    if "unet_per_step" in r:
-        lines += ["", "U-Net per step        batch   ms (median)   p90   images/s   of fp32 peak"]
-        for name, rows in r["unet_per_step"].items():
-            if isinstance(rows, str):
-                lines.append(f"{name}: {rows}")
-            elif isinstance(rows, dict):
-                lines.append(f"{name:<20} skipped: {rows['skipped']}")
-            else:
-                for row in rows:
-                    frac = row.get("fraction_of_peak")
-                    lines.append(
-                        f"{name:<20} {row['batch']:>5}  {row['ms_per_step']:>12.2f}  "
-                        f"{row['p90_ms']:>5.2f}  {row['images_per_s_per_step']:>9.0f}  "
-                        + (f"{100 * frac:>6.0f} %" if frac is not None else "")
-                    )
-    if "end_to_end_1_image" in r:
-        lines += ["", "one image, batch 1           seconds   images/s   vs torch course DDPM"]
-        for name, row in r["end_to_end_1_image"].items():
-            if "skipped" in row:
-                lines.append(f"{name:<28} skipped: {row['skipped']}")
-                continue
-            vs = row.get("vs_torch_course")
-            lines.append(
-                f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
-                + (f"{vs:>8.1f}x" if vs else "")
-            )
-    for k, o in enumerate(r.get("sampler_overhead", [])):
-        lines.append(
-            ("\n" if k == 0 else "")
-            + f"sampler overhead ({o['setting']}, batch 1): step {o['step_ms']:.3f} ms, U-Net "
-            f"{o['unet_ms']:.3f} ms -> {100 * o['overhead_fraction']:.1f} % of a step"
-        )
-    if "cold_start" in r:
-        cs = r["cold_start"]
-        ours = cs["ddpm_rt"]
-        lines.append(
-            f'\ncold start `ddpm-rt --prompt "{r["prompt"]}"` (defaults): {ours["seconds"]:.2f} s, '
-            f"peak RSS {ours['peak_rss_mb']:.0f} MB, torch imported: {ours['torch_imported']}"
-        )
-        ts = cs["torch_script"]
-        if "skipped" in ts:
-            lines.append(f"torch script: skipped: {ts['skipped']}")
-        else:
-            lines.append(
-                f"torch script, same weights and settings: {ts['seconds']:.2f} s, peak RSS "
-                f"{ts['peak_rss_mb']:.0f} MB -> ddpm-rt {cs['speedup']:.1f}x faster"
-            )
-    for k, v in r.get("text_encoder_ms_per_prompt", {}).items():
-        lines.append(f"text encoder {k}: {v:.2f} ms per prompt (10 tokens, uncached)")
-    return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from .errors import BundleError, Cancelled, InputError, NumericalError
 from .noise import ImageNoise
 from .samplers import make_sampler, sample_loop, to_uint8
 from .schedule import NoiseSchedule, timestep_input
+from .stepping import StepInfo, UNetStep, progress_bar
 from .text import TextEncoder, check_prompt, parse_blend
 from .tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
 
@@ -209,7 +210,7 @@ class Generator:
         guided = guidance != 1.0
         if guided:
             c = np.concatenate([c, np.zeros_like(c) if uncond is None else uncond])
-        step = _UNetStep(self, b, c, guided, np.float32(guidance))
+        step = UNetStep(self, b, c, guided, np.float32(guidance))
         return step(x, timestep_input(t, self.schedule.timesteps))
 
     def generate(
@@ -297,7 +298,7 @@ class Generator:
         total = len(ctx)
         chunks = range(0, total, cfg.batch_size)
         n_steps = len(template.timesteps)
-        bar = _progress_bar(progress, len(chunks) * n_steps, f"{cfg.sampler} x{total}")
+        bar = progress_bar(progress, len(chunks) * n_steps, f"{cfg.sampler} x{total}")
         user_callback = callback
         if progress:  # the progress bar is one more client of the step hook
 
@@ -335,7 +336,7 @@ class Generator:
                 if guided:  # fixed for the run: the context rows of the one U-Net call
                     u = np.zeros_like(c) if neg is None else np.broadcast_to(neg, c.shape)
                     c = np.concatenate([c, u])
-                unet = _UNetStep(self, b, c, guided, np.float32(cfg.guidance))
+                unet = UNetStep(self, b, c, guided, np.float32(cfg.guidance))
                 t_in = {}  # t / T per timestep, made once
 
                 def eps_fn(x, t, unet=unet, t_in=t_in, start=start, chunk=chunk):
@@ -367,62 +368,3 @@ class Generator:
                     x = sample_loop(eps_fn, sampler, shape, noise, on_step=check_step)
                 out.append(to_uint8(x))
         return np.concatenate(out)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What a :meth:`Generator.generate` callback sees after each step."""
-
-    step: int  # 1-based, across the whole call
-    total: int  # steps of the whole call (steps x batch chunks)
-    chunk_step: int  # 1-based within the current chunk
-    chunk_steps: int
-    timestep: int  # the timestep t this step started from
-    first_image: int  # index of the chunk's first image in the call's output
-    images: int  # images in the chunk
-    preview: np.ndarray | None  # (images, H, W, 3) uint8 estimate of the clean images, or None
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm  # imported only when shown: it costs ~15 ms of a cold start
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
-
-
-class _UNetStep:
-    """One chunk's U-Net call, with everything fixed for the run made once: the context rows
-    (conditional, then unconditional), the input buffers, the time input's array."""
-
-    def __init__(self, gen: Generator, b: int, c: np.ndarray, guided: bool, guidance):
-        self.backend = gen.backend
-        self.graph = gen.unet_graph
-        self.b, self.guided, self.guidance = b, guided, guidance
-        self.c = np.ascontiguousarray(c, dtype=np.float32)
-        rows = len(self.c)
-        self.x = np.empty((rows, *gen.bundle.image_shape), dtype=np.float32)
-        self.t = np.empty((rows, 1), dtype=np.float32)
-
-    def __call__(self, x: np.ndarray, t_value: float) -> np.ndarray:
-        b = self.b
-        self.x[:b] = x
-        if self.guided:
-            self.x[b:] = x
-        self.t.fill(t_value)
-        out = self.backend.run(self.graph, {"x": self.x, "t": self.t, "c": self.c})["eps"]
-        if not self.guided:
-            return out
-        cond, uncond = out[:b], out[b:]
-        return uncond + self.guidance * (cond - uncond)

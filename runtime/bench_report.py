@@ -1,0 +1,78 @@
+"""``ddpm-rt bench``'s table, from the result dictionary (also written as ``--json``)."""
+
+from __future__ import annotations
+
+
+def format_bench(r: dict) -> str:
+    lines = [
+        f"machine: {r['cpu']} ({r['cores']} cores), onnxruntime {r['onnxruntime']}, "
+        f"providers {','.join(r['providers'])}",
+    ]
+    peak, flops = r["peak_gflops"], r["unet_flops_per_image_step"]
+    lines.append(
+        "fp32 peak (ORT MatMul 1024^3): "
+        + (f"{peak:.0f} GFLOP/s" if isinstance(peak, float) else f"skipped: {peak['skipped']}")
+    )
+    lines.append(
+        "U-Net FLOPs per image-step: "
+        + (
+            f"{flops / 1e9:.3f} GFLOP"
+            if isinstance(flops, float)
+            else f"skipped: {flops['skipped']}"
+        )
+    )
+    d = r["default"]
+    lines.append(
+        f"defaults: {d['sampler']} {d['steps']} steps, guidance {d['guidance']:g}, "
+        f"U-Net {d['unet_precision']}"
+    )
+    if "unet_per_step" in r:
+        lines += ["", "U-Net per step        batch   ms (median)   p90   images/s   of fp32 peak"]
+        for name, rows in r["unet_per_step"].items():
+            if isinstance(rows, str):
+                lines.append(f"{name}: {rows}")
+            elif isinstance(rows, dict):
+                lines.append(f"{name:<20} skipped: {rows['skipped']}")
+            else:
+                for row in rows:
+                    frac = row.get("fraction_of_peak")
+                    lines.append(
+                        f"{name:<20} {row['batch']:>5}  {row['ms_per_step']:>12.2f}  "
+                        f"{row['p90_ms']:>5.2f}  {row['images_per_s_per_step']:>9.0f}  "
+                        + (f"{100 * frac:>6.0f} %" if frac is not None else "")
+                    )
+    if "end_to_end_1_image" in r:
+        lines += ["", "one image, batch 1           seconds   images/s   vs torch course DDPM"]
+        for name, row in r["end_to_end_1_image"].items():
+            if "skipped" in row:
+                lines.append(f"{name:<28} skipped: {row['skipped']}")
+                continue
+            vs = row.get("vs_torch_course")
+            lines.append(
+                f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
+                + (f"{vs:>8.1f}x" if vs else "")
+            )
+    for k, o in enumerate(r.get("sampler_overhead", [])):
+        lines.append(
+            ("\n" if k == 0 else "")
+            + f"sampler overhead ({o['setting']}, batch 1): step {o['step_ms']:.3f} ms, U-Net "
+            f"{o['unet_ms']:.3f} ms -> {100 * o['overhead_fraction']:.1f} % of a step"
+        )
+    if "cold_start" in r:
+        cs = r["cold_start"]
+        ours = cs["ddpm_rt"]
+        lines.append(
+            f'\ncold start `ddpm-rt --prompt "{r["prompt"]}"` (defaults): {ours["seconds"]:.2f} s, '
+            f"peak RSS {ours['peak_rss_mb']:.0f} MB, torch imported: {ours['torch_imported']}"
+        )
+        ts = cs["torch_script"]
+        if "skipped" in ts:
+            lines.append(f"torch script: skipped: {ts['skipped']}")
+        else:
+            lines.append(
+                f"torch script, same weights and settings: {ts['seconds']:.2f} s, peak RSS "
+                f"{ts['peak_rss_mb']:.0f} MB -> ddpm-rt {cs['speedup']:.1f}x faster"
+            )
+    for k, v in r.get("text_encoder_ms_per_prompt", {}).items():
+        lines.append(f"text encoder {k}: {v:.2f} ms per prompt (10 tokens, uncached)")
+    return "\n".join(lines)
