@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bench_probe import cpu_name, need, run_measured, time_it, peak_gflops, unet_flops
+from .bench_probe import cpu_name, need, peak_gflops, run_measured, time_it, unet_flops
 from .bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 from .config import GenerateConfig
 from .errors import first_line
