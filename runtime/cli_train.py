@@ -98,7 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     q = _need("export", "ddpm_rt.export.quantize")
-    q.quantize_bundle(args.bundle, force=args.force, log=lambda s: print(s, file=sys.stderr))
+    make = q.quantize_bundle if args.precision == "int8" else q.fp16_bundle
+    make(args.bundle, force=args.force, log=lambda s: print(s, file=sys.stderr))
     return 0
 
 
@@ -182,8 +183,11 @@ def add_train_parsers(sub, common) -> None:
     common(e)
     e.set_defaults(func=cmd_export)
 
-    qz = sub.add_parser("quantize", help="add the CPU int8 U-Net to a bundle (ddpm-rt[export])")
+    qz = sub.add_parser(
+        "quantize", help="add an int8 (CPU) or fp16 U-Net to a bundle (ddpm-rt[export])"
+    )
     qz.add_argument("bundle", help="bundle folder (its manifest is rewritten)")
+    qz.add_argument("--precision", choices=["int8", "fp16"], default="int8")
     qz.add_argument("--force", action="store_true", help="redo an existing int8 U-Net")
     common(qz)
     qz.set_defaults(func=cmd_quantize)

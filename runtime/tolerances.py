@@ -19,6 +19,11 @@ TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
     # sigma_t / alpha_t = 0.01, about one grey level). The judged quality in the model card
     # (recognition and Fréchet distance vs fp32) is the real check.
     ("ort", "int8"): {"min_mean_cosine": 0.98, "min_cosine_late": 0.99},
+    # fp16 U-Net (fp32 I/O) vs fp32 on recorded x_t: fp16 keeps ~3 significant digits, and
+    # rounding compounds through ~30 layers; measured max relative L2 error of eps 2.7e-3
+    # on the shipped model, so 1e-2 leaves room for other models without hiding a broken
+    # conversion (which errs by O(1)).
+    ("ort", "fp16"): {"max_rel_l2": 1e-2},
 }
 
 

@@ -24,7 +24,7 @@ def test_default_bundle_is_small_valid_and_text_conditioned():
     assert b.conditioning["text"]["default_precision"] == "int8"
     total = sum(p.stat().st_size for p in DEFAULT.parent.rglob("*") if p.is_file())
     assert total < 60e6, total  # models/ in all, precision variants included
-    assert set(b.unet_precisions) >= {"fp32", "int8"}
+    assert set(b.unet_precisions) >= {"fp32", "int8", "fp16"}
     assert (DEFAULT / "MODEL_CARD.md").is_file()
 
 

@@ -75,3 +75,20 @@ def test_quantize_adds_a_checked_int8_unet(trained, tmp_path):
     assert bundle.unet_precisions == {"fp32": "unet", "int8": INT8_GRAPH}
     gen = Generator(b, unet_precision="int8")
     assert gen.generate("red circle", num=2, sampler="ddim", steps=5).shape == (2, 16, 16, 3)
+
+
+def test_fp16_variant_is_checked_and_close(trained, tmp_path):
+    import shutil
+
+    from ddpm_rt import Bundle, Generator
+    from ddpm_rt.export.quantize import FP16_GRAPH, fp16_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(trained["bundle"], b)
+    entry = fp16_bundle(b, log=lambda s: None)
+    assert entry["checks"]["max_rel_l2"] < 1e-2
+    assert Bundle.load(b).unet_precisions == {"fp32": "unet", "fp16": FP16_GRAPH}
+    kw = {"num": 2, "sampler": "ddim", "steps": 5, "eta": 0.0, "seed": 4}
+    a = Generator(b).generate("red circle", **kw).astype(int)
+    h = Generator(b, unet_precision="fp16").generate("red circle", **kw).astype(int)
+    assert np.abs(a - h).max() <= 3  # deterministic sampler: fp16 rounding only
