@@ -20,6 +20,7 @@ tolerance table's ``("ort", "int8")`` entry, which says why it is a cosine).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
@@ -98,10 +99,8 @@ def quantize_bundle(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    bundle = Bundle.load(bundle_dir)
-    m = json.loads((bundle.path / MANIFEST).read_text())
-    if not force and INT8_GRAPH in m["graphs"]:
-        log(f"{bundle.path} already has an int8 U-Net (pass --force to redo it)")
+    bundle, m = _open_for_variant(bundle_dir, "int8", INT8_GRAPH, force, log)
+    if bundle is None:
         return m["unet_precisions"]["int8"]
     gen = Generator(bundle)
     prompts, contexts = calibration_contexts(gen)
@@ -183,10 +182,8 @@ def fp16_bundle(
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    bundle = Bundle.load(bundle_dir)
-    m = json.loads((bundle.path / MANIFEST).read_text())
-    if not force and FP16_GRAPH in m["graphs"]:
-        log(f"{bundle.path} already has an fp16 U-Net (pass --force to redo it)")
+    bundle, m = _open_for_variant(bundle_dir, "fp16", FP16_GRAPH, force, log)
+    if bundle is None:
         return m["unet_precisions"]["fp16"]
     gen = Generator(bundle)
     _, contexts = calibration_contexts(gen, limit=16)
@@ -222,6 +219,17 @@ def fp16_bundle(
     }
     _add_variant(bundle, m, "fp16", FP16_FILE, data, entry, log)
     return entry
+
+
+def _open_for_variant(bundle_dir, precision: str, graph: str, force: bool, log):
+    """(bundle, a copy of its manifest to extend), or (None, manifest) when the bundle
+    already has this variant and ``force`` is off."""
+    bundle = Bundle.load(bundle_dir)
+    m = copy.deepcopy(bundle.manifest)
+    if not force and graph in m["graphs"]:
+        log(f"{bundle.path} already has an {precision} U-Net (pass --force to redo it)")
+        return None, m
+    return bundle, m
 
 
 def _add_variant(
