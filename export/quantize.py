@@ -9,7 +9,8 @@ Runtime recommends int8/int8 for ARM, i.e. a Jetson's CPU, not for x86), per-ten
 quantise/dequantise pairs around them eat the gain). For comparison, an fp16 conversion
 (``onnxruntime.transformers.float16``, fp32 I/O) ran at 0.84-0.91x fp32 on this CPU. The
 TensorRT int8 variant is a separate,
-symmetric Q/DQ graph (the GPU path), so this file is named after its format.
+symmetric Q/DQ graph (the GPU path, ``--precision int8-qdq``), so each file is named after
+its format.
 
 Calibration: the fp32 bundle itself samples DDPM trajectories (all T steps) for many
 prompts -- the training captions of ``export/captions.py`` for a text bundle, every label for
@@ -33,10 +34,8 @@ from ddpm_rt.bundle import MANIFEST, Bundle
 from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.fileio import atomic_write
 from ddpm_rt.io_spec import unet_io
-from ddpm_rt.noise import ImageNoise
+from ddpm_rt.parity import record
 from ddpm_rt.pipeline import Generator
-from ddpm_rt.samplers import make_sampler, sample_loop
-from ddpm_rt.schedule import timestep_input
 from ddpm_rt.tolerances import TOLERANCES
 
 INT8_FILE = "unet.int8-qoperator-u8s8.onnx"
@@ -66,30 +65,30 @@ def calibration_contexts(gen: Generator, limit: int = 96) -> tuple[list[str], np
     return prompts, np.stack([gen.context(p) for p in prompts])
 
 
-def record(gen: Generator, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]:
-    """(x_t, t/T, c) feeds from DDPM trajectories, at every ``every``-th timestep (and t=1)."""
-    T = gen.schedule.timesteps
-    feeds = []
-    for start in range(0, len(contexts), batch):
-        c = contexts[start : start + batch]
-
-        def eps_fn(x, t, c=c):
-            if t % every == 0 or t == 1:
-                tt = np.full((len(x), 1), timestep_input(t, T), dtype=np.float32)
-                feeds.append({"x": x.copy(), "t": tt, "c": c})
-            return gen.eps(x, t, c)
-
-        noise = ImageNoise(start, range(len(c)))
-        sample_loop(
-            eps_fn, make_sampler("ddpm", gen.schedule), (len(c), *gen.bundle.image_shape), noise
-        )
-    return feeds
+QDQ_FILE = "unet.int8-qdq-s8s8.onnx"
+QDQ_GRAPH = "unet_int8_qdq"
+QDQ_FORMAT = (
+    "ONNX QuantizeLinear/DequantizeLinear (QDQ); symmetric int8 activations and per-channel "
+    "int8 weights, zero-point 0 (what TensorRT's explicit quantisation consumes); Conv, "
+    "MatMul, Gemm quantised; static MinMax calibration"
+)
+# TensorRT's explicit quantisation takes int8 Q/DQ with zero-point 0 only; weights
+# per-channel along the output-channel axis. ConvTranspose stays float: its per-channel
+# axis (1) is the one layouts disagree on, and it is 2 of the graph's ~30 layers.
+QDQ_OPS = ["Conv", "MatMul", "Gemm"]
 
 
 def quantize_bundle(
-    bundle_dir: str | Path, force: bool = False, log: Callable[[str], None] = print
+    bundle_dir: str | Path,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    precision: str = "int8",
 ) -> dict:
-    """Add the CPU int8 U-Net to a bundle (rewrites its manifest: the digest changes)."""
+    """Add an int8 U-Net to a bundle (rewrites its manifest: the digest changes).
+
+    ``precision`` ``int8``: the CPU graph (QOperator, u8 activations, fastest on ONNX
+    Runtime's x86 CPU); ``int8-qdq``: the symmetric Q/DQ graph for TensorRT (also runs, more
+    slowly, on ONNX Runtime's CPU, which is how it is checked here)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -99,9 +98,19 @@ def quantize_bundle(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    bundle, m = _open_for_variant(bundle_dir, "int8", INT8_GRAPH, force, log)
+    qdq = precision == "int8-qdq"
+    graph_name, file, fmt = (
+        (QDQ_GRAPH, QDQ_FILE, QDQ_FORMAT)
+        if qdq
+        else (
+            INT8_GRAPH,
+            INT8_FILE,
+            INT8_FORMAT,
+        )
+    )
+    bundle, m = _open_for_variant(bundle_dir, precision, graph_name, force, log)
     if bundle is None:
-        return m["unet_precisions"]["int8"]
+        return m["unet_precisions"][precision]
     gen = Generator(bundle)
     prompts, contexts = calibration_contexts(gen)
     every = max(1, gen.schedule.timesteps // 40)
@@ -120,6 +129,27 @@ def quantize_bundle(
         def get_next(self):
             return next(self.it, None)
 
+    if qdq:
+        options = dict(
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QDQ_OPS,
+            activation_type=QuantType.QInt8,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # TensorRT quantises int8 only: a bias quantised to int32 (ONNX Runtime's
+                # default) would be a DequantizeLinear it cannot take; it stays float.
+                "QuantizeBias": False,
+                "DedicatedQDQPair": True,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            },
+        )
+    else:
+        options = dict(
+            quant_format=QuantFormat.QOperator,
+            op_types_to_quantize=OPS,
+            activation_type=QuantType.QUInt8,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         (Path(tmp) / "fp32.onnx").write_bytes(bundle.graph_bytes("unet"))
@@ -128,26 +158,28 @@ def quantize_bundle(
             str(pre),
             str(out),
             Reader(),
-            quant_format=QuantFormat.QOperator,
-            op_types_to_quantize=OPS,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            **options,
         )
         data = out.read_bytes()
+    if qdq:
+        why = qdq_problems(data)
+        if why:
+            raise QuantizeError(f"the Q/DQ graph is not what TensorRT consumes: {why}")
     cos, ts = _parity(gen, data, check)
     late = ts > gen.schedule.timesteps // 10
     tol = TOLERANCES[("ort", "int8")]
     log(
-        f"int8 vs fp32 eps on held-out x_t: mean cosine {cos.mean():.5f}, min {cos.min():.4f} "
-        f"(t > T/10: min {cos[late].min():.5f})"
+        f"{precision} vs fp32 eps on held-out x_t: mean cosine {cos.mean():.5f}, "
+        f"min {cos.min():.4f} (t > T/10: min {cos[late].min():.5f})"
     )
     if cos.mean() < tol["min_mean_cosine"] or cos[late].min() < tol["min_cosine_late"]:
-        raise QuantizeError(f"int8 U-Net misses its parity check {tol}")
+        raise QuantizeError(f"{precision} U-Net misses its parity check {tol}")
     entry = {
-        "graph": INT8_GRAPH,
-        "format": INT8_FORMAT,
+        "graph": graph_name,
+        "format": fmt,
         "calibration": {"prompts": len(prompts), "batches": len(calib), "every_timesteps": every},
         "checks": {
             "heldout_batches": len(check),
@@ -156,8 +188,33 @@ def quantize_bundle(
             "min_cosine_t_over_T_10": float(cos[late].min()),
         },
     }
-    _add_variant(bundle, m, "int8", INT8_FILE, data, entry, log)
+    _add_variant(bundle, m, precision, file, data, entry, log)
     return entry
+
+
+def qdq_problems(data: bytes) -> str | None:
+    """Why a graph is not a symmetric int8 Q/DQ graph (None when it is): every
+    QuantizeLinear/DequantizeLinear must have an int8 zero-point equal to 0, and there must
+    be no QOperator (QLinear*, ConvInteger, MatMulInteger) nodes."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load_from_string(data).graph
+    inits = {i.name: i for i in g.initializer}
+    qdq = 0
+    for node in g.node:
+        if node.op_type.startswith("QLinear") or node.op_type.endswith("Integer"):
+            return f"node {node.name} is {node.op_type} (QOperator), not Q/DQ"
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            qdq += 1
+            if len(node.input) < 3 or node.input[2] not in inits:
+                return f"{node.op_type} {node.name} has no constant zero-point"
+            zp = inits[node.input[2]]
+            if zp.data_type != onnx.TensorProto.INT8:
+                return f"{node.op_type} {node.name} has a zero-point of type {zp.data_type}"
+            if np.any(numpy_helper.to_array(zp) != 0):
+                return f"{node.op_type} {node.name} has a non-zero zero-point"
+    return None if qdq else "it has no QuantizeLinear/DequantizeLinear nodes"
 
 
 FP16_FILE = "unet.fp16.onnx"

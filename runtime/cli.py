@@ -18,7 +18,19 @@ import sys
 
 from .errors import DdpmRtError, first_line
 
-SUBCOMMANDS = ("generate", "info", "bench", "train", "export", "quantize", "eval", "text", "data")
+SUBCOMMANDS = (
+    "generate",
+    "info",
+    "bench",
+    "train",
+    "export",
+    "quantize",
+    "eval",
+    "text",
+    "data",
+    "build-engines",
+    "doctor",
+)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -43,6 +55,7 @@ def build_parser():
 
     from . import __version__
     from .cli_generate import add_generate_parsers
+    from .cli_gpu import add_gpu_parsers
     from .cli_train import add_train_parsers
 
     p = argparse.ArgumentParser(prog="ddpm-rt", description=__doc__.splitlines()[0])
@@ -54,6 +67,7 @@ def build_parser():
 
     add_generate_parsers(sub, common)
     add_train_parsers(sub, common)
+    add_gpu_parsers(sub, common)
     return p
 
 

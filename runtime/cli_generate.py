@@ -111,7 +111,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     # 3. The graphs, checked against the bundle; then the work.
     gen = Generator(
-        bundle, backend=args.backend, providers=providers, text_precision=args.text_precision
+        bundle,
+        backend=args.backend,
+        providers=providers,
+        text_precision=args.text_precision,
+        threads=args.threads,
+        unet_precision=args.unet_precision,
+        engine_cache=args.engine_cache,
     )
     frames: dict[int, np.ndarray] = {}  # step within a chunk -> x̂0 of every image
     every = 1 if trajectory is not None else (args.preview_every or 0)
@@ -313,10 +319,16 @@ def add_generate_parsers(sub, common) -> None:
     )
     g.add_argument(
         "--unet-precision",
-        choices=["fp32", "fp16", "int8"],
+        choices=["fp32", "fp16", "int8", "int8-qdq"],
         help="U-Net precision, if the bundle has it (default: see the model card)",
     )
-    g.add_argument("--backend", default="ort", choices=["ort"])
+    g.add_argument(
+        "--backend",
+        default="ort",
+        choices=["ort", "trt"],
+        help="ort: ONNX Runtime (--providers); trt: TensorRT engines from build-engines",
+    )
+    g.add_argument("--engine-cache", help="TensorRT engine cache folder (default: per-user)")
     g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
     g.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")
     g.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")

@@ -98,8 +98,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     q = _need("export", "ddpm_rt.export.quantize")
-    make = q.quantize_bundle if args.precision == "int8" else q.fp16_bundle
-    make(args.bundle, force=args.force, log=lambda s: print(s, file=sys.stderr))
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if args.precision == "fp16":
+        q.fp16_bundle(args.bundle, force=args.force, log=log)
+    else:
+        q.quantize_bundle(args.bundle, force=args.force, log=log, precision=args.precision)
     return 0
 
 
@@ -158,6 +161,7 @@ def add_train_parsers(sub, common) -> None:
         ("sample-every", int),
         ("checkpoint-every", int),
         ("n-feat", int),
+        ("blocks", int),
         ("timesteps", int),
         ("beta-start", float),
         ("beta-end", float),
@@ -167,6 +171,14 @@ def add_train_parsers(sub, common) -> None:
         "--context-gate",
         choices=["linear", "tanh"],
         help="context multiplier: linear (course) or 1+tanh (bounded)",
+    )
+    t.add_argument(
+        "--attention", action="store_true", default=None, help="self-attention at H/4 x W/4"
+    )
+    t.add_argument(
+        "--null-context",
+        choices=["zero", "learned"],
+        help="unconditional input: zeros (course) or a learned vector inside the graph",
     )
     t.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
     t.add_argument("--no-progress", action="store_true")
@@ -187,7 +199,12 @@ def add_train_parsers(sub, common) -> None:
         "quantize", help="add an int8 (CPU) or fp16 U-Net to a bundle (ddpm-rt[export])"
     )
     qz.add_argument("bundle", help="bundle folder (its manifest is rewritten)")
-    qz.add_argument("--precision", choices=["int8", "fp16"], default="int8")
+    qz.add_argument(
+        "--precision",
+        choices=["int8", "int8-qdq", "fp16"],
+        default="int8",
+        help="int8: CPU graph (ONNX Runtime); int8-qdq: symmetric Q/DQ for TensorRT; fp16",
+    )
     qz.add_argument("--force", action="store_true", help="redo an existing int8 U-Net")
     common(qz)
     qz.set_defaults(func=cmd_quantize)
@@ -243,8 +260,9 @@ def add_train_parsers(sub, common) -> None:
     em.add_argument("--size", type=int, default=16)
     em.add_argument(
         "--concepts",
-        default="default",
-        help="default (about 100 common emoji), all, or a string of emoji",
+        default="everyday",
+        help="everyday (the default model's ~430), classic (the previous 107), all, "
+        "or a string of emoji",
     )
     em.add_argument("--styles", help="comma-separated subset of openmoji,noto,emojione,twemoji")
     common(em)

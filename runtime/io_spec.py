@@ -123,3 +123,40 @@ def text_encoder_io(dim: int) -> GraphIO:
         ),
         outputs=(TensorSpec("embedding", "float32", ("batch", dim)),),
     )
+
+
+def profile_shapes(
+    spec: GraphIO, batch: tuple[int, int, int], sequence: tuple[int, int, int] | None = None
+) -> dict[str, list[list[int]]]:
+    """TensorRT optimisation-profile shapes, input name -> [min, opt, max], from the spec:
+    the ``batch`` axis takes ``batch`` (min, opt, max), a ``sequence`` axis ``sequence``,
+    fixed dimensions stay as they are. Any other dynamic axis has no range to give it."""
+    ranges = {"batch": batch, "sequence": sequence}
+    for name, r in ranges.items():
+        if r is not None and not (
+            len(r) == 3 and all(isinstance(v, int) and v >= 1 for v in r) and r[0] <= r[1] <= r[2]
+        ):
+            raise ValueError(f"{name} range must be 1 <= min <= opt <= max, got {r}")
+    out = {}
+    for t in spec.inputs:
+        shapes: list[list[int]] = [[], [], []]
+        for d in t.shape:
+            if isinstance(d, int):
+                for s in shapes:
+                    s.append(d)
+            elif ranges.get(d) is not None:
+                for s, v in zip(shapes, ranges[d], strict=True):
+                    s.append(v)
+            else:
+                raise ValueError(f"input {t.name!r}: no range for its dynamic axis {d!r}")
+        out[t.name] = shapes
+    return out
+
+
+def unet_batch_range(max_images: int, guidance: bool = True) -> tuple[int, int, int]:
+    """U-Net batch (min, opt, max) for calls of up to ``max_images`` images: guidance runs
+    the conditional and unconditional rows in one call, so its batch is twice as large."""
+    if not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max images per call must be an integer >= 1, got {max_images!r}")
+    rows = 2 * max_images if guidance else max_images
+    return (1, max_images, rows)

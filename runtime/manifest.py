@@ -45,7 +45,7 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _GRAPH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 CONDITIONING_KINDS = ("label", "text", "vector")
-UNET_PRECISIONS = ("fp32", "fp16", "int8")
+UNET_PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 
 
 class _Fail(Exception):

@@ -55,12 +55,16 @@ class Generator:
         expected_digest: str | None = None,
         threads: int | None = None,
         unet_precision: str | None = None,
+        engine_cache: str | Path | None = None,
     ):
         """``expected_digest``: the sha256 of the bundle's manifest.json, from a trusted
         place; a bundle with another digest is refused (``ddpm-rt info`` prints it).
         ``threads``: ONNX Runtime's intra-op threads (default: its own, the physical cores).
         ``unet_precision``: ``fp32`` or a variant the bundle lists (``int8``); default
-        :data:`DEFAULT_UNET_PRECISION` when the bundle has it, else fp32."""
+        :data:`DEFAULT_UNET_PRECISION` when the bundle has it, else fp32.
+        ``backend="trt"``: the U-Net runs on TensorRT engines built on this machine by
+        ``ddpm-rt build-engines`` into ``engine_cache`` (default: the per-user cache); its
+        ``int8`` is the bundle's symmetric Q/DQ graph (``int8-qdq``)."""
         if threads is not None:
             check_int("threads", threads, 1, MAX_THREADS)
         if isinstance(bundle, Bundle):
@@ -85,12 +89,17 @@ class Generator:
             unet_precision = (
                 DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
             )
-        if not isinstance(unet_precision, str) or unet_precision not in variants:
+        trt_int8 = backend == "trt" and unet_precision == "int8" and "int8-qdq" in variants
+        if not isinstance(unet_precision, str) or (unet_precision not in variants and not trt_int8):
             raise InputError(
                 f"this bundle's U-Net comes in {', '.join(variants)}, not {unet_precision!r:.20}"
             )
         self.unet_precision = unet_precision
-        self.unet_graph = variants[unet_precision]
+        self.unet_graph = variants.get(unet_precision)
+        if backend == "trt":
+            from .trt_build import unet_graph_for
+
+            self.unet_graph = unet_graph_for(self.bundle, unet_precision)
         cond = self.bundle.conditioning
         if cond["kind"] == "text":
             t = cond["text"]
@@ -103,7 +112,14 @@ class Generator:
             self.text_precision = precision
         elif text_precision is not None:
             raise InputError("text precision applies to text-conditioned bundles only")
-        self.backend = make_backend(backend, self.bundle, providers, threads=threads)
+        cache = None
+        if engine_cache is not None:
+            from .engine_cache import EngineCache
+
+            cache = EngineCache(engine_cache)
+        self.backend = make_backend(
+            backend, self.bundle, providers, threads=threads, engine_cache=cache
+        )
         # Sessions the generation path uses are created (and checked) now, not mid-call.
         self.backend.session(self.unet_graph)
         if cond["kind"] == "text":

@@ -8,7 +8,8 @@ of paraphrase templates is held out of training for evaluation. Writes, determin
     DIR/images/<style>_<codepoints>.png    DIR/metadata.jsonl (imagefolder: file_name, text)
     DIR/emoji.npz  images (N,H,W,3) uint8, labels (N,) concept index, label_names (K,) names,
                    emoji (K,) characters, styles (N,), captions (N,) "\\n"-joined alternatives,
-                   heldout (K,) "\\n"-joined held-out paraphrases per concept
+                   heldout (K,) "\\n"-joined held-out paraphrases per concept,
+                   paraphrases (K,) "\\n"-joined free paraphrases ("" for most concepts)
     DIR/ATTRIBUTION.md                     sources, licences, counts
 """
 
@@ -24,18 +25,27 @@ from ddpm_rt.errors import InputError
 from ddpm_rt.fileio import atomic_write
 
 from .emoji_sources import LICENCES, gemojione_keywords, open_sources
+from .paraphrases import FREE_PARAPHRASES
 
 STYLES = ("openmoji", "noto", "emojione", "twemoji")
 BACKGROUND = (255, 255, 255)
 
-# The default concept set: common emoji with distinct shapes and colours.
-DEFAULT_CONCEPTS = (
+# The previous default model's 107 concepts ("classic"); kept to compare models on them.
+CLASSIC_CONCEPTS = (
     "🍎🍏🍌🍇🍉🍊🍋🍓🍒🍑🍍🥝🥑🍆🥕🌽🍄🍕🍔🍟🌭🍩🍪🎂🍦🧀🥚🍞"
     "😀😂😍😎😡😢😱😴🤔😉🤢🥶🥵👻💀👽🤖💩🤡😇"
     "🐶🐱🐭🐰🦊🐻🐼🐨🐯🦁🐮🐷🐸🐵🐔🐧🐤🦄🐙🐢🐍🐳🐟🦋🐝🐞"
     "❤💙💚💛💜⭐☀🌙☁🌈⚡🔥❄💧🌵🌲🌻🌹🍀"
     "⚽🏀🚗🚀✈🏠⏰🔑🎁🎈👑💎🔔📚"
 )
+EVERYDAY_FILE = Path(__file__).with_name("everyday_concepts.tsv")
+
+
+def everyday_concepts() -> list[str]:
+    """The default set (about 430 everyday emoji), written by scripts/concept_set.py."""
+    lines = EVERYDAY_FILE.read_text(encoding="utf-8").splitlines()
+    return [ln.split("\t")[0] for ln in lines if ln and not ln.startswith("#")]
+
 
 # Training captions; the held-out templates never appear in training data.
 TRAIN_TEMPLATES = (
@@ -64,12 +74,14 @@ def concept_name(ch: str) -> str:
 
 
 def concept_list(which: str) -> list[str]:
-    """'default' (about 100 common emoji), 'all' (every fully-qualified single emoji), or a
-    string of emoji characters."""
+    """'everyday' (the default set, about 430), 'classic' (the previous model's 107), 'all'
+    (every fully-qualified single emoji), or a string of emoji characters."""
     import emoji
 
-    if which == "default":
-        return list(DEFAULT_CONCEPTS)
+    if which in ("everyday", "default"):
+        return everyday_concepts()
+    if which == "classic":
+        return list(CLASSIC_CONCEPTS)
     if which == "all":
         return sorted(
             ch
@@ -87,6 +99,15 @@ def captions_for(name: str, keywords: list[str]) -> tuple[list[str], list[str]]:
         train.append(f"{name.split()[-1]}, {', '.join(kw[:2])}")
     held = [t.format(name=name) for t in HELDOUT_TEMPLATES]
     return train, held
+
+
+def _free_paraphrases(ch: str, train: list[str]) -> list[str]:
+    """This concept's free paraphrases; one that equals a training caption is a bug."""
+    out = list(FREE_PARAPHRASES.get(ch.replace("\ufe0f", ""), ()))
+    clash = {p.lower() for p in out} & {t.lower() for t in train}
+    if clash:
+        raise InputError(f"free paraphrase equals a training caption: {sorted(clash)}")
+    return out
 
 
 def build_emoji(
@@ -107,11 +128,12 @@ def build_emoji(
     names = [concept_name(ch) for ch in chars]
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, labels, styles_of, caps, rows = [], [], [], [], []
-    heldout = []
+    heldout, free = [], []
     counts = {s.name: 0 for s in sources}
     for k, (ch, name) in enumerate(zip(chars, names, strict=True)):
         train, held = captions_for(name, keywords.get(ch.replace("\ufe0f", ""), []))
         heldout.append("\n".join(held))
+        free.append("\n".join(_free_paraphrases(ch, train)))
         for src in sources:
             rgba = src.render(ch)
             if rgba is None:
@@ -139,6 +161,7 @@ def build_emoji(
         "styles": np.array(styles_of),
         "captions": np.array(caps),
         "heldout": np.array(heldout),
+        "paraphrases": np.array(free),
     }
     atomic_write(out / "emoji.npz", lambda f: np.savez_compressed(f, **arrays))
     lines = [

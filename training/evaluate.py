@@ -3,8 +3,9 @@
 1. Train the judge (:mod:`.judge`) on all but one art style and report its accuracy on the
    held-out style (is it a fair judge of unseen drawings?), then train it on every style.
 2. For each sampler setting, generate ``per_concept`` images per emoji from (a) a training
-   caption (the emoji's name) and (b) held-out paraphrases never seen in training, through
-   the runtime ``Generator`` exactly as a user would.
+   caption (the emoji's name), (b) held-out template paraphrases never seen in training and
+   (c) where the data set has them, the free paraphrases written for about 50 concepts
+   (:mod:`.paraphrases`), through the runtime ``Generator`` exactly as a user would.
 3. Report recognition@1/@5 (the prompted emoji among the judge's top 1/5) and the Fréchet
    distance between judge features of generated and real images.
 """
@@ -140,7 +141,15 @@ def evaluate(
 
     # (2)+(3) Generate and score.
     gens = {}
-    heldout = [str(h).split("\n") for h in d["heldout"]]
+    # (kind -> per concept, the prompts to cycle through; an empty list skips the concept)
+    prompt_sets = {
+        "train_captions": [[n] for n in names],
+        "heldout_paraphrases": [str(h).split("\n") for h in d["heldout"]],
+    }
+    if "paraphrases" in d:  # data sets built before the free paraphrases lack them
+        prompt_sets["free_paraphrases"] = [
+            [p for p in str(h).split("\n") if p] for h in d["paraphrases"]
+        ]
     guidances = (guidance,) if isinstance(guidance, (int, float)) else tuple(guidance)
     report["settings"] = {}
     for setting in settings:
@@ -157,13 +166,13 @@ def evaluate(
                 "precision": precision,
                 "cost": cost(setting, g, gen.schedule.timesteps),
             }
-            for kind in ("train_captions", "heldout_paraphrases"):
+            for kind, sets in prompt_sets.items():
                 t0 = time.perf_counter()
                 prompts, want = [], []
                 for c in range(k):
-                    for i in range(per_concept):
-                        h = heldout[c][i % len(heldout[c])]
-                        prompts.append(names[c] if kind == "train_captions" else h)
+                    alternatives = sets[c]
+                    for i in range(per_concept if alternatives else 0):
+                        prompts.append(alternatives[i % len(alternatives)])
                         want.append(c)
                 ctx = np.stack([gen.context(p) for p in prompts])
                 gen_imgs = gen.generate(

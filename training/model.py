@@ -40,6 +40,12 @@ class UNetConfig:
     # c_emb * h; "tanh" bounds the multiplier as (1 + tanh(c_emb)) * h, so the null context
     # and unseen prompts cannot flip or blow up features (better behaved under guidance).
     context_gate: str = "linear"
+    # Capacity knobs (issue 11), defaults = the course architecture:
+    blocks: int = 2  # residual conv blocks per down/up level
+    attention: bool = False  # self-attention over the H/4 x W/4 features
+    # "learned": a trained vector replaces an all-zero context inside the graph, so the
+    # runtime's null context (zeros) keeps meaning "unconditional" at the interface.
+    null_context: str = "zero"
 
     def __post_init__(self):
         if self.height % 4 or self.width % 4 or self.height < 4 or self.width < 4:
@@ -50,6 +56,10 @@ class UNetConfig:
             raise InputError(f"context_dim must be >= 1, got {self.context_dim}")
         if self.context_gate not in ("linear", "tanh"):
             raise InputError(f"context_gate must be linear or tanh, got {self.context_gate!r}")
+        if not 1 <= self.blocks <= 8:
+            raise InputError(f"blocks must be in [1, 8], got {self.blocks}")
+        if self.null_context not in ("zero", "learned"):
+            raise InputError(f"null_context must be zero or learned, got {self.null_context!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,30 +89,48 @@ class ResidualConvBlock(nn.Module):
         return (self.shortcut(x) + h) / 1.414  # keep the variance of the sum near 1
 
 
+def _blocks(in_ch: int, out_ch: int, groups: int, n: int) -> list[nn.Module]:
+    return [ResidualConvBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(n)]
+
+
 class UnetDown(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, blocks: int = 2):
         super().__init__()
-        self.model = nn.Sequential(
-            ResidualConvBlock(in_ch, out_ch, groups),
-            ResidualConvBlock(out_ch, out_ch, groups),
-            nn.MaxPool2d(2),
-        )
+        self.model = nn.Sequential(*_blocks(in_ch, out_ch, groups, blocks), nn.MaxPool2d(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
 class UnetUp(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, blocks: int = 2):
         super().__init__()
         self.model = nn.Sequential(
-            nn.ConvTranspose2d(in_ch, out_ch, 2, 2),
-            ResidualConvBlock(out_ch, out_ch, groups),
-            ResidualConvBlock(out_ch, out_ch, groups),
+            nn.ConvTranspose2d(in_ch, out_ch, 2, 2), *_blocks(out_ch, out_ch, groups, blocks)
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.model(torch.cat((x, skip), 1))
+
+
+class SelfAttention(nn.Module):
+    """Residual multi-head self-attention over the positions of a (B, C, H, W) map, written
+    with 1x1 convolutions, MatMul and Softmax only (plain ONNX ops every backend runs)."""
+
+    def __init__(self, channels: int, groups: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, d, h * w).unbind(1)
+        weights = torch.softmax(q.transpose(-1, -2) @ k * d**-0.5, dim=-1)  # (B, heads, N, N)
+        out = (v @ weights.transpose(-1, -2)).reshape(b, c, h, w)
+        return x + self.proj(out)
 
 
 class EmbedFC(nn.Module):
@@ -125,8 +153,12 @@ class ContextUnet(nn.Module):
         self.config = config
         n, g, d = config.n_feat, config.groups, config.context_dim
         self.init_conv = ResidualConvBlock(config.in_channels, n, g, is_res=True)
-        self.down1 = UnetDown(n, n, g)
-        self.down2 = UnetDown(n, 2 * n, g)
+        nb = config.blocks
+        self.down1 = UnetDown(n, n, g, nb)
+        self.down2 = UnetDown(n, 2 * n, g, nb)
+        self.attn = SelfAttention(2 * n, g) if config.attention else nn.Identity()
+        if config.null_context == "learned":
+            self.null = nn.Parameter(torch.zeros(d))
         self.to_vec = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.GELU())
         self.timeembed1 = EmbedFC(1, 2 * n)
         self.timeembed2 = EmbedFC(1, n)
@@ -136,8 +168,8 @@ class ContextUnet(nn.Module):
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n, 2 * n, k, k), nn.GroupNorm(g, 2 * n), nn.ReLU()
         )
-        self.up1 = UnetUp(4 * n, n, g)
-        self.up2 = UnetUp(2 * n, n, g)
+        self.up1 = UnetUp(4 * n, n, g, nb)
+        self.up2 = UnetUp(2 * n, n, g, nb)
         self.out = nn.Sequential(
             nn.Conv2d(2 * n, n, 3, 1, 1),
             nn.GroupNorm(g, n),
@@ -152,7 +184,9 @@ class ContextUnet(nn.Module):
         n = self.config.n_feat
         x = self.init_conv(x)  # (B, n, H, W)
         down1 = self.down1(x)  # (B, n, H/2, W/2)
-        down2 = self.down2(down1)  # (B, 2n, H/4, W/4)
+        down2 = self.attn(self.down2(down1))  # (B, 2n, H/4, W/4)
+        if self.config.null_context == "learned":  # an all-zero context row -> the learned null
+            c = torch.where((c == 0).all(dim=1, keepdim=True), self.null.expand_as(c), c)
         hidden = self.to_vec(down2)  # (B, 2n, 1, 1)
         cemb1 = self._gate(self.contextembed1(c)).view(-1, 2 * n, 1, 1)
         temb1 = self.timeembed1(t).view(-1, 2 * n, 1, 1)

@@ -62,6 +62,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps
     n_feat: int = 64
     context_gate: str = "linear"  # "tanh": bounded multiplier 1 + tanh(c_emb)
+    blocks: int = 2  # residual blocks per U-Net level
+    attention: bool = False  # self-attention at the lowest resolution
+    null_context: str = "zero"  # "learned": a trained vector stands in for the zero context
     timesteps: int = 500
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -126,6 +129,9 @@ class Trainer:
             height=h,
             width=w,
             context_gate=cfg.context_gate,
+            blocks=cfg.blocks,
+            attention=cfg.attention,
+            null_context=cfg.null_context,
         )
         self.schedule = NoiseSchedule(ScheduleConfig(cfg.timesteps, cfg.beta_start, cfg.beta_end))
         self.alpha_bar = torch.from_numpy(self.schedule.alpha_bar).to(self.device)
@@ -325,7 +331,7 @@ class Trainer:
 
     def _load_state(self) -> None:
         meta = read_checkpoint_config(self.out)
-        if meta["unet"] != self.unet_config.to_dict():
+        if UNetConfig.from_dict(meta["unet"]) != self.unet_config:
             raise CheckpointError(
                 f"checkpoint in {self.out} was trained with a different model or data shape "
                 f"({meta['unet']}); use another --out"

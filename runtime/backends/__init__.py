@@ -13,23 +13,33 @@ from __future__ import annotations
 from ..bundle import Bundle
 from ..errors import InputError
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "trt")
 
 
 def make_backend(
-    name: str, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None
+    name: str,
+    bundle: Bundle,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    engine_cache=None,
 ):
-    if name == "ort":
-        from .ort import OrtBackend
+    """``ort``: ONNX Runtime with ``providers`` (default CPU). ``trt``: the U-Net on TensorRT
+    engines from ``engine_cache`` (an EngineCache, default the per-user one), the text
+    encoder on ONNX Runtime with ``providers``."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
+    if name == "trt":
+        from .trt import TrtBackend
 
-        return OrtBackend(
-            {g: (lambda g=g: bundle.open_verified(bundle.graphs[g].file)) for g in bundle.graphs},
-            specs=bundle.graphs,
-            providers=providers,
-            threads=threads,
-            hashes={
-                g: bundle.manifest["files"][spec.file]["sha256"]
-                for g, spec in bundle.graphs.items()
-            },
-        )
-    raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
+        return TrtBackend(bundle, make_backend("ort", bundle, providers, threads), engine_cache)
+    from .ort import OrtBackend
+
+    return OrtBackend(
+        {g: (lambda g=g: bundle.open_verified(bundle.graphs[g].file)) for g in bundle.graphs},
+        specs=bundle.graphs,
+        providers=providers,
+        threads=threads,
+        hashes={
+            g: bundle.manifest["files"][spec.file]["sha256"] for g, spec in bundle.graphs.items()
+        },
+    )

@@ -36,6 +36,35 @@ def _options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def provider_list(providers: list[str]) -> list:
+    """Providers with the options this runtime sets: the TensorRT execution provider keeps
+    its engines and timing cache in the per-user cache (never in a bundle), one folder per
+    ONNX Runtime version (each onnxruntime-gpu release links its own TensorRT). Precision
+    is not set here (no ``trt_fp16_enable``/``trt_int8_enable``): it comes from the graph
+    fed (``--unet-precision fp16`` or ``int8-qdq``)."""
+    out: list = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            folder = ort_cache.cache_root() / "ort-trt" / ort.__version__
+            out.append(
+                (
+                    p,
+                    {
+                        "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": str(folder),
+                        "trt_timing_cache_enable": True,
+                        "trt_timing_cache_path": str(folder),
+                    },
+                )
+            )
+        else:
+            out.append(p)
+    return out
+
+
 def live_spec(name: str, sess: ort.InferenceSession) -> GraphIO:
     """The I/O of a loaded session, in the bundle's spec terms (dynamic dims as '?')."""
 
@@ -92,6 +121,9 @@ class OrtBackend:
         self._lock = threading.Lock()  # sessions are created once, then shared by threads
         self._names: dict[str, list[str]] = {}
         self._accepted: dict[tuple, tuple] = {}  # (graph, input shapes) -> output shapes
+        # on a GPU provider, device buffers are bound once per thread, graph and shapes
+        self._gpu = any(p in GPU_PROVIDERS for p in providers)
+        self._bindings = threading.local()
 
     def session(self, graph: str) -> ort.InferenceSession:
         sess = self._sessions.get(graph)
@@ -136,7 +168,13 @@ class OrtBackend:
 
     def _session(self, graph: str, source, opts) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(source, sess_options=opts, providers=self.providers)
+            if self._gpu and graph in self.specs:
+                # the TensorRT provider's engine folder must exist before it writes there
+                for _, o in (p for p in provider_list(self.providers) if isinstance(p, tuple)):
+                    Path(o["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+            return ort.InferenceSession(
+                source, sess_options=opts, providers=provider_list(self.providers)
+            )
         except Exception as e:  # ORT raises its own untyped errors
             msg = first_line(e)
             if "xternal data" in msg:
@@ -146,7 +184,7 @@ class OrtBackend:
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session(graph)
         try:
-            outs = sess.run(None, feeds)
+            outs = self._run_bound(graph, sess, feeds) if self._gpu else sess.run(None, feeds)
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed running {graph}: {first_line(e)}") from None
         result = dict(zip(self._output_names(graph, sess), outs, strict=True))
@@ -162,6 +200,30 @@ class OrtBackend:
                     raise BackendError(f"graph {graph!r} returned {why}")
                 self._accepted[(graph, seen)] = got
         return result
+
+    def _run_bound(self, graph: str, sess, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run with IO binding: device input/output buffers for these shapes are allocated
+        once (per thread) and reused every step; inputs are copied in place."""
+        table = getattr(self._bindings, "table", None)
+        if table is None:
+            table = self._bindings.table = {}
+        key = (graph, tuple((k, v.shape, v.dtype.str) for k, v in feeds.items()))
+        entry = table.get(key)
+        if entry is None:
+            binding = sess.io_binding()
+            values = {}
+            for name, arr in feeds.items():
+                values[name] = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
+                binding.bind_ortvalue_input(name, values[name])
+            for name in self._output_names(graph, sess):
+                binding.bind_output(name, "cuda", 0)
+            entry = table[key] = (binding, values)
+        else:
+            binding, values = entry
+            for name, arr in feeds.items():
+                values[name].update_inplace(np.ascontiguousarray(arr))
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def _output_names(self, graph: str, sess) -> list[str]:
         names = self._names.get(graph)

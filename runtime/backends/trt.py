@@ -1,0 +1,230 @@
+"""TensorRT backend (no PyTorch): the U-Net runs as an engine from the per-user cache.
+
+* Engines come only from :class:`~ddpm_rt.engine_cache.EngineCache` (built on this machine by
+  ``ddpm-rt build-engines``), chosen by the sha256 of the bundle's verified ONNX graph; before
+  use, the record's TensorRT version, GPU and graph hash are compared with this machine's and
+  a mismatch says exactly what to rebuild. The plan's bytes are checked against its record.
+* Device memory and streams through cuda-python (``cuda.bindings.runtime``). Each thread that
+  calls :meth:`run` gets its own execution context, stream, device buffers (sized for the
+  profile's largest shapes, allocated once) and pinned host buffers, so one ``Generator`` may
+  serve several threads.
+* Per call: ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` (TensorRT
+  10/11 name-based API); the sampling loop stays NumPy on the host, x_t in and eps out.
+  Optional CUDA-graph capture replays the captured launch for a batch already seen.
+* A batch larger than the engine's profile is run in slices of the profile's maximum.
+* The text encoder stays on ONNX Runtime (see :mod:`ddpm_rt.trt_build`); NaN/Inf in eps is
+  caught by the sampling loop's per-step check, which names the step, backend and precision.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+
+from .. import gpu
+from ..engine_cache import EngineCache
+from ..errors import BackendError
+from ..io_spec import GraphIO
+
+
+class _Context:
+    """One execution context with its stream and buffers (used by one thread)."""
+
+    def __init__(self, engine, rt, names, max_shapes, dtypes):
+        self.rt = rt
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError("TensorRT could not create an execution context (GPU memory?)")
+        self.stream = gpu.check(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.device, self.host = {}, {}
+        self.graphs: dict[tuple, object] = {}  # input shapes -> instantiated CUDA graph
+        for name in names:
+            n = int(np.prod(max_shapes[name]))
+            nbytes = n * dtypes[name].itemsize
+            self.device[name] = gpu.check(rt, rt.cudaMalloc(nbytes), "cudaMalloc")
+            ptr = gpu.check(rt, rt.cudaMallocHost(nbytes), "cudaMallocHost")  # pinned
+            ctype = ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtypes[name]))
+            self.host[name] = np.ctypeslib.as_array(ctypes.cast(ptr, ctype), (n,))
+            self.context.set_tensor_address(name, int(self.device[name]))
+
+    def free(self) -> None:
+        rt = self.rt
+        for g in self.graphs.values():
+            rt.cudaGraphExecDestroy(g)
+        for name, ptr in self.device.items():
+            rt.cudaFree(ptr)
+            rt.cudaFreeHost(self.host[name].ctypes.data)
+        rt.cudaStreamDestroy(self.stream)
+        self.device, self.host, self.graphs = {}, {}, {}
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(
+        self,
+        bundle,
+        text_backend,
+        cache: EngineCache | None = None,
+        cuda_graphs: bool = False,
+    ):
+        """``bundle``: the loaded (verified) Bundle; ``text_backend``: the ONNX Runtime
+        backend that runs the text encoder; U-Net engines are looked up in ``cache``."""
+        from ..trt_build import current_platform
+
+        self.trt = gpu.tensorrt()
+        self.rt = gpu.cudart()
+        self.bundle = bundle
+        self.text = text_backend
+        self.cache = cache or EngineCache()
+        self.cuda_graphs = cuda_graphs
+        self.here = current_platform()
+        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._runtime = self.trt.Runtime(self._logger)
+        self._engines: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._contexts: list[_Context] = []
+        self._precision_of = {g: p for p, g in bundle.unet_precisions.items()}
+
+    # -- sessions -----------------------------------------------------------------------
+    def session(self, graph: str):
+        """Load (once) what ``graph`` runs on: an engine for a U-Net graph, else ONNX Runtime."""
+        if graph not in self._precision_of:
+            return self.text.session(graph)
+        with self._lock:
+            if graph not in self._engines:
+                self._engines[graph] = self._load(graph)
+            return self._engines[graph]
+
+    def _load(self, graph: str) -> dict:
+        trt = self.trt
+        precision = self._precision_of[graph]
+        precision = "int8" if precision == "int8-qdq" else precision
+        spec: GraphIO = self.bundle.graphs[graph]
+        sha = self.bundle.manifest["files"][spec.file]["sha256"]
+        record = self.cache.select(self.here, sha, precision)
+        engine = self._runtime.deserialize_cuda_engine(self.cache.read_plan(self.here, record))
+        if engine is None:
+            raise BackendError(
+                f"TensorRT could not load the {precision} engine for {graph}; rebuild it with "
+                "'ddpm-rt build-engines BUNDLE --force'"
+            )
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if inputs != spec.input_names or outputs != spec.output_names:
+            raise BackendError(
+                f"the engine for {graph} has inputs {inputs} and outputs {outputs}, the bundle's "
+                f"spec {spec.input_names} and {spec.output_names}"
+            )
+        dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        for t in (*spec.inputs, *spec.outputs):
+            if dtypes[t.name] != np.dtype(t.dtype):
+                raise BackendError(
+                    f"the engine for {graph} has {t.name} of dtype {dtypes[t.name]}, "
+                    f"the spec {t.dtype}"
+                )
+        # the profile's largest input shapes, and the output shape they imply (same batch)
+        max_shapes = {n: tuple(engine.get_tensor_profile_shape(n, 0)[2]) for n in inputs}
+        batch = max_shapes[inputs[0]][0]
+        for t in spec.outputs:
+            max_shapes[t.name] = (batch, *t.shape[1:])
+        return {
+            "engine": engine,
+            "inputs": inputs,
+            "outputs": outputs,
+            "dtypes": dtypes,
+            "max_shapes": max_shapes,
+            "max_batch": batch,
+            "record": record,
+        }
+
+    def _context(self, graph: str) -> _Context:
+        per_thread = getattr(self._local, "contexts", None)
+        if per_thread is None:
+            per_thread = self._local.contexts = {}
+        ctx = per_thread.get(graph)
+        if ctx is None:
+            e = self.session(graph)
+            ctx = _Context(
+                e["engine"], self.rt, e["inputs"] + e["outputs"], e["max_shapes"], e["dtypes"]
+            )
+            per_thread[graph] = ctx
+            with self._lock:
+                self._contexts.append(ctx)
+        return ctx
+
+    # -- running ------------------------------------------------------------------------
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph not in self._precision_of:
+            return self.text.run(graph, feeds)
+        e = self.session(graph)
+        n = len(next(iter(feeds.values())))
+        step = e["max_batch"]
+        if n <= step:
+            return self._run(graph, e, feeds)
+        parts = [
+            self._run(graph, e, {k: v[i : i + step] for k, v in feeds.items()})
+            for i in range(0, n, step)
+        ]
+        return {k: np.concatenate([p[k] for p in parts]) for k in e["outputs"]}
+
+    def _run(self, graph: str, e: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rt, ctx = self.rt, self._context(graph)
+        h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        shapes = tuple((k, feeds[k].shape) for k in e["inputs"])
+        for name in e["inputs"]:
+            arr = np.ascontiguousarray(feeds[name], dtype=e["dtypes"][name])
+            ctx.host[name][: arr.size] = arr.ravel()
+            gpu.check(
+                rt,
+                rt.cudaMemcpyAsync(
+                    ctx.device[name], ctx.host[name].ctypes.data, arr.nbytes, h2d, ctx.stream
+                ),
+                "cudaMemcpyAsync",
+            )
+            if not ctx.context.set_input_shape(name, arr.shape):
+                raise BackendError(f"the engine for {graph} does not take {name} of {arr.shape}")
+        graph_exec = ctx.graphs.get(shapes)
+        if graph_exec is not None:
+            gpu.check(rt, rt.cudaGraphLaunch(graph_exec, ctx.stream), "cudaGraphLaunch")
+        else:
+            if not ctx.context.execute_async_v3(int(ctx.stream)):
+                raise BackendError(f"TensorRT failed running {graph}")
+            if self.cuda_graphs:  # capture after a first run at this shape (TensorRT's advice)
+                ctx.graphs[shapes] = self._capture(ctx)
+        out = {}
+        for name in e["outputs"]:
+            shape = tuple(ctx.context.get_tensor_shape(name))
+            size = int(np.prod(shape))
+            nbytes = size * e["dtypes"][name].itemsize
+            gpu.check(
+                rt,
+                rt.cudaMemcpyAsync(
+                    ctx.host[name].ctypes.data, ctx.device[name], nbytes, d2h, ctx.stream
+                ),
+                "cudaMemcpyAsync",
+            )
+            out[name] = (name, shape, size)
+        gpu.check(rt, rt.cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize")
+        return {k: ctx.host[k][:size].reshape(shape).copy() for k, (_, shape, size) in out.items()}
+
+    def _capture(self, ctx: _Context):
+        rt = self.rt
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        gpu.check(rt, rt.cudaStreamBeginCapture(ctx.stream, mode), "cudaStreamBeginCapture")
+        ctx.context.execute_async_v3(int(ctx.stream))
+        g = gpu.check(rt, rt.cudaStreamEndCapture(ctx.stream), "cudaStreamEndCapture")
+        graph_exec = gpu.check(rt, rt.cudaGraphInstantiate(g, 0), "cudaGraphInstantiate")
+        rt.cudaGraphDestroy(g)
+        return graph_exec
+
+    def close(self) -> None:
+        with self._lock:
+            for ctx in self._contexts:
+                ctx.free()
+            self._contexts = []

@@ -1,0 +1,85 @@
+"""``ddpm-rt build-engines`` and ``ddpm-rt doctor``: the GPU path's commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import InputError
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from .engine_cache import EngineCache
+
+    cache = EngineCache(args.engine_cache) if args.engine_cache else EngineCache()
+    if args.clear:
+        if args.bundle:
+            raise InputError("--clear takes no bundle: it empties the whole engine cache")
+        n = cache.clear()
+        print(f"removed {n} engine(s) from {cache.root}", file=sys.stderr)
+        return 0
+    if not args.bundle:
+        raise InputError("give a bundle folder (or --clear)")
+    from .trt_build import TRT_PRECISIONS, build_engines
+
+    precisions = tuple(p.strip() for p in args.unet_precision.split(","))
+    bad = [p for p in precisions if p not in TRT_PRECISIONS]
+    if bad or not precisions:
+        raise InputError(
+            f"--unet-precision takes {', '.join(TRT_PRECISIONS)} (comma-separated), got {bad}"
+        )
+    build_engines(
+        args.bundle,
+        precisions,
+        cache,
+        max_images=args.max_batch,
+        optimization_level=args.optimization_level,
+        workspace_mib=args.workspace_mib,
+        force=args.force,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .cli_generate import default_model
+    from .doctor import run_doctor
+
+    return run_doctor(
+        args.bundle or default_model(), args.engine_cache, build=not args.no_build, log=print
+    )
+
+
+def add_gpu_parsers(sub, common) -> None:
+    b = sub.add_parser(
+        "build-engines",
+        help="build TensorRT engines for a bundle's U-Net on this machine (needs ddpm-rt[trt])",
+    )
+    b.add_argument("bundle", nargs="?", help="bundle folder")
+    b.add_argument(
+        "--unet-precision",
+        default="fp32",
+        help="fp32, fp16, int8 (the bundle's Q/DQ graph), comma-separated (default fp32)",
+    )
+    b.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="most images per U-Net call; the profile allows twice as many rows (guidance)",
+    )
+    b.add_argument("--optimization-level", type=int, default=3, help="TensorRT's, 0..5")
+    b.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit")
+    b.add_argument("--engine-cache", help="cache folder (default: <user cache>/ddpm-rt/engines)")
+    b.add_argument("--force", action="store_true", help="rebuild even if a cached engine matches")
+    b.add_argument("--clear", action="store_true", help="remove every cached engine")
+    common(b)
+    b.set_defaults(func=cmd_build_engines)
+
+    d = sub.add_parser(
+        "doctor", help="which backends and precisions work here, and a check of each that does"
+    )
+    d.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    d.add_argument("--engine-cache", help="TensorRT engine cache folder (default: per-user)")
+    d.add_argument("--no-build", action="store_true", help="do not build missing TensorRT engines")
+    common(d)
+    d.set_defaults(func=cmd_doctor)

@@ -1,0 +1,182 @@
+"""``ddpm-rt doctor``: what this machine can run, why not where it cannot, and proof where it can.
+
+1. Versions, and every backend with its precisions: usable here, or exactly why not (a
+   missing package, no GPU, a driver older than the CUDA runtime, an engine built for
+   another GPU or TensorRT).
+2. For every usable backend and every precision the bundle has: eps on x_t recorded along
+   real trajectories against ONNX Runtime CPU fp32, under the tolerance table
+   (:mod:`ddpm_rt.tolerances`); one full seeded generation against ONNX Runtime CPU fp32
+   (:data:`IMAGE_TOLERANCES`); the U-Net's per-step latency at batch 1 and 8.
+   With a GPU and TensorRT, the engines are built first (``ddpm-rt build-engines``).
+
+Exit status 0 when every check that could run passed, 1 when one failed.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from . import __version__, gpu
+from .bundle import Bundle
+from .errors import DdpmRtError
+from .parity import compare, record
+from .pipeline import Generator
+
+# A full seeded generation (the default sampler, 4 prompts) against ONNX Runtime CPU fp32:
+# mean and 99th-percentile absolute difference in 8-bit levels. fp32 elsewhere (another CPU,
+# a GPU with TF32) differs by rounding only: the golden test's tolerance. fp16 and int8 change
+# eps by ~3e-3 and ~1 % (the tolerance table) and the stochastic sampler carries that into
+# the image. Measured with ``ddpm-rt doctor`` on the shipped model (x86_64 CPU, ONNX Runtime
+# 1.32): fp16 mean 0.08, p99 1; int8 (QOperator) mean 5.2, p99 26. The limits leave about
+# twice that (fp16 gets more: a GPU's fp16 kernels round differently) and still fail a
+# broken variant, whose images differ by tens of levels on average.
+IMAGE_TOLERANCES = {
+    "fp32": {"mean": 1.0, "p99": 8.0},
+    "fp16": {"mean": 2.0, "p99": 16.0},
+    "int8": {"mean": 10.0, "p99": 64.0},
+    "int8-qdq": {"mean": 10.0, "p99": 64.0},
+}
+PROMPTS = ("red apple", "a snowman", "thumbs up", "a cup of coffee")
+
+
+def _latency(run: Callable[[], object], repeats: int = 20) -> float:
+    run()  # warm-up (and engine/context creation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _candidates(report: gpu.GpuReport, variants: dict) -> list[tuple[str, str, dict]]:
+    """(table key backend, precision, Generator keywords) for every usable combination."""
+    out = []
+    for p in variants:
+        if p != "fp32":
+            out.append(("ort", p, {"unet_precision": p}))
+    if "CUDAExecutionProvider" in report.ort_providers and report.gpu:
+        prov = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        for p in ("fp32", "fp16", "int8-qdq"):
+            if p in variants:
+                out.append(("ort-gpu", p, {"unet_precision": p, "providers": prov}))
+    if report.tensorrt_version and report.gpu and not report.cuda_python_why:
+        for p in ("fp32", "fp16", "int8"):
+            if p == "fp32" or (p == "int8" and "int8-qdq" in variants) or p in variants:
+                out.append(("trt", p, {"unet_precision": p, "backend": "trt"}))
+    return out
+
+
+def run_doctor(
+    bundle_path,
+    engine_cache=None,
+    build: bool = True,
+    log: Callable[[str], None] = print,
+) -> int:
+    import onnxruntime as ort
+
+    log(
+        f"ddpm-rt {__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"numpy {np.__version__}, onnxruntime {ort.__version__} "
+        f"(providers: {', '.join(ort.get_available_providers())})"
+    )
+    report = gpu.probe()
+    if report.devices:
+        for d in report.devices:
+            cc = ".".join(map(str, d["compute_capability"]))
+            log(f"GPU: {d['name']}, compute capability {cc}, {d['memory_gib']} GiB")
+        log(f"CUDA driver {report.driver_version}, runtime {report.runtime_version}")
+    else:
+        log(f"GPU: none usable ({report.gpu_why})")
+    log(f"TensorRT: {report.tensorrt_version or report.tensorrt_why}")
+    log("")
+    log("backend                              usable  precisions / why not")
+    for row in gpu.backend_status(report):
+        why = row["precisions"] if row["usable"] else row["why"]
+        log(f"{row['backend']:<36} {'yes' if row['usable'] else 'no':<7} {why}")
+    log("")
+
+    bundle = Bundle.load(bundle_path)  # every file hashed
+    variants = bundle.unet_precisions
+    log(f"bundle {bundle.path}: U-Net precisions {', '.join(variants)}")
+    ref = Generator(bundle, unet_precision="fp32")
+    prompts = list(PROMPTS) * 2
+    contexts = np.stack([ref.context(p) for p in prompts])
+    T = ref.schedule.timesteps
+    feeds = record(ref, contexts, every=max(1, T // 40), batch=8)  # quantize's spacing
+    ts = np.concatenate([np.rint(f["t"][:, 0] * T).astype(int) for f in feeds])
+    ref_eps = [ref.backend.run("unet", f)["eps"] for f in feeds]
+    ref_images = ref.generate(list(PROMPTS), num=1, seed=0)
+    x1 = feeds[0]
+    one = {k: v[:1] for k, v in x1.items()}
+    rows = [
+        (
+            "ort",
+            "fp32",
+            "reference",
+            _latency(lambda: ref.backend.run("unet", one)),
+            _latency(lambda: ref.backend.run("unet", x1)),
+        )
+    ]
+    failed = 0
+    if build and report.tensorrt_version and report.gpu and not report.cuda_python_why:
+        from .engine_cache import EngineCache
+        from .trt_build import build_engines
+
+        wanted = tuple(
+            p
+            for p in ("fp32", "fp16", "int8")
+            if p == "fp32" or {"int8": "int8-qdq"}.get(p, p) in variants
+        )
+        try:
+            build_engines(
+                bundle, wanted, EngineCache(engine_cache) if engine_cache else None, log=log
+            )
+        except DdpmRtError as e:
+            log(f"building TensorRT engines failed: {e}")
+            failed += 1
+    for backend, precision, kw in _candidates(report, variants):
+        label = f"{backend} {precision}"
+        try:
+            gen = Generator(bundle, engine_cache=engine_cache, **kw)
+            got = [gen.backend.run(gen.unet_graph, f)["eps"] for f in feeds]
+            ok, figures = compare((backend, precision), got, ref_eps, ts, T)
+            images = gen.generate(list(PROMPTS), num=1, seed=0)
+            diff = np.abs(images.astype(np.int16) - ref_images.astype(np.int16))
+            lim = IMAGE_TOLERANCES[precision]
+            mean, p99 = float(diff.mean()), float(np.percentile(diff, 99))
+            img_ok = mean <= lim["mean"] and p99 <= lim["p99"]
+            b1 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, one))
+            b8 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, x1))
+        except DdpmRtError as e:
+            log(f"{label}: FAILED: {e}")
+            failed += 1
+            continue
+        verdict = "ok" if ok and img_ok else "FAILED"
+        failed += verdict != "ok"
+        eps_txt = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+        rows.append(
+            (
+                backend,
+                precision,
+                f"{verdict}: eps {eps_txt}; image mean {mean:.2f} p99 {p99:.0f} levels",
+                b1,
+                b8,
+            )
+        )
+    log("")
+    log("backend  precision  U-Net ms/step b1   b8   check vs ort fp32 (tolerance table)")
+    for backend, precision, what, b1, b8 in rows:
+        log(f"{backend:<8} {precision:<10} {b1:>12.2f} {b8:>6.2f}   {what}")
+    if not report.gpu:
+        log("")
+        log(f"only the CPU backend (ONNX Runtime) is usable here: {report.gpu_why}")
+    log("")
+    log("all checks passed" if not failed else f"{failed} check(s) FAILED")
+    sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,68 @@
+"""Inputs recorded along real trajectories, and how a U-Net variant is compared with fp32.
+
+Shared by ``ddpm-rt quantize`` (checking a new precision variant on this CPU) and
+``ddpm-rt doctor`` (checking every backend and precision a machine offers), so both judge a
+graph the same way: by the tolerance table (:mod:`ddpm_rt.tolerances`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .noise import ImageNoise
+from .samplers import make_sampler, sample_loop
+from .schedule import timestep_input
+from .tolerances import TOLERANCES
+
+
+def record(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]:
+    """(x_t, t/T, c) feeds from DDPM trajectories of ``gen`` (its fp32 U-Net on its backend),
+    at every ``every``-th timestep (and t=1)."""
+    T = gen.schedule.timesteps
+    feeds = []
+    for start in range(0, len(contexts), batch):
+        c = contexts[start : start + batch]
+
+        def eps_fn(x, t, c=c):
+            if t % every == 0 or t == 1:
+                tt = np.full((len(x), 1), timestep_input(t, T), dtype=np.float32)
+                feeds.append({"x": x.copy(), "t": tt, "c": c})
+            return gen.eps(x, t, c)
+
+        noise = ImageNoise(start, range(len(c)))
+        sample_loop(
+            eps_fn, make_sampler("ddpm", gen.schedule), (len(c), *gen.bundle.image_shape), noise
+        )
+    return feeds
+
+
+def compare(
+    key: tuple[str, str],
+    got: list[np.ndarray],
+    ref: list[np.ndarray],
+    timesteps: np.ndarray,
+    T: int,
+) -> tuple[bool, dict]:
+    """Judge eps from a variant (``got``) against fp32 (``ref``), batch by batch, by the
+    tolerance table's entry ``key`` = (backend, precision); returns (passes, figures)."""
+    tol = TOLERANCES[key]
+    g = np.concatenate([a.reshape(len(a), -1) for a in got]).astype(np.float64)
+    r = np.concatenate([a.reshape(len(a), -1) for a in ref]).astype(np.float64)
+    if not np.isfinite(g).all():
+        return False, {"non_finite": int((~np.isfinite(g)).sum())}
+    if "min_mean_cosine" in tol:
+        cos = (g * r).sum(1) / (np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1))
+        late = timesteps > T // 10
+        figures = {
+            "mean_cosine": float(cos.mean()),
+            "min_cosine_t_over_T_10": float(cos[late].min()),
+        }
+        ok = figures["mean_cosine"] >= tol["min_mean_cosine"] and (
+            figures["min_cosine_t_over_T_10"] >= tol["min_cosine_late"]
+        )
+        return ok, figures
+    if "max_rel_l2" in tol:
+        rel = np.linalg.norm(g - r, axis=1) / np.linalg.norm(r, axis=1)
+        return bool(rel.max() <= tol["max_rel_l2"]), {"max_rel_l2": float(rel.max())}
+    err = np.abs(g - r) - (tol["atol"] + tol["rtol"] * np.abs(r))
+    return bool(err.max() <= 0), {"max_excess": float(err.max())}

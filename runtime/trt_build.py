@@ -1,0 +1,169 @@
+"""``ddpm-rt build-engines``: TensorRT engines for a bundle's U-Net, built on this machine.
+
+Written against NVIDIA's documented Python API of TensorRT 10.x and 11.x (``Builder``,
+``OnnxParser``, ``BuilderConfig``); where the two differ, the code says so. Networks are
+strongly typed: the precision comes from the ONNX graph itself (the bundle's fp32, fp16 or
+symmetric Q/DQ int8 U-Net), never from builder flags -- TensorRT 11 removed those
+(``BuilderFlag.FP16``/``INT8``, calibrators; see NVIDIA's "Migrating from TensorRT 10.x to
+11.x" guide). No version-compatible (lean-runtime) engines: they embed host code to run.
+
+The text encoder is not built: it stays on ONNX Runtime (its dynamic-int8 graph uses
+``DynamicQuantizeLinear``/``MatMulInteger``, which TensorRT's ONNX parser does not take, and
+one run per prompt costs about a millisecond).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__, gpu
+from .bundle import Bundle
+from .engine_cache import BuildFlags, EngineCache, EngineRecord, Platform, engine_key
+from .errors import BackendError, InputError
+from .fileio import atomic_write
+from .io_spec import profile_shapes, unet_batch_range
+
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_MAX_IMAGES = 16  # images per U-Net call (the Generator's default batch size)
+
+
+def unet_graph_for(bundle: Bundle, precision: str) -> str:
+    """The bundle graph TensorRT builds for a U-Net precision: int8 is the symmetric Q/DQ
+    graph (``int8-qdq``), because the CPU's QOperator int8 graph is not what TensorRT's
+    explicit quantisation consumes."""
+    variants = bundle.unet_precisions
+    precision = "int8" if precision == "int8-qdq" else precision
+    if precision not in TRT_PRECISIONS:
+        raise InputError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)}")
+    key = "int8-qdq" if precision == "int8" else precision
+    if key not in variants:
+        how = {
+            "fp16": "ddpm-rt quantize BUNDLE --precision fp16",
+            "int8-qdq": "ddpm-rt quantize BUNDLE --precision int8-qdq",
+        }[key]
+        raise InputError(f"this bundle has no {key} U-Net for TensorRT (make it with '{how}')")
+    return variants[key]
+
+
+def current_platform() -> Platform:
+    """TensorRT version and the current GPU, or BackendError saying what is missing."""
+    trt = gpu.tensorrt()
+    rt = gpu.cudart()
+    dev = gpu.check(rt, rt.cudaGetDevice(), "current device")
+    prop = gpu.check(rt, rt.cudaGetDeviceProperties(dev), "device properties")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else prop.name
+    return Platform(trt.__version__, name.rstrip("\x00"), (int(prop.major), int(prop.minor)))
+
+
+def flags_for(
+    bundle: Bundle,
+    precision: str,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    optimization_level: int = 3,
+    workspace_mib: int = 1024,
+) -> BuildFlags:
+    if not 0 <= optimization_level <= 5:
+        raise InputError(f"--optimization-level must be in 0..5, got {optimization_level}")
+    if not 16 <= workspace_mib <= 1 << 20:
+        raise InputError(f"--workspace-mib must be in 16..{1 << 20}, got {workspace_mib}")
+    spec = bundle.graphs[unet_graph_for(bundle, precision)]
+    return BuildFlags(
+        precision=precision,
+        profile=profile_shapes(spec, unet_batch_range(max_images)),
+        optimization_level=optimization_level,
+        workspace_mib=workspace_mib,
+    )
+
+
+def build_plan(onnx: bytes, flags: BuildFlags, timing_cache: Path | None, log) -> bytes:
+    """Parse the ONNX graph and build a serialised engine (TensorRT's Python API)."""
+    trt = gpu.tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    # 10.x: strong typing is opt-in through NetworkDefinitionCreationFlag.STRONGLY_TYPED.
+    # 11.x: always strongly typed; the flag is deprecated and ignored (TensorRT 11.0 Python
+    # API, Builder page), so it is not passed there.
+    net_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major < 11 else 0
+    network = builder.create_network(net_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT's ONNX parser refused the graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, flags.workspace_mib << 20)
+    config.builder_optimization_level = flags.optimization_level
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in flags.profile.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = None
+    if timing_cache is not None:
+        old = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(old)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BackendError("TensorRT failed to build the engine (see its messages above)")
+    if timing_cache is not None:
+        data = bytes(config.get_timing_cache().serialize())
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(timing_cache, lambda f: f.write(data))
+    return bytes(plan)
+
+
+def build_engines(
+    bundle: Bundle | str | Path,
+    precisions: tuple[str, ...] = ("fp32",),
+    cache: EngineCache | None = None,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    optimization_level: int = 3,
+    workspace_mib: int = 1024,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[EngineRecord]:
+    """Build (or reuse) one engine per precision; returns their records."""
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)  # hashes every file
+    cache = cache or EngineCache()
+    all_flags = [
+        flags_for(bundle, p, max_images, optimization_level, workspace_mib) for p in precisions
+    ]  # every argument checked before any work
+    here = current_platform()
+    records = []
+    for precision, flags in zip(precisions, all_flags, strict=True):
+        graph = unet_graph_for(bundle, precision)
+        sha = bundle.manifest["files"][bundle.graphs[graph].file]["sha256"]
+        key = engine_key(sha, flags)
+        with cache.lock(here, key):  # a second builder of this engine waits, then reuses it
+            found = None if force else cache.lookup(here, sha, flags)
+            if found is not None:
+                plan, _ = cache.paths(here, key)
+                log(f"reusing the cached {precision} engine {plan}")
+                records.append(found)
+                continue
+            rows = f"{flags.profile['x'][0][0]}..{flags.profile['x'][2][0]}"
+            log(
+                f"building the {precision} engine for {graph} on {here.gpu_name} with TensorRT "
+                f"{here.tensorrt_version} (U-Net batch {rows})"
+            )
+            t0 = time.perf_counter()
+            plan_data = build_plan(
+                bundle.graph_bytes(graph), flags, cache.timing_cache_path(here), log
+            )
+            record = EngineRecord(
+                graph=graph,
+                onnx_sha256=sha,
+                flags=flags,
+                tensorrt_version=here.tensorrt_version,
+                gpu_name=here.gpu_name,
+                compute_capability=here.compute_capability,
+                build_seconds=round(time.perf_counter() - t0, 2),
+                ddpm_rt_version=__version__,
+            )
+            record = cache.store(here, record, plan_data)
+            log(f"wrote {cache.paths(here, key)[0]} ({len(plan_data) / 1e6:.1f} MB)")
+            records.append(record)
+    return records
