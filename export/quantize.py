@@ -201,10 +201,11 @@ def qdq_problems(data: bytes) -> str | None:
 
     g = onnx.load_from_string(data).graph
     inits = {i.name: i for i in g.initializer}
-    qdq = 0
     for node in g.node:
         if node.op_type.startswith("QLinear") or node.op_type.endswith("Integer"):
             return f"node {node.name} is {node.op_type} (QOperator), not Q/DQ"
+    qdq = 0
+    for node in g.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             qdq += 1
             if len(node.input) < 3 or node.input[2] not in inits:
