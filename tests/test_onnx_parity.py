@@ -29,6 +29,13 @@ def _export(cfg: UNetConfig, conditioning: dict):
     [
         (UNetConfig(n_feat=64, context_dim=12), {"kind": "label"}),
         (UNetConfig(n_feat=32, context_dim=384, height=8, width=12), {"kind": "vector"}),
+        # the capacity knobs: three blocks per level, attention at H/4, learned null context
+        (
+            UNetConfig(
+                n_feat=16, context_dim=24, blocks=3, attention=True, null_context="learned"
+            ),
+            {"kind": "vector"},
+        ),
     ],
 )
 def test_unet_onnx_matches_torch(cfg, cond):
