@@ -28,11 +28,16 @@ def main(path: str) -> int:
         "standard error of recognition@5 shown as ±."
     )
     print()
+    free = any("free_paraphrases" in row for row in r["settings"].values())
     print(
         "| setting | guidance | cost | names @1 | names @5 | Fréchet names "
         "| held-out @1 | held-out @5 | Fréchet held-out |"
+        + (" free @1 | free @5 |" if free else "")
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: | ---: |" if free else "")
+    )
     default = r.get("default", {}).get("setting")
     for key, row in r["settings"].items():
         tr, ho = row["train_captions"], row["heldout_paraphrases"]
@@ -42,6 +47,13 @@ def main(path: str) -> int:
             f"| {100 * tr['top1']:.1f} | {100 * tr['top5']:.1f} | {tr['frechet']:.2f} "
             f"| {100 * ho['top1']:.1f} | {100 * ho['top5']:.1f} ± {100 * ho['top5_se']:.1f} "
             f"| {ho['frechet']:.2f} |"
+            + (
+                f" {100 * row['free_paraphrases']['top1']:.1f} "
+                f"| {100 * row['free_paraphrases']['top5']:.1f} ± "
+                f"{100 * row['free_paraphrases']['top5_se']:.1f} |"
+                if free
+                else ""
+            )
         )
     if default:
         d = r["default"]
