@@ -1,0 +1,82 @@
+"""Training checkpoints: write and restore a Trainer's state (weights, EMA, optimiser, step).
+
+Split from :mod:`.train` (the loop) by job. Writes are atomic and ordered so that a crash
+leaves the previous checkpoint usable: training state and EMA weights first, the config
+(which names the step) last.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import load_file, save
+
+import ddpm_rt
+from ddpm_rt.errors import CheckpointError
+from ddpm_rt.fileio import atomic_write
+
+from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UNetConfig, read_checkpoint_config
+
+
+def save_checkpoint(self) -> None:  # self: a training.train.Trainer
+    """Weights, optimiser state and config of a Trainer, atomically (config last)."""
+    self.out.mkdir(parents=True, exist_ok=True)
+    state = {
+        f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
+    }
+    for i, s in self.opt.state_dict()["state"].items():
+        for k, v in s.items():
+            state[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+    ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "unet": self.unet_config.to_dict(),
+        "schedule": self.schedule.config.to_dict(),
+        "conditioning": self.data.conditioning,
+        "train": asdict(self.cfg),
+        "step": self.step,
+        "total_steps": self.total_steps,
+        "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
+    }
+    # Weights first, config (which names the step) last: a crash leaves the old config.
+    atomic_write(self.out / "train_state.safetensors", lambda f: f.write(_st_bytes(state)))
+    atomic_write(self.out / "model.safetensors", lambda f: f.write(_st_bytes(ema)))
+    atomic_write(self.out / "config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+
+
+def load_checkpoint(self) -> None:  # self: a training.train.Trainer
+    """Restore a Trainer from the checkpoint in its ``out`` folder (exact resume)."""
+    meta = read_checkpoint_config(self.out)
+    if UNetConfig.from_dict(meta["unet"]) != self.unet_config:
+        raise CheckpointError(
+            f"checkpoint in {self.out} was trained with a different model or data shape "
+            f"({meta['unet']}); use another --out"
+        )
+    try:
+        state = load_file(str(self.out / "train_state.safetensors"))
+        ema = load_file(str(self.out / "model.safetensors"))
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint in {self.out}: {e}") from None
+    self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    self.ema.load_state_dict(ema)
+    opt_state = self.opt.state_dict()
+    for key, v in state.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(i), {})[name] = (
+                v.to(self.device) if name != "step" else v
+            )
+    self.opt.load_state_dict(opt_state)
+    self.step = int(meta["step"])
+    # Forget the log lines of steps after the checkpoint (an interrupted run's tail).
+    log = self.out / "metrics.jsonl"
+    if self.rank == 0 and log.is_file():
+        keep = [x for x in log.read_text().splitlines() if json.loads(x)["step"] <= self.step]
+        atomic_write(log, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+
+
+def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save(tensors)
