@@ -242,7 +242,11 @@ def run_bench(
     checkpoint: str | None = None,
     sections: tuple[str, ...] = ("unet", "e2e", "overhead", "cold", "text"),
     compile_torch: bool = True,
+    compare: str | None = None,
 ) -> dict:
+    """``compare``: another bundle whose fp32 U-Net is timed in the same run (rows
+    ``compare fp32``; ``unet_cost_vs_compare`` gives this fp32 U-Net's per-step time over
+    that one's at each batch size)."""
     default = GenerateConfig()
     torch_model = (
         _torch_model(gen, checkpoint)
@@ -292,6 +296,23 @@ def run_bench(
                 )
             )
             rows[f"ddpm-rt {precision}"] = _ort_rows(g, batch_sizes, repeats, flops, peak)
+        if compare is not None:
+            other = Generator(compare, providers=gen.backend.providers, threads=gen.backend.threads)
+            rows["compare fp32"] = _ort_rows(other, batch_sizes, repeats, None, None)
+            # this bundle timed again after the other, and the two averaged: a slow or fast
+            # spell of a shared machine falls on both sides
+            again = _ort_rows(gen, batch_sizes, repeats, None, None)
+            result["unet_cost_vs_compare"] = {
+                "bundle": str(other.bundle.path),
+                **{
+                    f"batch_{a['batch']}": (a["ms_per_step"] + c["ms_per_step"])
+                    / 2
+                    / b["ms_per_step"]
+                    for a, b, c in zip(
+                        rows["ddpm-rt fp32"], rows["compare fp32"], again, strict=True
+                    )
+                },
+            }
         if torch_model[0] is None:
             rows["torch"] = {"skipped": torch_model[2]}
         else:

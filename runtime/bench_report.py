@@ -41,6 +41,13 @@ def format_bench(r: dict) -> str:
                         f"{row['p90_ms']:>5.2f}  {row['images_per_s_per_step']:>9.0f}  "
                         + (f"{100 * frac:>6.0f} %" if frac is not None else "")
                     )
+    if "unet_cost_vs_compare" in r:
+        cmp = dict(r["unet_cost_vs_compare"])
+        where = cmp.pop("bundle")
+        lines.append(
+            f"U-Net per-step cost vs {where}: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in cmp.items())
+        )
     if "end_to_end_1_image" in r:
         lines += ["", "one image, batch 1           seconds   images/s   vs torch course DDPM"]
         for name, row in r["end_to_end_1_image"].items():

@@ -238,6 +238,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_bench, run_bench
+    from .bundle import Bundle
     from .config import MAX_BATCH_SIZE, check_int
     from .fileio import atomic_write, check_writable
     from .pipeline import Generator
@@ -259,6 +260,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.checkpoint and not (Path(args.checkpoint) / "model.safetensors").is_file():
         raise InputError(f"--checkpoint {args.checkpoint} is not a checkpoint folder")
+    if args.compare:
+        Bundle.load(args.compare, hash_all=False)  # a bad bundle is refused before any work
     if args.json:
         check_writable(Path(args.json), force=args.force)
     gen = Generator(
@@ -267,7 +270,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         expected_digest=_digest(args),
         threads=args.threads,
     )
-    result = run_bench(gen, sizes, args.repeats, args.checkpoint, sections, not args.no_compile)
+    result = run_bench(
+        gen,
+        sizes,
+        args.repeats,
+        args.checkpoint,
+        sections,
+        not args.no_compile,
+        compare=args.compare,
+    )
     print(format_bench(result))
     if args.json:
         atomic_write(Path(args.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
@@ -355,6 +366,9 @@ def add_generate_parsers(sub, common) -> None:
         help=f"what to measure (default all: {','.join(SECTIONS)})",
     )
     bn.add_argument("--checkpoint", help="torch rows: load weights from this checkpoint")
+    bn.add_argument(
+        "--compare", help="another bundle: time its fp32 U-Net in the same run, report the ratio"
+    )
     bn.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     bn.add_argument("--threads", type=int, help="ONNX Runtime threads")
     bn.add_argument("--repeats", type=int, default=30)

@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from conftest import run_cli
+
+DEFAULT = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def test_cli_generate_is_reproducible(trained, tmp_path):
@@ -135,3 +138,27 @@ def test_bench_reports_latency(trained, tmp_path):
     assert r["cold_start"]["ddpm_rt"]["torch_imported"] is False
     assert r["cold_start"]["speedup"] > 0
     assert "vs torch course DDPM" in out
+
+
+def test_bench_compares_two_bundles_in_one_run(trained, tmp_path):
+    """--compare times another bundle's fp32 U-Net in the same run and reports the ratio."""
+    out = run_cli(
+        "bench",
+        str(trained["bundle"]),
+        "--sections",
+        "unet",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "5",
+        "--compare",
+        str(DEFAULT),
+        "--json",
+        str(tmp_path / "b.json"),
+    ).stdout
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert len(r["unet_per_step"]["compare fp32"]) == 1
+    assert r["unet_cost_vs_compare"]["batch_1"] > 0
+    assert "U-Net per-step cost vs" in out
+    proc = run_cli("bench", "--compare", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "manifest" in proc.stderr

@@ -31,9 +31,7 @@ def _export(cfg: UNetConfig, conditioning: dict):
         (UNetConfig(n_feat=32, context_dim=384, height=8, width=12), {"kind": "vector"}),
         # the capacity knobs: three blocks per level, attention at H/4, learned null context
         (
-            UNetConfig(
-                n_feat=16, context_dim=24, blocks=3, attention=True, null_context="learned"
-            ),
+            UNetConfig(n_feat=16, context_dim=24, blocks=3, attention=True, null_context="learned"),
             {"kind": "vector"},
         ),
     ],
