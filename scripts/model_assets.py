@@ -16,19 +16,20 @@ from PIL import Image, ImageDraw
 from ddpm_rt import Generator
 from ddpm_rt.images import make_grid
 
+# four training names, four held-out templates, four free paraphrases (training/paraphrases.py)
 PROMPTS = [
     "red apple",
-    "banana",
-    "grinning face",
-    "red heart",
-    "dog face",
-    "pizza",
-    "sun",
-    "frog",
-    "fire",
-    "rocket",
-    "a cartoon strawberry",
-    "blue heart",
+    "thumbs up",
+    "light bulb",
+    "snowman",
+    "a drawing of a bell",
+    "a cartoon frog",
+    "an illustration showing a rocket",
+    "a cartoon pizza",
+    "a hot drink in a mug",
+    "a sign meaning OK",
+    "two musical notes",
+    "a closed padlock",
 ]
 
 
