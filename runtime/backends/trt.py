@@ -89,6 +89,15 @@ class TrtBackend:
         self._contexts: list[_Context] = []
         self._precision_of = {g: p for p, g in bundle.unet_precisions.items()}
 
+    @property
+    def providers(self) -> list[str]:
+        """The text encoder's ONNX Runtime providers."""
+        return self.text.providers
+
+    @property
+    def threads(self) -> int | None:
+        return self.text.threads
+
     # -- sessions -----------------------------------------------------------------------
     def session(self, graph: str):
         """Load (once) what ``graph`` runs on: an engine for a U-Net graph, else ONNX Runtime."""
