@@ -1,6 +1,7 @@
 """The emoji data set builder and the judge-based evaluation, on a handful of concepts."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,42 @@ def test_default_rule_picks_the_cheapest_row_within_the_bounds():
         },
     }
     assert choose_default(report)["setting"] == "c@g1"
+
+
+def test_everyday_concept_set_follows_its_rule():
+    """training/everyday_concepts.tsv is what scripts/concept_set.py's rule gives from the
+    installed emoji-datasource-twitter (the rule, not a hand-edited list)."""
+    import importlib.util
+    import os
+
+    from ddpm_rt.training.emoji import CLASSIC_CONCEPTS, everyday_concepts
+
+    chars = everyday_concepts()
+    assert 400 <= len(chars) <= 460 and len(set(chars)) == len(chars)
+    assert set(CLASSIC_CONCEPTS) - {"\ufe0f"} <= set(chars)  # the old model's 107, to compare
+    root = os.environ.get("DDPM_RT_TWEMOJI_DIR", "")
+    if not (Path(root) / "emoji.json").is_file():
+        pytest.skip("emoji-datasource-twitter not installed (npm); set DDPM_RT_TWEMOJI_DIR")
+    spec = importlib.util.spec_from_file_location(
+        "concept_set", Path(__file__).resolve().parent.parent / "scripts" / "concept_set.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.select(json.loads((Path(root) / "emoji.json").read_text()))
+    assert [c for c, _, _ in rows] == chars
+
+
+def test_free_paraphrases_are_held_out():
+    from ddpm_rt.training.emoji import (
+        TRAIN_TEMPLATES,
+        concept_name,
+        everyday_concepts,
+    )
+    from ddpm_rt.training.paraphrases import FREE_PARAPHRASES
+
+    assert len(FREE_PARAPHRASES) >= 50
+    everyday = set(everyday_concepts())
+    for ch, phrases in FREE_PARAPHRASES.items():
+        assert ch in everyday
+        train = {t.format(name=concept_name(ch)).lower() for t in TRAIN_TEMPLATES}
+        assert not train & {p.lower() for p in phrases}, ch
