@@ -138,3 +138,25 @@ def test_bench_times_the_text_encoder(text_trained, tmp_path):
     )
     r = json.loads((tmp_path / "b.json").read_text())
     assert set(r["text_encoder_ms_per_prompt"]) == {"fp32", "int8"}
+
+
+def test_cached_caption_embeddings_need_only_the_encoders_manifest(
+    text_trained, shapes_npz, tiny_text, tmp_path
+):
+    """A training machine (a GPU box) can be sent the caption cache and the encoder's
+    text.json alone; without the cache, missing encoder files are refused."""
+    import shutil
+
+    from ddpm_rt.text import TEXT_MANIFEST
+
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    shutil.copy(tiny_text / TEXT_MANIFEST, enc / TEXT_MANIFEST)
+    out = tmp_path / "ck"
+    out.mkdir()
+    shutil.copy(text_trained["ckpt"] / "caption_embeddings.npz", out / "caption_embeddings.npz")
+    args = ["train", "--data", str(shapes_npz), "--text-encoder", str(enc), "--steps", "2"]
+    args += ["--batch-size", "8", "--n-feat", "8", "--sample-every", "0", "--no-progress"]
+    run_cli(*args, "--out", str(out))
+    proc = run_cli(*args, "--out", str(tmp_path / "nocache"), check=False)
+    assert proc.returncode == 1 and "missing or does not match its sha256" in proc.stderr

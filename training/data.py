@@ -213,13 +213,17 @@ def _embed_captions(per_image: list[list[str]], encoder_dir: str, cache: Path | 
     choices = np.full((len(per_image), k), -1, dtype=np.int64)
     for i, caps in enumerate(per_image):
         choices[i, : len(caps)] = [index[c] for c in caps]
-    meta = read_text_folder(encoder_dir)
+    # The cache is keyed by the encoder's recorded sha256; the encoder's files are hashed
+    # only when they are used (so a cached run, e.g. on a training GPU machine, needs only the
+    # folder's text.json beside the cache).
+    meta = read_text_folder(encoder_dir, verify_hashes=False)
     sha = meta["files"][meta["graphs"]["fp32"]["file"]]["sha256"]
     key = hashlib.sha256(("\n".join(uniq) + sha).encode()).hexdigest()
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return z["table"], choices, uniq, sha
+    read_text_folder(encoder_dir)  # every file present and matching its sha256
     # fp32: the reference embedding; the int8 runtime encoder approximates it (cos >= 0.99).
     enc = open_text_folder(encoder_dir, precision="fp32")
     table = enc.encode(uniq)
