@@ -85,6 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         guidance,
         args.seed,
         log=lambda s: print(s, file=sys.stderr),
+        classifier=args.classifier,
     )
     if args.json:
         ev.save_report(report, Path(args.json))
@@ -219,6 +220,11 @@ def add_train_parsers(sub, common) -> None:
         "(default ddpm,ddim:50,ddim:25)",
     )
     ev.add_argument("--per-concept", type=int, default=4)
+    ev.add_argument(
+        "--classifier",
+        action="store_true",
+        help="also score the U-Net as a zero-shot classifier (early read of conditioning)",
+    )
     ev.add_argument("--guidance", default="1", help="guidance scale(s), comma-separated")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write the report here")

@@ -169,3 +169,20 @@ def test_free_paraphrases_are_held_out():
         assert ch in everyday
         train = {t.format(name=concept_name(ch)).lower() for t in TRAIN_TEMPLATES}
         assert not train & {p.lower() for p in phrases}, ch
+
+
+def test_diffusion_classifier_reads_what_the_unet_knows(emoji_dir):
+    """The shipped model knows these six concepts: ranked by its own denoising error, the
+    true concept comes first for nearly every image; with the prompts shuffled (each image
+    scored against the wrong concept's prompt) it must not."""
+    from ddpm_rt import Generator
+    from ddpm_rt.training.diffclass import diffusion_classifier
+
+    out, _ = emoji_dir
+    with np.load(out / "emoji.npz") as z:
+        images, labels, names = z["images"], z["labels"], [str(n) for n in z["label_names"]]
+    gen = Generator(Path(__file__).resolve().parent.parent / "models" / "default")
+    r = diffusion_classifier(gen, images, labels, names, fractions=(0.3,))
+    assert r["top1"] >= 0.8 and r["images"] == len(images)
+    rolled = names[1:] + names[:1]  # concept k's slot holds concept k+1's prompt
+    assert diffusion_classifier(gen, images, labels, rolled, fractions=(0.3,))["top1"] <= 0.2

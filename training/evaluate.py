@@ -110,7 +110,10 @@ def evaluate(
     holdout_style: str = "twemoji",
     judge_steps: int = 1500,
     log=print,
+    classifier: bool = False,
 ) -> dict:
+    """``classifier``: also rank concepts by the U-Net's own denoising error
+    (:mod:`.diffclass`), a read of conditioning that works long before samples do."""
     d = _load(Path(data))
     images, labels, names = d["images"], d["labels"], [str(n) for n in d["label_names"]]
     k = len(names)
@@ -136,6 +139,19 @@ def evaluate(
         }
         h = report["judge_heldout_style"]
         log(f"judge on unseen style {holdout_style}: top1 {h['top1']:.3f}, top5 {h['top5']:.3f}")
+    if classifier:
+        from .diffclass import diffusion_classifier
+
+        gen0 = Generator(bundle)
+        pick = styles == holdout_style if holdout_style in set(styles) else styles == styles[0]
+        report["diffusion_classifier"] = {}
+        for kind, prompts in (
+            ("train_captions", names),
+            ("heldout_paraphrases", [str(h).split("\n")[0] for h in d["heldout"]]),
+        ):
+            r = diffusion_classifier(gen0, images[pick], labels[pick], prompts, seed=seed)
+            report["diffusion_classifier"][kind] = r
+            log(f"diffusion classifier, {kind}: top1 {r['top1']:.3f}, top5 {r['top5']:.3f}")
     judge = train_judge(images, labels, k, steps=judge_steps, seed=seed)
     _, real_feats = judge_outputs(judge, images)
 
