@@ -43,11 +43,13 @@ class Signalled(BaseException):
 
 
 _received: list[int] = []  # signals seen, in case library code swallows or rewraps ours
+_finishing: list[bool] = []  # set once the work is over: a late signal then changes nothing
 
 
 def _raise_signalled(signum, frame):
     _received.append(signum)
-    raise Signalled(signum)
+    if not _finishing:  # not while main() switches the handlers off on its way out
+        raise Signalled(signum)
 
 
 def build_parser():
@@ -72,6 +74,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    _finishing.clear()
     for s in _SIGNALS:
         if signal.getsignal(s) != signal.SIG_IGN:  # an inherited "ignore" (nohup) is kept
             signal.signal(s, _raise_signalled)
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         # The work is done (or refused): a signal from here on changes nothing, so it is
         # ignored. Python's shutdown resets handlers it installed to the default action (a
         # late signal would kill the process mid-exit) but leaves ignored signals alone.
+        # The flag first: a signal landing between the two handler switches must not raise
+        # inside this block (it once did, on a loaded machine: a traceback after the PNG).
+        _finishing.append(True)
         for s in _SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
