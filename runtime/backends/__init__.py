@@ -31,7 +31,16 @@ def make_backend(
     if name == "trt":
         from .trt import TrtBackend
 
-        return TrtBackend(bundle, make_backend("ort", bundle, providers, threads), engine_cache)
+        import os
+
+        return TrtBackend(
+            bundle,
+            make_backend("ort", bundle, providers, threads),
+            engine_cache,
+            # replay each batch shape's launch as a CUDA graph (opt-in: captured graphs hold
+            # device memory per shape)
+            cuda_graphs=os.environ.get("DDPM_RT_CUDA_GRAPHS", "") not in ("", "0"),
+        )
     from .ort import OrtBackend
 
     return OrtBackend(
