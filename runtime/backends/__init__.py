@@ -29,9 +29,9 @@ def make_backend(
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
     if name == "trt":
-        from .trt import TrtBackend
-
         import os
+
+        from .trt import TrtBackend
 
         return TrtBackend(
             bundle,
