@@ -186,3 +186,10 @@ def test_diffusion_classifier_reads_what_the_unet_knows(emoji_dir):
     assert r["top1"] >= 0.8 and r["images"] == len(images)
     rolled = names[1:] + names[:1]  # concept k's slot holds concept k+1's prompt
     assert diffusion_classifier(gen, images, labels, rolled, fractions=(0.3,))["top1"] <= 0.2
+
+
+def test_judge_steps_grow_with_the_concept_count():
+    from ddpm_rt.training.evaluate import judge_steps_for
+
+    assert judge_steps_for(6) == judge_steps_for(107) == 1500  # old figures reproduce
+    assert judge_steps_for(431) == 4310

@@ -88,6 +88,13 @@ def choose_default(report: dict) -> dict:
     }
 
 
+def judge_steps_for(concepts: int) -> int:
+    """Judge training steps: 1,500 up to 150 concepts (what the 107-concept model's figures
+    were measured with), then 10 per concept -- at 431 concepts 1,500 steps left the judge
+    at 76.8 % top-5 on an unseen art style, 4,000 at 82.4 %."""
+    return max(1500, 10 * concepts)
+
+
 def _load(data: Path) -> dict:
     try:
         with np.load(data, allow_pickle=False) as z:
@@ -108,11 +115,12 @@ def evaluate(
     guidance: float | tuple[float, ...] = 1.0,
     seed: int = 0,
     holdout_style: str = "twemoji",
-    judge_steps: int = 1500,
+    judge_steps: int | None = None,
     log=print,
     classifier: bool = False,
 ) -> dict:
-    """``classifier``: also rank concepts by the U-Net's own denoising error
+    """``judge_steps``: default :func:`judge_steps_for` the number of concepts.
+    ``classifier``: also rank concepts by the U-Net's own denoising error
     (:mod:`.diffclass`), a read of conditioning that works long before samples do."""
     d = _load(Path(data))
     images, labels, names = d["images"], d["labels"], [str(n) for n in d["label_names"]]
@@ -125,6 +133,8 @@ def evaluate(
         "guidance": guidance,
         "seed": seed,
     }
+    judge_steps = judge_steps or judge_steps_for(k)
+    report["judge_steps"] = judge_steps
     torch.manual_seed(seed)
     # (1) The judge, checked on an art style it never saw.
     styles = d["styles"].astype(str)
