@@ -66,9 +66,10 @@ def _candidates(report: gpu.GpuReport, variants: dict) -> list[tuple[str, str, d
             if p in variants:
                 out.append(("ort-gpu", p, {"unet_precision": p, "providers": prov}))
     if report.tensorrt_version and report.gpu and not report.cuda_python_why:
-        for p in ("fp32", "fp16", "int8"):
-            if p == "fp32" or (p == "int8" and "int8-qdq" in variants) or p in variants:
-                out.append(("trt", p, {"unet_precision": p, "backend": "trt"}))
+        from .trt_build import trt_precisions
+
+        for p in trt_precisions(variants):
+            out.append(("trt", p, {"unet_precision": p, "backend": "trt"}))
     return out
 
 
@@ -126,13 +127,9 @@ def run_doctor(
     failed = 0
     if build and report.tensorrt_version and report.gpu and not report.cuda_python_why:
         from .engine_cache import EngineCache
-        from .trt_build import build_engines
+        from .trt_build import build_engines, trt_precisions
 
-        wanted = tuple(
-            p
-            for p in ("fp32", "fp16", "int8")
-            if p == "fp32" or {"int8": "int8-qdq"}.get(p, p) in variants
-        )
+        wanted = trt_precisions(variants)
         try:
             build_engines(
                 bundle, wanted, EngineCache(engine_cache) if engine_cache else None, log=log

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import BackendError, InputError
@@ -81,7 +81,6 @@ class EngineRecord:
     plan_bytes: int = 0
     build_seconds: float = 0.0
     ddpm_rt_version: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -185,12 +184,8 @@ class EngineCache:
 
     def store(self, here: Platform, record: EngineRecord, plan_data: bytes) -> EngineRecord:
         """Write the plan, then its record (the record last: a lookup needs both)."""
-        record = EngineRecord(
-            **{
-                **{k: getattr(record, k) for k in record.__dataclass_fields__},
-                "plan_sha256": hashlib.sha256(plan_data).hexdigest(),
-                "plan_bytes": len(plan_data),
-            }
+        record = replace(
+            record, plan_sha256=hashlib.sha256(plan_data).hexdigest(), plan_bytes=len(plan_data)
         )
         plan, meta = self.paths(here, record.key)
         plan.parent.mkdir(parents=True, exist_ok=True)

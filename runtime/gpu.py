@@ -40,13 +40,19 @@ def cudart():
     raise BackendError("cuda-python is not installed; pip install cuda-python")
 
 
-def check(cudart_mod, result, what: str):
+def check(result, what: str):
     """cuda-python returns (error, *values): raise on an error, return the value(s)."""
     err, *values = result
     if int(err) != 0:
         name = getattr(err, "name", str(err))
         raise BackendError(f"CUDA error in {what}: {name}")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_name(prop) -> str:
+    """cudaDeviceProp.name as text (cuda-python gives bytes, NUL-padded)."""
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else prop.name
+    return name.rstrip("\x00")
 
 
 @dataclass
@@ -95,8 +101,8 @@ def probe() -> GpuReport:
             r.gpu_why = f"cannot ask for GPUs: {e}"
         return r
     try:
-        r.driver_version = _cuda_version(check(rt, rt.cudaDriverGetVersion(), "driver version"))
-        r.runtime_version = _cuda_version(check(rt, rt.cudaRuntimeGetVersion(), "runtime version"))
+        r.driver_version = _cuda_version(check(rt.cudaDriverGetVersion(), "driver version"))
+        r.runtime_version = _cuda_version(check(rt.cudaRuntimeGetVersion(), "runtime version"))
         if r.driver_version == "0.0":
             r.gpu_why = "no NVIDIA driver is installed"
             return r
@@ -113,11 +119,10 @@ def probe() -> GpuReport:
             r.gpu_why = hint
             return r
         for i in range(count):
-            prop = check(rt, rt.cudaGetDeviceProperties(i), "device properties")
-            name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else prop.name
+            prop = check(rt.cudaGetDeviceProperties(i), "device properties")
             r.devices.append(
                 {
-                    "name": name.rstrip("\x00"),
+                    "name": device_name(prop),
                     "compute_capability": (int(prop.major), int(prop.minor)),
                     "memory_gib": round(int(prop.totalGlobalMem) / 2**30, 1),
                 }

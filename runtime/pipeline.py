@@ -89,17 +89,17 @@ class Generator:
             unet_precision = (
                 DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
             )
-        trt_int8 = backend == "trt" and unet_precision == "int8" and "int8-qdq" in variants
-        if not isinstance(unet_precision, str) or (unet_precision not in variants and not trt_int8):
+        if backend == "trt" and isinstance(unet_precision, str):
+            from .trt_build import unet_graph_for  # TensorRT's int8 is the Q/DQ graph
+
+            self.unet_graph = unet_graph_for(self.bundle, unet_precision)
+        elif isinstance(unet_precision, str) and unet_precision in variants:
+            self.unet_graph = variants[unet_precision]
+        else:
             raise InputError(
                 f"this bundle's U-Net comes in {', '.join(variants)}, not {unet_precision!r:.20}"
             )
         self.unet_precision = unet_precision
-        self.unet_graph = variants.get(unet_precision)
-        if backend == "trt":
-            from .trt_build import unet_graph_for
-
-            self.unet_graph = unet_graph_for(self.bundle, unet_precision)
         cond = self.bundle.conditioning
         if cond["kind"] == "text":
             t = cond["text"]

@@ -47,14 +47,18 @@ def unet_graph_for(bundle: Bundle, precision: str) -> str:
     return variants[key]
 
 
+def trt_precisions(variants: dict) -> tuple[str, ...]:
+    """The TensorRT precisions a bundle with these U-Net variants can build."""
+    return tuple(p for p in TRT_PRECISIONS if ("int8-qdq" if p == "int8" else p) in variants)
+
+
 def current_platform() -> Platform:
     """TensorRT version and the current GPU, or BackendError saying what is missing."""
     trt = gpu.tensorrt()
     rt = gpu.cudart()
-    dev = gpu.check(rt, rt.cudaGetDevice(), "current device")
-    prop = gpu.check(rt, rt.cudaGetDeviceProperties(dev), "device properties")
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else prop.name
-    return Platform(trt.__version__, name.rstrip("\x00"), (int(prop.major), int(prop.minor)))
+    dev = gpu.check(rt.cudaGetDevice(), "current device")
+    prop = gpu.check(rt.cudaGetDeviceProperties(dev), "device properties")
+    return Platform(trt.__version__, gpu.device_name(prop), (int(prop.major), int(prop.minor)))
 
 
 def flags_for(

@@ -380,3 +380,11 @@ def test_probe_names_the_missing_driver():
     r = probe()
     assert r.driver_version == "0.0" and not r.gpu
     assert r.gpu_why == "no NVIDIA driver is installed"
+
+
+def test_trt_precisions_need_the_qdq_graph_for_int8():
+    from ddpm_rt.trt_build import trt_precisions
+
+    assert trt_precisions({"fp32": "unet", "int8": "unet_int8"}) == ("fp32",)  # QOperator: no
+    both = {"fp32": "unet", "fp16": "f", "int8": "i", "int8-qdq": "q"}
+    assert trt_precisions(both) == ("fp32", "fp16", "int8")

@@ -168,13 +168,11 @@ class OrtBackend:
 
     def _session(self, graph: str, source, opts) -> ort.InferenceSession:
         try:
-            if self._gpu and graph in self.specs:
+            providers = provider_list(self.providers)
+            for _, o in (p for p in providers if isinstance(p, tuple)):
                 # the TensorRT provider's engine folder must exist before it writes there
-                for _, o in (p for p in provider_list(self.providers) if isinstance(p, tuple)):
-                    Path(o["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-            return ort.InferenceSession(
-                source, sess_options=opts, providers=provider_list(self.providers)
-            )
+                Path(o["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+            return ort.InferenceSession(source, sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own untyped errors
             msg = first_line(e)
             if "xternal data" in msg:

@@ -37,14 +37,14 @@ class _Context:
         self.context = engine.create_execution_context()
         if self.context is None:
             raise BackendError("TensorRT could not create an execution context (GPU memory?)")
-        self.stream = gpu.check(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = gpu.check(rt.cudaStreamCreate(), "cudaStreamCreate")
         self.device, self.host = {}, {}
         self.graphs: dict[tuple, object] = {}  # input shapes -> instantiated CUDA graph
         for name in names:
             n = int(np.prod(max_shapes[name]))
             nbytes = n * dtypes[name].itemsize
-            self.device[name] = gpu.check(rt, rt.cudaMalloc(nbytes), "cudaMalloc")
-            ptr = gpu.check(rt, rt.cudaMallocHost(nbytes), "cudaMallocHost")  # pinned
+            self.device[name] = gpu.check(rt.cudaMalloc(nbytes), "cudaMalloc")
+            ptr = gpu.check(rt.cudaMallocHost(nbytes), "cudaMallocHost")  # pinned
             ctype = ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtypes[name]))
             self.host[name] = np.ctypeslib.as_array(ctypes.cast(ptr, ctype), (n,))
             self.context.set_tensor_address(name, int(self.device[name]))
@@ -190,7 +190,6 @@ class TrtBackend:
             arr = np.ascontiguousarray(feeds[name], dtype=e["dtypes"][name])
             ctx.host[name][: arr.size] = arr.ravel()
             gpu.check(
-                rt,
                 rt.cudaMemcpyAsync(
                     ctx.device[name], ctx.host[name].ctypes.data, arr.nbytes, h2d, ctx.stream
                 ),
@@ -200,35 +199,37 @@ class TrtBackend:
                 raise BackendError(f"the engine for {graph} does not take {name} of {arr.shape}")
         graph_exec = ctx.graphs.get(shapes)
         if graph_exec is not None:
-            gpu.check(rt, rt.cudaGraphLaunch(graph_exec, ctx.stream), "cudaGraphLaunch")
+            gpu.check(rt.cudaGraphLaunch(graph_exec, ctx.stream), "cudaGraphLaunch")
         else:
             if not ctx.context.execute_async_v3(int(ctx.stream)):
                 raise BackendError(f"TensorRT failed running {graph}")
             if self.cuda_graphs:  # capture after a first run at this shape (TensorRT's advice)
                 ctx.graphs[shapes] = self._capture(ctx)
-        out = {}
+        shapes_out = {}
         for name in e["outputs"]:
             shape = tuple(ctx.context.get_tensor_shape(name))
             size = int(np.prod(shape))
             nbytes = size * e["dtypes"][name].itemsize
             gpu.check(
-                rt,
                 rt.cudaMemcpyAsync(
                     ctx.host[name].ctypes.data, ctx.device[name], nbytes, d2h, ctx.stream
                 ),
                 "cudaMemcpyAsync",
             )
-            out[name] = (name, shape, size)
-        gpu.check(rt, rt.cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize")
-        return {k: ctx.host[k][:size].reshape(shape).copy() for k, (_, shape, size) in out.items()}
+            shapes_out[name] = shape
+        gpu.check(rt.cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize")
+        return {
+            k: ctx.host[k][: int(np.prod(shape))].reshape(shape).copy()
+            for k, shape in shapes_out.items()
+        }
 
     def _capture(self, ctx: _Context):
         rt = self.rt
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        gpu.check(rt, rt.cudaStreamBeginCapture(ctx.stream, mode), "cudaStreamBeginCapture")
+        gpu.check(rt.cudaStreamBeginCapture(ctx.stream, mode), "cudaStreamBeginCapture")
         ctx.context.execute_async_v3(int(ctx.stream))
-        g = gpu.check(rt, rt.cudaStreamEndCapture(ctx.stream), "cudaStreamEndCapture")
-        graph_exec = gpu.check(rt, rt.cudaGraphInstantiate(g, 0), "cudaGraphInstantiate")
+        g = gpu.check(rt.cudaStreamEndCapture(ctx.stream), "cudaStreamEndCapture")
+        graph_exec = gpu.check(rt.cudaGraphInstantiate(g, 0), "cudaGraphInstantiate")
         rt.cudaGraphDestroy(g)
         return graph_exec
 
