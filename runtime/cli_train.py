@@ -216,8 +216,8 @@ def add_train_parsers(sub, common) -> None:
     ev.add_argument(
         "--settings",
         default="ddpm,ddim:50,ddim:25",
-        help="sampler[:steps[:eta]][@int8] list, or 'full' for the speed grid "
-        "(default ddpm,ddim:50,ddim:25)",
+        help="sampler[:steps[:eta]][@precision][@gG] list (@gG: this setting at guidance G "
+        "only), or 'full' for the speed grid (default ddpm,ddim:50,ddim:25)",
     )
     ev.add_argument("--per-concept", type=int, default=4)
     ev.add_argument(

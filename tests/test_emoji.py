@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddpm_rt.errors import InputError
+
 from conftest import run_cli
 
 pytest.importorskip("emoji", reason="pip install emoji (part of ddpm-rt[train])")
@@ -102,34 +104,55 @@ def test_eval_runs_end_to_end(emoji_dir, tiny_text, tmp_path):
         assert row[kind]["frechet"] >= 0 and row[kind]["_images"].shape == (12, 16, 16, 3)
 
 
-def test_default_rule_picks_the_cheapest_row_within_the_bounds():
+def test_default_rule_picks_the_cheapest_row_within_one_se_of_the_best():
     from ddpm_rt.training.evaluate import choose_default
 
-    def row(cost, top5, frechet, precision="fp32"):
+    def row(cost, top5, frechet, precision="fp32", guidance=1.0):
         return {
             "cost": cost,
             "precision": precision,
             "sampler": "x",
             "steps": cost,
             "eta": None,
-            "guidance": 1.0,
+            "guidance": guidance,
             "heldout_paraphrases": {"top5": top5},
             "train_captions": {"frechet": frechet},
         }
 
-    report = {
-        "concepts": 100,
-        "per_concept": 1,
-        "settings": {
-            "ddpm@g1": row(500, 0.80, 4.0),
-            "a@g1": row(10, 0.70, 4.0),  # too far below (SE of 0.8 at n=100 is 0.04)
-            "b@g1": row(20, 0.77, 4.3),  # within one SE and 1.1x
-            "c@g1": row(20, 0.79, 4.3),  # same cost, better recognition: wins the tie
-            "d@g1": row(15, 0.90, 4.5),  # Fréchet over 1.1x
-            "e@g1": row(5, 0.95, 3.0, "int8"),  # not fp32
-        },
+    settings = {
+        "ddpm@g1": row(500, 0.80, 4.0),
+        "ddpm@g2": row(1000, 0.95, 3.5, guidance=2.0),  # the best fair row: floor 0.95 - 0.022
+        "a@g1": row(10, 0.85, 4.0),  # cheap but more than one SE below the best
+        "a@g2": row(20, 0.93, 4.3, guidance=2.0),  # within one SE and 1.1x
+        "b@g2": row(20, 0.94, 4.3, guidance=2.0),  # same cost, better recognition: the tie
+        "c@g2": row(16, 0.99, 4.5, guidance=2.0),  # Fréchet over 1.1x: neither best nor pick
+        "d@g1": row(5, 0.99, 3.0, "int8"),  # not fp32
     }
-    assert choose_default(report)["setting"] == "c@g1"
+    report = {"concepts": 100, "per_concept": 1, "settings": settings}
+    picked = choose_default(report)
+    assert (picked["setting"], picked["best"]) == ("b@g2", "ddpm@g2")
+    assert picked["guidance"] == 2.0
+    # Where guidance does not help by more than one SE, the cheap unguided row is chosen.
+    settings["ddpm@g2"] = row(1000, 0.86, 3.5, guidance=2.0)
+    for key in ("a@g2", "b@g2"):
+        settings[key]["heldout_paraphrases"]["top5"] = 0.83
+    assert choose_default(report)["setting"] == "a@g1"
+    del settings["ddpm@g1"]
+    with pytest.raises(InputError, match="reference row"):
+        choose_default(report)
+
+
+def test_eval_settings_parse_and_refuse():
+    from ddpm_rt.training.evaluate import parse_setting
+
+    p = parse_setting("ddim:25:1@int8@g2")
+    assert p["kw"] == {"sampler": "ddim", "steps": 25, "eta": 1.0}
+    assert (p["precision"], p["guidance"], p["base"]) == ("int8", 2.0, "ddim:25:1@int8")
+    assert parse_setting("ddpm@fp32@g1")["base"] == "ddpm"
+    assert parse_setting("dpm++2m-sde:10")["guidance"] is None
+    for bad in ("dpm:10", "ddim:x", "ddim:10:1:2", "ddpm@int4", "ddpm@gx"):
+        with pytest.raises(InputError, match="bad setting"):
+            parse_setting(bad)
 
 
 def test_everyday_concept_set_follows_its_rule():
