@@ -7,8 +7,8 @@ The rule (issue 11), applied to the emoji metadata of the npm package
 2. from the original carrier set -- the emoji with a Japanese carrier code (docomo, au or
    SoftBank), the ones phones have offered since before Unicode 6.0 and people type most;
 3. in the everyday subcategories listed in ``SUBCATEGORIES`` (faces, gestures, animals,
-   plants, food and drink, weather, transport, buildings, events, sports, games, music and
-   common objects, hearts and warnings); left out on purpose: letters/keycaps, arrows,
+   plants, food and drink, weather, transport, events, sports, games, music and common
+   objects, hearts and warnings); left out on purpose: letters/keycaps, arrows,
    geometric and audio-visual symbols, zodiac, clocks, flags, people, clothing, books and
    paper, money, buildings (at 16x16 these are rectangles or figures that look alike, or
    not things one asks a picture of) and regional Asian dishes;
