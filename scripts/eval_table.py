@@ -17,7 +17,7 @@ def name(row: dict) -> str:
         label = f"DDIM-{row['steps']} eta {row['eta']:g}"
     else:
         label = f"{'DPM++ 2M SDE' if s.endswith('sde') else 'DPM++ 2M'}-{row['steps']}"
-    return label + (" **int8**" if row["precision"] == "int8" else "")
+    return label + ("" if row["precision"] == "fp32" else f" **{row['precision']}**")
 
 
 def main(path: str) -> int:
@@ -61,7 +61,11 @@ def main(path: str) -> int:
         print(
             f"Default by the rule: {name(r['settings'][default])}, guidance {d['guidance']:g} "
             f"(cost {d['cost']} U-Net image-evaluations vs {d['reference_cost']} for DDPM-500; "
-            f"held-out @5 floor {100 * d['heldout_top5_floor']:.1f} %, Fréchet cap "
+            f"best fair row {name(r['settings'][d['best']])} at guidance "
+            f"{r['settings'][d['best']]['guidance']:g}; held-out @5 floor "
+            f"{100 * d['heldout_top5_floor']:.1f} %, Fréchet cap {d['frechet_cap']:.2f})."
+            if "best" in d
+            else f"held-out @5 floor {100 * d['heldout_top5_floor']:.1f} %, Fréchet cap "
             f"{d['frechet_cap']:.2f})."
         )
     return 0
