@@ -81,14 +81,14 @@ def test_eval_runs_end_to_end(emoji_dir, tiny_text, tmp_path):
     r = evaluate(
         tmp_path / "b",
         out / "emoji.npz",
-        settings=("ddpm", "ddim:3:0", "dpm++2m-sde:3"),
+        settings=("ddpm@g1", "ddim:3:0", "dpm++2m-sde:3"),
         per_concept=2,
         guidance=(1.0, 2.0),
         judge_steps=30,
         log=lambda s: None,
     )
     assert sorted(r["settings"]) == sorted(
-        f"{s}@g{g}" for s in ("ddpm", "ddim:3:0", "dpm++2m-sde:3") for g in (1, 2)
+        ["ddpm@g1"] + [f"{s}@g{g}" for s in ("ddim:3:0", "dpm++2m-sde:3") for g in (1, 2)]
     )
     assert r["settings"]["dpm++2m-sde:3@g2"]["cost"] == 6
     assert r["default"]["setting"] in r["settings"]
