@@ -216,3 +216,29 @@ def test_judge_steps_grow_with_the_concept_count():
 
     assert judge_steps_for(6) == judge_steps_for(107) == 1500  # old figures reproduce
     assert judge_steps_for(431) == 4310
+
+
+def test_judge_cache_trains_once_and_survives_damage(monkeypatch, tmp_path):
+    import ddpm_rt.training.judge as jm
+
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(12) % 3
+    trained = []
+    real_train = jm.train_judge
+    monkeypatch.setattr(jm, "train_judge", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    first = jm.cached_judge(images, labels, 3, steps=4, seed=0)
+    again = jm.cached_judge(images, labels, 3, steps=4, seed=0)
+    assert len(trained) == 1
+    a, b = (jm.judge_outputs(j, images)[0] for j in (first, again))
+    np.testing.assert_array_equal(a, b)
+    jm.cached_judge(images, labels, 3, steps=5, seed=0)  # another setting: another entry
+    assert len(trained) == 2
+    for entry in (tmp_path / "judges").iterdir():
+        entry.write_bytes(b"not a safetensors file")
+    jm.cached_judge(images, labels, 3, steps=4, seed=0)
+    assert len(trained) == 3
+    monkeypatch.setenv("DDPM_RT_NO_CACHE", "1")
+    jm.cached_judge(images, labels, 3, steps=4, seed=0)
+    assert len(trained) == 4

@@ -25,7 +25,7 @@ from ddpm_rt.manifest import UNET_PRECISIONS
 from ddpm_rt.pipeline import Generator
 from ddpm_rt.samplers import EVAL_GRID, SAMPLERS
 
-from .judge import frechet_distance, judge_outputs, topk_hits, train_judge
+from .judge import cached_judge, frechet_distance, judge_outputs, topk_hits
 
 DEFAULT_SETTINGS: tuple[str, ...] = ("ddpm", "ddim:50", "ddim:25")
 # The speed issue's grid (ddpm_rt.samplers.EVAL_GRID) as setting strings.
@@ -175,7 +175,7 @@ def evaluate(
     styles = d["styles"].astype(str)
     if holdout_style in set(styles):
         tr, te = styles != holdout_style, styles == holdout_style
-        j = train_judge(images[tr], labels[tr], k, steps=judge_steps, seed=seed)
+        j = cached_judge(images[tr], labels[tr], k, steps=judge_steps, seed=seed)
         logits, _ = judge_outputs(j, images[te])
         report["judge_heldout_style"] = {
             "style": holdout_style,
@@ -197,7 +197,7 @@ def evaluate(
             r = diffusion_classifier(gen0, images[pick], labels[pick], prompts, seed=seed)
             report["diffusion_classifier"][kind] = r
             log(f"diffusion classifier, {kind}: top1 {r['top1']:.3f}, top5 {r['top5']:.3f}")
-    judge = train_judge(images, labels, k, steps=judge_steps, seed=seed)
+    judge = cached_judge(images, labels, k, steps=judge_steps, seed=seed)
     _, real_feats = judge_outputs(judge, images)
 
     # (2)+(3) Generate and score.

@@ -4,9 +4,18 @@ renders. It names the emoji (identity, not category). Eval tooling only, never t
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import torch
 from torch import nn
+
+from ddpm_rt.fileio import atomic_write
+from ddpm_rt.ort_cache import cache_root, enabled
+
+# Bump when Judge, _augment or train_judge change what a given seed trains.
+JUDGE_VERSION = 1
 
 
 class Judge(nn.Module):
@@ -86,6 +95,40 @@ def train_judge(
         if log and (step + 1) % 500 == 0:
             log(f"judge step {step + 1}/{steps}: loss {loss.item():.3f}")
     return judge.eval()
+
+
+def cached_judge(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, steps: int, seed: int = 0
+) -> Judge:
+    """:func:`train_judge`, kept in the per-user cache (``<cache>/judges/``, the ORT cache's
+    root; off with ``DDPM_RT_NO_CACHE=1``) keyed by the sha256 of the images, labels and
+    every training setting, the torch version and :data:`JUDGE_VERSION`: evaluations of
+    several bundles on one data set train each judge once (4,310 steps at 431 concepts)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save
+
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(images), np.ascontiguousarray(labels)):
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(json.dumps([num_classes, steps, seed, torch.__version__, JUDGE_VERSION]).encode())
+    path = cache_root() / "judges" / f"{h.hexdigest()}.safetensors"
+    if enabled() and path.is_file():
+        judge = Judge(num_classes)
+        try:
+            judge.load_state_dict(load_file(str(path)))
+            return judge.eval()
+        except (OSError, RuntimeError, ValueError, SafetensorError):
+            pass  # a damaged entry: train again and rewrite it
+    judge = train_judge(images, labels, num_classes, steps=steps, seed=seed)
+    if enabled():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.contiguous() for k, v in judge.state_dict().items()}
+            atomic_write(path, lambda f: f.write(save(state)))
+        except OSError:
+            pass  # an unwritable cache just means no cache
+    return judge
 
 
 @torch.no_grad()
