@@ -34,9 +34,10 @@ PROMPTS = [
 
 
 def loss_curve(metrics: Path, out: Path, w: int = 640, h: int = 360, pad: int = 48) -> None:
-    rows = [json.loads(line) for line in metrics.open()]
-    steps = np.array([r["step"] for r in rows], float)
-    loss = np.array([r["loss"] for r in rows], float)
+    # A resumed run logs again from its last checkpoint: the later log of a step wins.
+    by_step = {r["step"]: r["loss"] for r in map(json.loads, metrics.open())}
+    steps = np.array(sorted(by_step), float)
+    loss = np.array([by_step[s] for s in sorted(by_step)], float)
     k = max(1, len(loss) // 100)  # smooth to ~100 points for readability
     if k > 1:
         loss = np.convolve(loss, np.ones(k) / k, mode="valid")
