@@ -150,7 +150,7 @@ def test_eval_settings_parse_and_refuse():
     assert (p["precision"], p["guidance"], p["base"]) == ("int8", 2.0, "ddim:25:1@int8")
     assert parse_setting("ddpm@fp32@g1")["base"] == "ddpm"
     assert parse_setting("dpm++2m-sde:10")["guidance"] is None
-    for bad in ("dpm:10", "ddim:x", "ddim:10:1:2", "ddpm@int4", "ddpm@gx"):
+    for bad in ("dpm:10", "ddim:x", "ddim:10:1:2", "ddpm@int4", "ddpm@gx", "ddpm@g51"):
         with pytest.raises(InputError, match="bad setting"):
             parse_setting(bad)
 

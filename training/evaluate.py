@@ -57,6 +57,8 @@ def parse_setting(setting: str) -> dict:
     for tag in tags:
         if tag[:1] == "g" and tag[1:].replace(".", "", 1).isdigit():
             guidance = float(tag[1:])
+            if guidance > 50:  # the runtime's range, checked before any work
+                raise bad
             continue
         if tag not in UNET_PRECISIONS:
             raise bad
