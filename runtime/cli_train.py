@@ -74,9 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         guidance = tuple(float(g) for g in args.guidance.split(","))
     except ValueError:
+        guidance = ()
+    if not guidance or not all(0 <= g <= 50 for g in guidance):  # NaN fails here too
         raise InputError(
-            f"--guidance must be comma-separated numbers, got {args.guidance!r}"
-        ) from None
+            f"--guidance must be comma-separated numbers in [0, 50], got {args.guidance!r}"
+        )
     report = ev.evaluate(
         args.bundle or default_model(),
         args.data,

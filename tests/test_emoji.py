@@ -242,3 +242,19 @@ def test_judge_cache_trains_once_and_survives_damage(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_RT_NO_CACHE", "1")
     jm.cached_judge(images, labels, 3, steps=4, seed=0)
     assert len(trained) == 4
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--settings", "ddpm,dpm:10"], "bad setting 'dpm:10'"),
+        (["--settings", "ddpm@g99"], "bad setting 'ddpm@g99'"),
+        (["--guidance", "1,99"], "--guidance must be comma-separated numbers in [0, 50]"),
+        (["--guidance", "nan"], "--guidance must be comma-separated numbers in [0, 50]"),
+    ],
+)
+def test_eval_refuses_bad_settings_before_any_work(tmp_path, flags, message):
+    """One line, exit 1, and the data file is never read (it does not even exist)."""
+    proc = run_cli("eval", "--data", str(tmp_path / "missing.npz"), *flags, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
