@@ -297,10 +297,10 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
     g.add_argument(
-        "--sampler", choices=list(SAMPLERS), help="sampler (default: dpm++2m-sde, 10 steps)"
+        "--sampler", choices=list(SAMPLERS), help="sampler (default: ddim, 8 steps, eta 1)"
     )
     g.add_argument(
-        "--steps", type=int, help="sampling steps (ddpm: all T; ddim: 50; dpm++2m[-sde]: 10)"
+        "--steps", type=int, help="sampling steps (ddpm: all T; ddim: 8; dpm++2m[-sde]: 10)"
     )
     g.add_argument(
         "--spacing", choices=list(SPACINGS), help="few-step samplers' timesteps (default time)"
@@ -312,8 +312,7 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument(
         "--guidance",
         type=float,
-        default=1.0,
-        help="classifier-free guidance scale in [0, 50] (default 1 = plain conditional)",
+        help="classifier-free guidance scale in [0, 50]; 1 = plain conditional (default 2)",
     )
     g.add_argument("--batch-size", type=int, help="images per U-Net call (default 16)")
     g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
