@@ -66,7 +66,11 @@ def test_cpp_example_matches_the_python_api(built):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # the library prints nothing to the host's stdout
-    assert "step 10/10" in proc.stderr
+    from ddpm_rt.config import GenerateConfig
+    from ddpm_rt.samplers import DEFAULT_STEPS
+
+    n = DEFAULT_STEPS[GenerateConfig.sampler]  # the runtime's defaults, as the C call asked
+    assert f"step {n}/{n}" in proc.stderr
     header, pixels = out.read_bytes().split(b"\n255\n", 1)
     assert header == b"P6\n16 48"
     want = Generator(DEFAULT).generate("red apple", num=3, seed=7)

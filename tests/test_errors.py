@@ -125,7 +125,10 @@ def test_incompatible_flags(trained, tmp_path):
         "use another sampler",
     )
     assert_clean_error(
-        _generate(trained["bundle"], tmp_path / "a.png", "--eta", "0.5"), "eta applies to ddim"
+        _generate(
+            trained["bundle"], tmp_path / "a.png", "--sampler", "dpm++2m-sde", "--eta", "0.5"
+        ),
+        "eta applies to ddim",
     )
     assert_clean_error(_generate(trained["bundle"], tmp_path / "a.png", "--num", "0"), "num")
     assert_clean_error(

@@ -79,7 +79,11 @@ API_CASES = [
     ("unknown-kwarg", {"nmu": 2}, "unknown argument(s) nmu"),
     ("config-type", {"config": {"num": 2}}, "config must be a GenerateConfig"),
     ("negative-int", {"negative_prompt": 5, "guidance": 2.0}, "negative prompt must be a string"),
-    ("negative-without-guidance", {"negative_prompt": "thing 2"}, "set guidance != 1"),
+    (
+        "negative-without-guidance",
+        {"negative_prompt": "thing 2", "guidance": 1.0},
+        "set guidance != 1",
+    ),
     (
         "context-and-prompt",
         {"context": np.zeros(4, np.float32)},
@@ -202,7 +206,7 @@ CLI_CASES = [
     ("out-not-png", ["--out", "a.jpg"], "must be a .png file"),
     ("digest-bad", ["--expect-digest", "xyz"], "--expect-digest must be 64 hex digits"),
     ("providers-empty", ["--providers", "CPUExecutionProvider,"], "--providers has an empty name"),
-    ("negative-no-guidance", ["--negative-prompt", "x"], "set --guidance != 1"),
+    ("negative-no-guidance", ["--negative-prompt", "x", "--guidance", "1"], "set --guidance != 1"),
 ]
 
 

@@ -45,9 +45,10 @@ def test_cli_free_text_is_reproducible(text_trained, tmp_path):
 
 def test_guidance_one_is_plain_conditional_and_negative_prompt(text_trained):
     gen = Generator(text_trained["bundle"])
-    plain = gen.generate("a small blue square", num=2, **GEN)
-    np.testing.assert_array_equal(
-        plain, gen.generate("a small blue square", num=2, guidance=1.0, **GEN)
+    plain = gen.generate("a small blue square", num=2, guidance=1.0, **GEN)
+    np.testing.assert_array_equal(  # the default guidance is 2
+        gen.generate("a small blue square", num=2, **GEN),
+        gen.generate("a small blue square", num=2, guidance=2.0, **GEN),
     )
     guided = gen.generate("a small blue square", num=2, guidance=3.0, **GEN)
     negative = gen.generate(
@@ -55,7 +56,7 @@ def test_guidance_one_is_plain_conditional_and_negative_prompt(text_trained):
     )
     assert not np.array_equal(plain, guided) and not np.array_equal(guided, negative)
     with pytest.raises(InputError, match="guidance"):
-        gen.generate("a dog", negative_prompt="a cat", **GEN)
+        gen.generate("a dog", negative_prompt="a cat", guidance=1.0, **GEN)
     # An empty negative prompt is the null context: the same as no negative prompt.
     np.testing.assert_array_equal(
         guided, gen.generate("a small blue square", num=2, guidance=3.0, negative_prompt="", **GEN)
