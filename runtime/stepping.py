@@ -65,4 +65,7 @@ class UNetStep:
         if not self.guided:
             return out
         cond, uncond = out[:b], out[b:]
+        if not np.isfinite(out).all():
+            # Hand the loop's check what the graph produced (Inf - Inf would read as NaN).
+            return cond if not np.isfinite(cond).all() else uncond
         return uncond + self.guidance * (cond - uncond)
