@@ -157,8 +157,7 @@ def evaluate(
     """``judge_steps``: default :func:`judge_steps_for` the number of concepts.
     ``classifier``: also rank concepts by the U-Net's own denoising error
     (:mod:`.diffclass`), a read of conditioning that works long before samples do."""
-    for setting in settings:  # refused before the judge trains
-        parse_setting(setting)
+    parsed_settings = [parse_setting(s) for s in settings]  # refused before the judge trains
     d = _load(Path(data))
     images, labels, names = d["images"], d["labels"], [str(n) for n in d["label_names"]]
     k = len(names)
@@ -215,8 +214,7 @@ def evaluate(
         ]
     guidances = (guidance,) if isinstance(guidance, (int, float)) else tuple(guidance)
     report["settings"] = {}
-    for setting in settings:
-        parsed = parse_setting(setting)
+    for setting, parsed in zip(settings, parsed_settings, strict=True):
         precision = parsed["precision"]
         if precision not in gens:
             gens[precision] = Generator(bundle, unet_precision=precision)
