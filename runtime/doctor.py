@@ -29,17 +29,22 @@ from .pipeline import Generator
 
 # A full seeded generation (the default sampler, 4 prompts) against ONNX Runtime CPU fp32:
 # mean and 99th-percentile absolute difference in 8-bit levels. fp32 elsewhere (another CPU,
-# a GPU with TF32) differs by rounding only: the golden test's tolerance. fp16 and int8 change
-# eps by ~3e-3 and ~1 % (the tolerance table) and the stochastic sampler carries that into
-# the image. Measured with ``ddpm-rt doctor`` on the shipped model (x86_64 CPU, ONNX Runtime
-# 1.32): fp16 mean 0.08, p99 1; int8 (QOperator) mean 5.2, p99 26. The limits leave about
-# twice that (fp16 gets more: a GPU's fp16 kernels round differently) and still fail a
-# broken variant, whose images differ by tens of levels on average.
+# a GPU with TF32) differs by rounding only: the golden test's tolerance. fp16 changes eps by
+# ~3e-3 (the tolerance table); measured with ``ddpm-rt doctor`` (x86_64 CPU, ONNX Runtime
+# 1.32): fp16 mean 0.1, p99 1; the limits leave more (a GPU's fp16 kernels round
+# differently). int8 changes eps by ~1 %, and guidance (eps_u + g (eps_c - eps_u), errors
+# ~2.2x at g = 2) and a stochastic 8-step sampler carry that into visibly moved pixels: on
+# the 40,000-step everyday model at its default, int8 differs from fp32 by mean 8.6-9.4
+# levels (Q/DQ 10.7-11.4), p99 60-104, over seeds 0-2, while the judge scores the variants
+# within one standard error of fp32 (MODEL_CARD.md). So int8 is measured against the scale
+# that matters: the gap between two fp32 pictures of the same prompts at seeds 0 and 1
+# ("another picture"). The same picture is well under it (0.36-0.56 measured); a broken
+# variant is at or above it.
 IMAGE_TOLERANCES = {
     "fp32": {"mean": 1.0, "p99": 8.0},
     "fp16": {"mean": 2.0, "p99": 16.0},
-    "int8": {"mean": 10.0, "p99": 64.0},
-    "int8-qdq": {"mean": 10.0, "p99": 64.0},
+    "int8": {"of_seed_gap": 0.7},
+    "int8-qdq": {"of_seed_gap": 0.7},
 }
 PROMPTS = ("red apple", "a snowman", "thumbs up", "a cup of coffee")
 
@@ -112,7 +117,9 @@ def run_doctor(
     feeds = record(ref, contexts, every=max(1, T // 40), batch=8)  # quantize's spacing
     ts = np.concatenate([np.rint(f["t"][:, 0] * T).astype(int) for f in feeds])
     ref_eps = [ref.backend.run("unet", f)["eps"] for f in feeds]
-    ref_images = ref.generate(list(PROMPTS), num=1, seed=0)
+    ref_images = ref.generate(list(PROMPTS), num=1, seed=0).astype(np.int16)
+    other = ref.generate(list(PROMPTS), num=1, seed=1).astype(np.int16)
+    seed_gap = float(np.abs(ref_images - other).mean())  # "another picture", in levels
     x1 = feeds[0]
     one = {k: v[:1] for k, v in x1.items()}
     rows = [
@@ -144,10 +151,11 @@ def run_doctor(
             got = [gen.backend.run(gen.unet_graph, f)["eps"] for f in feeds]
             ok, figures = compare((backend, precision), got, ref_eps, ts, T)
             images = gen.generate(list(PROMPTS), num=1, seed=0)
-            diff = np.abs(images.astype(np.int16) - ref_images.astype(np.int16))
+            diff = np.abs(images.astype(np.int16) - ref_images)
             lim = IMAGE_TOLERANCES[precision]
             mean, p99 = float(diff.mean()), float(np.percentile(diff, 99))
-            img_ok = mean <= lim["mean"] and p99 <= lim["p99"]
+            mean_limit = lim["mean"] if "mean" in lim else lim["of_seed_gap"] * seed_gap
+            img_ok = mean <= mean_limit and p99 <= lim.get("p99", np.inf)
             b1 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, one))
             b8 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, x1))
         except DdpmRtError as e:
@@ -161,7 +169,8 @@ def run_doctor(
             (
                 backend,
                 precision,
-                f"{verdict}: eps {eps_txt}; image mean {mean:.2f} p99 {p99:.0f} levels",
+                f"{verdict}: eps {eps_txt}; image mean {mean:.2f} (limit {mean_limit:.1f})"
+                f" p99 {p99:.0f} levels",
                 b1,
                 b8,
             )
