@@ -55,7 +55,6 @@ def test_similar_prompts_give_similar_contexts():
 def test_shipped_int8_unet_agrees_with_fp32():
     """On x_t recorded from real trajectories, under the tolerance table's int8 entry."""
     from ddpm_rt import Generator
-    from ddpm_rt.doctor import IMAGE_TOLERANCES
     from ddpm_rt.export.quantize import _parity, calibration_contexts, record
     from ddpm_rt.tolerances import TOLERANCES
 
@@ -67,12 +66,4 @@ def test_shipped_int8_unet_agrees_with_fp32():
     tol = TOLERANCES[("ort", "int8")]
     assert cos.mean() >= tol["min_mean_cosine"], cos.mean()
     assert cos[ts > 50].min() >= tol["min_cosine_late"], cos[ts > 50].min()
-    fp32 = gen.generate("red apple", num=4, sampler="dpm++2m-sde", steps=10, seed=3)
-    int8 = Generator(DEFAULT, unet_precision="int8").generate(
-        "red apple", num=4, sampler="dpm++2m-sde", steps=10, seed=3
-    )
-    other_seed = gen.generate("red apple", num=4, sampler="dpm++2m-sde", steps=10, seed=4)
-    d_int8 = np.abs(fp32.astype(int) - int8.astype(int)).mean()
-    d_seed = np.abs(fp32.astype(int) - other_seed.astype(int)).mean()
-    # the same picture, not another one (doctor's criterion for int8 images)
-    assert d_int8 < IMAGE_TOLERANCES["int8"]["of_seed_gap"] * d_seed, (d_int8, d_seed)
+    # its images: test_gpu_path.py::test_doctor_image_check_passes_int8_and_fails_another_picture

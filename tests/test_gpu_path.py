@@ -252,6 +252,26 @@ def test_unet_precision_flag_takes_effect(tmp_path):
     assert a.read_bytes() != b.read_bytes()
 
 
+def test_doctor_image_check_passes_int8_and_fails_another_picture():
+    """int8 images are judged against the gap between two concepts: the shipped int8 and
+    Q/DQ variants pass; another picture of the same prompts (the next seed, standing in for
+    a subtly broken graph) and a black image fail; fp32's tight limit refuses int8."""
+    from ddpm_rt import Generator
+    from ddpm_rt.doctor import PROMPTS, image_check
+
+    def images(precision: str, seed: int) -> np.ndarray:
+        gen = Generator(DEFAULT, unet_precision=precision)
+        return gen.generate(list(PROMPTS), num=1, seed=seed).astype(np.int16)
+
+    ref = images("fp32", 0)
+    gap = float(np.abs(ref - np.roll(ref, 1, axis=0)).mean())
+    for precision in ("int8", "int8-qdq"):
+        assert image_check(precision, np.abs(images(precision, 0) - ref), gap)[0], precision
+    assert not image_check("int8", np.abs(images("fp32", 1) - ref), gap)[0]
+    assert not image_check("int8", np.abs(ref), gap)[0]  # all black
+    assert not image_check("fp32", np.abs(images("int8", 0) - ref), gap)[0]
+
+
 @pytest.mark.slow
 def test_doctor_on_a_machine_without_gpu():
     from ddpm_rt.gpu import probe
