@@ -22,6 +22,14 @@ from ddpm_rt import Bundle
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
+def _default_signals() -> None:
+    # A shell started in the background (`cmd &` without job control, as CI scripts and
+    # nohup do) ignores SIGINT, every child inherits that, and the CLI rightly keeps an
+    # inherited "ignore": the child gets a terminal's dispositions whatever ran pytest.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
@@ -30,6 +38,7 @@ def _start(*args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_default_signals,
     )
 
 
