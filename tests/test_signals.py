@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
 def _default_signals() -> None:
-    # A shell started in the background (`cmd &` without job control, as CI scripts and
-    # nohup do) ignores SIGINT, every child inherits that, and the CLI rightly keeps an
-    # inherited "ignore": the child gets a terminal's dispositions whatever ran pytest.
+    # A command a non-interactive shell starts in the background (`cmd &`, no job control)
+    # ignores SIGINT, every child inherits that, and the CLI rightly keeps an inherited
+    # "ignore": so the child gets a terminal's dispositions whatever started pytest.
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_DFL)
 
