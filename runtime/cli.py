@@ -76,7 +76,8 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     _finishing.clear()
     for s in _SIGNALS:
-        if signal.getsignal(s) != signal.SIG_IGN:  # an inherited "ignore" (nohup) is kept
+        # an inherited "ignore" is kept (a shell's background job starts with SIGINT ignored)
+        if signal.getsignal(s) != signal.SIG_IGN:
             signal.signal(s, _raise_signalled)
     debug = False
     try:
