@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from .config import GenerateConfig
 from .errors import InputError
-from .samplers import SAMPLERS, SPACINGS
+from .samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 SECTIONS = ("unet", "e2e", "overhead", "cold", "text")
@@ -296,25 +297,33 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
+    # the defaults' text comes from the config and the samplers, which the evaluation rule sets
+    default = GenerateConfig()
     g.add_argument(
-        "--sampler", choices=list(SAMPLERS), help="sampler (default: ddim, 8 steps, eta 1)"
+        "--sampler",
+        choices=list(SAMPLERS),
+        help=f"sampler (default: {default.sampler}, {DEFAULT_STEPS[default.sampler]} steps)",
     )
-    g.add_argument(
-        "--steps", type=int, help="sampling steps (ddpm: all T; ddim: 8; dpm++2m[-sde]: 10)"
-    )
+    steps_text = "; ".join(f"{k}: {v}" for k, v in DEFAULT_STEPS.items())
+    g.add_argument("--steps", type=int, help=f"sampling steps (ddpm: all T; {steps_text})")
     g.add_argument(
         "--spacing", choices=list(SPACINGS), help="few-step samplers' timesteps (default time)"
     )
     g.add_argument(
-        "--eta", type=float, help="ddim stochasticity in [0, 1]: 0 deterministic (default 1)"
+        "--eta",
+        type=float,
+        help=f"ddim stochasticity in [0, 1]: 0 deterministic (default {DEFAULT_DDIM_ETA:g})",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     g.add_argument(
         "--guidance",
         type=float,
-        help="classifier-free guidance scale in [0, 50]; 1 = plain conditional (default 2)",
+        help="classifier-free guidance scale in [0, 50]; 1 = plain conditional"
+        f" (default {default.guidance:g})",
     )
-    g.add_argument("--batch-size", type=int, help="images per U-Net call (default 16)")
+    g.add_argument(
+        "--batch-size", type=int, help=f"images per U-Net call (default {default.batch_size})"
+    )
     g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("--trajectory", help="also write the denoising (x̂0 at every step) as a GIF")
