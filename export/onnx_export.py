@@ -20,10 +20,10 @@ import onnxruntime as ort
 import torch
 
 import ddpm_rt
-from ddpm_rt.bundle import MANIFEST, SCHEMA_VERSION, Bundle
+from ddpm_rt.bundle.bundle import MANIFEST, SCHEMA_VERSION, Bundle
+from ddpm_rt.bundle.fileio import atomic_write, sha256_file
+from ddpm_rt.bundle.io_spec import GraphIO, unet_io
 from ddpm_rt.errors import DdpmRtError, InputError
-from ddpm_rt.fileio import atomic_write, sha256_file
-from ddpm_rt.io_spec import GraphIO, unet_io
 from ddpm_rt.tolerances import TOLERANCES, check
 from ddpm_rt.training.model import ContextUnet, load_model
 

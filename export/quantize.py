@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_rt.bundle import MANIFEST, Bundle
+from ddpm_rt.bundle.bundle import MANIFEST, Bundle
+from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.bundle.io_spec import unet_io
 from ddpm_rt.errors import DdpmRtError, InputError
-from ddpm_rt.fileio import atomic_write
-from ddpm_rt.io_spec import unet_io
-from ddpm_rt.parity import record
-from ddpm_rt.pipeline import Generator
+from ddpm_rt.generator import Generator
 from ddpm_rt.tolerances import TOLERANCES
+from ddpm_rt.tools.parity import record
 
 INT8_FILE = "unet.int8-qoperator-u8s8.onnx"
 INT8_GRAPH = "unet_int8"

@@ -29,9 +29,9 @@ import onnxruntime as ort
 import torch
 
 import ddpm_rt
+from ddpm_rt.bundle.fileio import atomic_write, sha256_file
+from ddpm_rt.bundle.io_spec import text_encoder_io
 from ddpm_rt.errors import DdpmRtError, InputError
-from ddpm_rt.fileio import atomic_write, sha256_file
-from ddpm_rt.io_spec import text_encoder_io
 from ddpm_rt.text import TEXT_FORMAT, TEXT_MANIFEST, load_tokenizer, tokenize
 
 from .captions import eval_captions

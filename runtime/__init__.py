@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import (
+from ddpm_rt.errors import (
     BackendError,
     BundleError,
     Cancelled,
@@ -21,12 +21,12 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Bundle": ".bundle",
+    "Bundle": ".bundle.bundle",
     "GenerateConfig": ".config",
-    "Generator": ".pipeline",
-    "StepInfo": ".pipeline",
-    "NoiseSchedule": ".schedule",
-    "ScheduleConfig": ".schedule",
+    "Generator": ".generator",
+    "StepInfo": ".progress",
+    "NoiseSchedule": ".core.schedule",
+    "ScheduleConfig": ".core.schedule",
 }
 
 __all__ = [
@@ -46,10 +46,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
-    from .config import GenerateConfig
-    from .pipeline import Generator, StepInfo
-    from .schedule import NoiseSchedule, ScheduleConfig
+    from ddpm_rt.bundle.bundle import Bundle
+    from ddpm_rt.config import GenerateConfig
+    from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig
+    from ddpm_rt.generator import Generator
+    from ddpm_rt.progress import StepInfo
 
 
 def __getattr__(name: str):

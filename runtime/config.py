@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .manifest import MAX_TIMESTEPS
-from .samplers import SAMPLERS, SPACINGS
+from ddpm_rt.bundle.manifest import MAX_TIMESTEPS
+from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
+from ddpm_rt.errors import InputError
 
 MAX_NUM = 100_000  # images per call; memory is checked separately, against this machine
 MAX_BATCH_SIZE = 4096

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
-from .fileio import atomic_write
+from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.errors import InputError
 
 MAX_SCALE = 64
 # Pillow refuses to open images over twice its decompression-bomb limit and warns above it;

@@ -20,8 +20,8 @@ import warnings
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import BundleError, InputError, NumericalError, first_line
-from .tolerances import EMBEDDING_NORM_ATOL
+from ddpm_rt.errors import BundleError, InputError, NumericalError, first_line
+from ddpm_rt.tolerances import EMBEDDING_NORM_ATOL
 
 _WEIGHT = re.compile(r"^(.*?):\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
 
@@ -168,7 +168,7 @@ def read_text_folder(path, verify_hashes: bool = True) -> dict:
     import json
     from pathlib import Path
 
-    from .fileio import sha256_file
+    from ddpm_rt.bundle.fileio import sha256_file
 
     path = Path(path)
     mpath = path / TEXT_MANIFEST
@@ -196,14 +196,14 @@ def open_text_folder(
     """A :class:`TextEncoder` over a text-encoder folder (used by training and tools)."""
     from pathlib import Path
 
-    from .backends.ort import OrtBackend
+    from ddpm_rt.backends.ort import OrtBackend
 
     path = Path(path)
     meta = read_text_folder(path)
     precision = precision or meta["default_precision"]
     if precision not in meta["graphs"]:
         raise InputError(f"text encoder precision must be one of {', '.join(meta['graphs'])}")
-    from .io_spec import text_encoder_io
+    from ddpm_rt.bundle.io_spec import text_encoder_io
 
     files = {k: path / g["file"] for k, g in meta["graphs"].items()}
     backend = OrtBackend(

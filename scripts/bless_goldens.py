@@ -51,8 +51,8 @@ def step_inputs(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def sampler_steps() -> dict[str, np.ndarray]:
-    from ddpm_rt.samplers import make_sampler
-    from ddpm_rt.schedule import NoiseSchedule
+    from ddpm_rt.core.samplers import make_sampler
+    from ddpm_rt.core.schedule import NoiseSchedule
 
     s = NoiseSchedule()
     out = {}

@@ -1,6 +1,6 @@
 """Tiny hand-made ONNX graphs and bundles, for hostile-input tests.
 
-Each graph honours (or deliberately breaks) the bundle I/O contract of ddpm_rt.io_spec, so a
+Each graph honours (or deliberately breaks) the bundle I/O contract of ddpm_rt.bundle.io_spec, so a
 test can make a U-Net whose noise is NaN from some step on, a text encoder whose embedding
 is not unit length, or a graph whose outputs disagree with its manifest -- and check that the
 runtime refuses it with a clear message instead of writing a black image.
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ddpm_rt.io_spec import text_encoder_io, unet_io
+from ddpm_rt.bundle.io_spec import text_encoder_io, unet_io
 
 C, H, W = 3, 8, 8
 OPSET = 17

@@ -73,7 +73,7 @@ def test_every_required_field_is_present():
 
 def test_noise_from_the_spec_text_alone():
     """Philox4x64-10 + Box-Muller as the page states them (constants read from its text)."""
-    from ddpm_rt.noise import ImageNoise
+    from ddpm_rt.core.noise import ImageNoise
 
     m0, m1, w0, w1 = (int(h, 16) for h in re.findall(r"0x[0-9A-F]{16}", SPEC)[:4])
     mask = 2**64 - 1

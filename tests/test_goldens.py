@@ -16,8 +16,8 @@ import torch
 from craft import write_bundle
 
 from ddpm_rt import Generator
-from ddpm_rt.samplers import DDIMSampler, DDPMSampler, make_sampler, sample_loop
-from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
+from ddpm_rt.core.samplers import DDIMSampler, DDPMSampler, make_sampler, sample_loop
+from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig
 from ddpm_rt.tolerances import TOLERANCES, check
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddpm_rt.engine_cache import (
+from ddpm_rt.backends.engine_cache import (
     BuildFlags,
     EngineCache,
     EngineRecord,
@@ -22,8 +22,8 @@ from ddpm_rt.engine_cache import (
     gpu_slug,
     mismatch,
 )
+from ddpm_rt.bundle.io_spec import profile_shapes, text_encoder_io, unet_batch_range, unet_io
 from ddpm_rt.errors import BackendError, InputError
-from ddpm_rt.io_spec import profile_shapes, text_encoder_io, unet_batch_range, unet_io
 
 from conftest import run_cli
 
@@ -257,7 +257,7 @@ def test_doctor_image_check_passes_int8_and_fails_another_picture():
     Q/DQ variants pass; another picture of the same prompts (the next seed, standing in for
     a subtly broken graph) and a black image fail; fp32's tight limit refuses int8."""
     from ddpm_rt import Generator
-    from ddpm_rt.doctor import PROMPTS, image_check
+    from ddpm_rt.tools.doctor import PROMPTS, image_check
 
     def images(precision: str, seed: int) -> np.ndarray:
         gen = Generator(DEFAULT, unet_precision=precision)
@@ -274,7 +274,7 @@ def test_doctor_image_check_passes_int8_and_fails_another_picture():
 
 @pytest.mark.slow
 def test_doctor_on_a_machine_without_gpu():
-    from ddpm_rt.gpu import probe
+    from ddpm_rt.backends.gpu import probe
 
     if probe().gpu:
         pytest.skip("this machine has a GPU: doctor checks it for real")
@@ -336,7 +336,7 @@ def test_shipped_qdq_variant_is_symmetric_and_close():
 
 # -- on a GPU with TensorRT (skipped elsewhere, with the reason) ------------------------------
 def _gpu_reason() -> str | None:
-    from ddpm_rt.gpu import probe
+    from ddpm_rt.backends.gpu import probe
 
     r = probe()
     return r.tensorrt_why or r.cuda_python_why or (None if r.gpu else r.gpu_why)
@@ -350,8 +350,8 @@ def test_trt_engine_matches_ort_cpu(tmp_path, precision):
     if why:
         pytest.skip(why)
     from ddpm_rt import Generator
-    from ddpm_rt.parity import compare, record
-    from ddpm_rt.trt_build import build_engines
+    from ddpm_rt.backends.trt_build import build_engines
+    from ddpm_rt.tools.parity import compare, record
 
     build_engines(DEFAULT, (precision,), EngineCache(tmp_path), log=lambda s: None)
     ref = Generator(DEFAULT, unet_precision="fp32")
@@ -389,7 +389,7 @@ def test_ort_cuda_provider_with_io_binding_matches_cpu():
 def test_probe_names_the_missing_driver():
     """With cuda-python (a dev dependency) on a machine without an NVIDIA driver, the real
     CUDA runtime calls answer, and the probe says the driver is what is missing."""
-    from ddpm_rt.gpu import cudart, probe
+    from ddpm_rt.backends.gpu import cudart, probe
 
     try:
         rt = cudart()
@@ -403,7 +403,7 @@ def test_probe_names_the_missing_driver():
 
 
 def test_trt_precisions_need_the_qdq_graph_for_int8():
-    from ddpm_rt.trt_build import trt_precisions
+    from ddpm_rt.backends.trt_build import trt_precisions
 
     assert trt_precisions({"fp32": "unet", "int8": "unet_int8"}) == ("fp32",)  # QOperator: no
     both = {"fp32": "unet", "fp16": "f", "int8": "i", "int8-qdq": "q"}

@@ -28,9 +28,9 @@ from craft import (
 
 from ddpm_rt import Bundle, Generator
 from ddpm_rt.backends.ort import check_outputs
+from ddpm_rt.bundle.io_spec import unet_io
+from ddpm_rt.bundle.manifest import validate_manifest
 from ddpm_rt.errors import BackendError, BundleError, DdpmRtError, InputError, NumericalError
-from ddpm_rt.io_spec import unet_io
-from ddpm_rt.manifest import validate_manifest
 
 from conftest import run_cli
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddpm_rt import Bundle, GenerateConfig, Generator
+from ddpm_rt.bundle.manifest import validate_manifest
 from ddpm_rt.errors import BundleError, DdpmRtError, InputError
-from ddpm_rt.manifest import validate_manifest
 
 from conftest import run_cli
 

@@ -5,13 +5,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ddpm_rt.bundle.io_spec import unet_io
 from ddpm_rt.export.onnx_export import (
     ExportError,
     check_unet_parity,
     trace_to_onnx,
     unet_parity_inputs,
 )
-from ddpm_rt.io_spec import unet_io
 from ddpm_rt.tolerances import check
 from ddpm_rt.training.model import ContextUnet, UNetConfig
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_rt.core.samplers import DDIMSampler, DDPMSampler, make_sampler, sample_loop, to_uint8
+from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig
 from ddpm_rt.errors import InputError
-from ddpm_rt.samplers import DDIMSampler, DDPMSampler, make_sampler, sample_loop, to_uint8
-from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
 
 SHAPE = (2, 3, 8, 8)
 
@@ -207,7 +207,7 @@ def test_dpm_solver_noise_contract_and_order():
 
 
 def test_logsnr_spacing_is_uniform_in_lambda():
-    from ddpm_rt.samplers import spaced_timesteps
+    from ddpm_rt.core.samplers import spaced_timesteps
 
     s = NoiseSchedule()
     ts = spaced_timesteps(s, 10, "logsnr")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig
 from ddpm_rt.errors import InputError
-from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig
 
 
 @pytest.mark.parametrize("T,b1,b2", [(500, 1e-4, 0.02), (1000, 1e-4, 0.02), (7, 0.01, 0.3)])

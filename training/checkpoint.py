@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save
 
 import ddpm_rt
+from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.errors import CheckpointError
-from ddpm_rt.fileio import atomic_write
 
 from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UNetConfig, read_checkpoint_config
 

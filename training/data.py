@@ -228,7 +228,7 @@ def _embed_captions(per_image: list[list[str]], encoder_dir: str, cache: Path | 
     enc = open_text_folder(encoder_dir, precision="fp32")
     table = enc.encode(uniq)
     if cache is not None:
-        from ddpm_rt.fileio import atomic_write
+        from ddpm_rt.bundle.fileio import atomic_write
 
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, lambda f: np.savez(f, key=np.array(key), table=table))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddpm_rt.pipeline import Generator
+from ddpm_rt.generator import Generator
 
 TIMESTEP_FRACTIONS = (0.2, 0.4, 0.6)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.errors import InputError
-from ddpm_rt.fileio import atomic_write
 
 from .emoji_sources import LICENCES, gemojione_keywords, open_sources
 from .paraphrases import FREE_PARAPHRASES

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.bundle.manifest import UNET_PRECISIONS
+from ddpm_rt.core.samplers import EVAL_GRID, SAMPLERS
 from ddpm_rt.errors import InputError
-from ddpm_rt.fileio import atomic_write
-from ddpm_rt.manifest import UNET_PRECISIONS
-from ddpm_rt.pipeline import Generator
-from ddpm_rt.samplers import EVAL_GRID, SAMPLERS
+from ddpm_rt.generator import Generator
 
 from .judge import cached_judge, frechet_distance, judge_outputs, topk_hits
 
 DEFAULT_SETTINGS: tuple[str, ...] = ("ddpm", "ddim:50", "ddim:25")
-# The speed issue's grid (ddpm_rt.samplers.EVAL_GRID) as setting strings.
+# The speed issue's grid (ddpm_rt.core.samplers.EVAL_GRID) as setting strings.
 FULL_GRID: tuple[str, ...] = tuple(
     name if steps is None else f"{name}:{steps}" + ("" if eta is None else f":{eta:g}")
     for name, steps, eta in EVAL_GRID

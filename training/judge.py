@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddpm_rt.fileio import atomic_write
-from ddpm_rt.ort_cache import cache_root, enabled
+from ddpm_rt.backends.ort_cache import cache_root, enabled
+from ddpm_rt.bundle.fileio import atomic_write
 
 # Bump when Judge, _augment or train_judge change what a given seed trains.
 JUDGE_VERSION = 1

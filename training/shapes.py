@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ddpm_rt.bundle.fileio import atomic_write, check_writable
 from ddpm_rt.errors import InputError
-from ddpm_rt.fileio import atomic_write, check_writable
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig, timestep_input
+from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig, timestep_input
 
 from .model import ContextUnet, UNetConfig, load_model
 
@@ -38,7 +38,7 @@ def model_from_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = No
     import onnx
     from onnx import numpy_helper
 
-    from ddpm_rt.bundle import Bundle
+    from ddpm_rt.bundle.bundle import Bundle
 
     bundle = Bundle.load(bundle_dir, hash_all=False)
     cfg = bundle.manifest.get("model", {}).get("unet")
@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from ddpm_rt.core.noise import ImageNoise
+    from ddpm_rt.core.samplers import make_sampler, sample_loop, to_uint8
+    from ddpm_rt.generator import Generator
     from ddpm_rt.images import save_png
-    from ddpm_rt.noise import ImageNoise
-    from ddpm_rt.pipeline import Generator
-    from ddpm_rt.samplers import make_sampler, sample_loop, to_uint8
 
     torch.set_num_threads(torch.get_num_threads())
     model = model_from_bundle(args.bundle)

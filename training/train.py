@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ddpm_rt.core.samplers import make_sampler, sample_loop, to_uint8
+from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig, timestep_input
 from ddpm_rt.errors import InputError
 from ddpm_rt.images import save_png
-from ddpm_rt.samplers import make_sampler, sample_loop, to_uint8
-from ddpm_rt.schedule import NoiseSchedule, ScheduleConfig, timestep_input
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset

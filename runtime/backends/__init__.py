@@ -10,8 +10,8 @@ against the spec.
 
 from __future__ import annotations
 
-from ..bundle import Bundle
-from ..errors import InputError
+from ddpm_rt.bundle.bundle import Bundle
+from ddpm_rt.errors import InputError
 
 BACKENDS = ("ort", "trt")
 
@@ -31,7 +31,7 @@ def make_backend(
     if name == "trt":
         import os
 
-        from .trt import TrtBackend
+        from ddpm_rt.backends.trt import TrtBackend
 
         return TrtBackend(
             bundle,
@@ -41,7 +41,7 @@ def make_backend(
             # device memory per shape)
             cuda_graphs=os.environ.get("DDPM_RT_CUDA_GRAPHS", "") not in ("", "0"),
         )
-    from .ort import OrtBackend
+    from ddpm_rt.backends.ort import OrtBackend
 
     return OrtBackend(
         {g: (lambda g=g: bundle.open_verified(bundle.graphs[g].file)) for g in bundle.graphs},

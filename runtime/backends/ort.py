@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .. import ort_cache
-from ..errors import BackendError, InputError, first_line
-from ..io_spec import ORT_TYPES, GraphIO, TensorSpec
+from ddpm_rt.backends import ort_cache
+from ddpm_rt.bundle.io_spec import ORT_TYPES, GraphIO, TensorSpec
+from ddpm_rt.errors import BackendError, InputError, first_line
 
 # Bundles may not use external data: every byte a graph uses must be hashed. A graph loaded
 # from /proc/self/fd/N looks for its external data in /proc/self/fd/ and finds nothing; one

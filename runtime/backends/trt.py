@@ -1,9 +1,10 @@
 """TensorRT backend (no PyTorch): the U-Net runs as an engine from the per-user cache.
 
-* Engines come only from :class:`~ddpm_rt.engine_cache.EngineCache` (built on this machine by
-  ``ddpm-rt build-engines``), chosen by the sha256 of the bundle's verified ONNX graph; before
-  use, the record's TensorRT version, GPU and graph hash are compared with this machine's and
-  a mismatch says exactly what to rebuild. The plan's bytes are checked against its record.
+* Engines come only from :class:`~ddpm_rt.backends.engine_cache.EngineCache` (built on this
+  machine by ``ddpm-rt build-engines``), chosen by the sha256 of the bundle's verified ONNX
+  graph; before use, the record's TensorRT version, GPU and graph hash are compared with this
+  machine's and a mismatch says exactly what to rebuild. The plan's bytes are checked against
+  its record.
 * Device memory and streams through cuda-python (``cuda.bindings.runtime``). Each thread that
   calls :meth:`run` gets its own execution context, stream, device buffers (sized for the
   profile's largest shapes, allocated once) and pinned host buffers, so one ``Generator`` may
@@ -12,7 +13,7 @@
   10/11 name-based API); the sampling loop stays NumPy on the host, x_t in and eps out.
   Optional CUDA-graph capture replays the captured launch for a batch already seen.
 * A batch larger than the engine's profile is run in slices of the profile's maximum.
-* The text encoder stays on ONNX Runtime (see :mod:`ddpm_rt.trt_build`); NaN/Inf in eps is
+* The text encoder stays on ONNX Runtime (see :mod:`ddpm_rt.backends.trt_build`); NaN/Inf in eps is
   caught by the sampling loop's per-step check, which names the step, backend and precision.
 """
 
@@ -23,10 +24,10 @@ import threading
 
 import numpy as np
 
-from .. import gpu
-from ..engine_cache import EngineCache
-from ..errors import BackendError
-from ..io_spec import GraphIO
+from ddpm_rt.backends import gpu
+from ddpm_rt.backends.engine_cache import EngineCache
+from ddpm_rt.bundle.io_spec import GraphIO
+from ddpm_rt.errors import BackendError
 
 
 class _Context:
@@ -72,7 +73,7 @@ class TrtBackend:
     ):
         """``bundle``: the loaded (verified) Bundle; ``text_backend``: the ONNX Runtime
         backend that runs the text encoder; U-Net engines are looked up in ``cache``."""
-        from ..trt_build import current_platform
+        from ddpm_rt.backends.trt_build import current_platform
 
         self.trt = gpu.tensorrt()
         self.rt = gpu.cudart()

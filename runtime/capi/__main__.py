@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from ddpm_rt.capi import main
 
 sys.exit(main())

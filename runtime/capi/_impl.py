@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
-from .. import __version__
-from ..errors import (
+from ddpm_rt import __version__
+from ddpm_rt.errors import (
     BackendError,
     BundleError,
     Cancelled,
@@ -68,7 +68,7 @@ def bind(ffi) -> None:
         try:
             if bundle_dir == ffi.NULL or out == ffi.NULL:
                 raise InputError("bundle_dir and out must not be NULL")
-            from ..pipeline import Generator
+            from ddpm_rt.generator import Generator
 
             options = {}
             if options_json != ffi.NULL:

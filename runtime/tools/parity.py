@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .noise import ImageNoise
-from .samplers import make_sampler, sample_loop
-from .schedule import timestep_input
-from .tolerances import TOLERANCES, check
+from ddpm_rt.core.noise import ImageNoise
+from ddpm_rt.core.samplers import make_sampler, sample_loop
+from ddpm_rt.core.schedule import timestep_input
+from ddpm_rt.tolerances import TOLERANCES, check
 
 
 def record(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Reverse-process samplers over a :class:`~ddpm_rt.schedule.NoiseSchedule`.
+"""Reverse-process samplers over a :class:`~ddpm_rt.core.schedule.NoiseSchedule`.
 
 A sampler is a small object with a documented contract (as in diffusers' schedulers):
 
@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .errors import InputError
-from .schedule import NoiseSchedule
+from ddpm_rt.core.schedule import NoiseSchedule
+from ddpm_rt.errors import InputError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 SPACINGS = ("time", "logsnr")  # uniform in t ("trailing"), uniform in lambda

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ddpm_rt.errors import InputError
 
 
 def timestep_input(t, timesteps: int):

@@ -18,12 +18,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__, gpu
-from .bundle import Bundle
-from .engine_cache import BuildFlags, EngineCache, EngineRecord, Platform, engine_key
-from .errors import BackendError, InputError
-from .fileio import atomic_write
-from .io_spec import profile_shapes, unet_batch_range
+from ddpm_rt import __version__
+from ddpm_rt.backends import gpu
+from ddpm_rt.backends.engine_cache import (
+    BuildFlags,
+    EngineCache,
+    EngineRecord,
+    Platform,
+    engine_key,
+)
+from ddpm_rt.bundle.bundle import Bundle
+from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
+from ddpm_rt.errors import BackendError, InputError
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_IMAGES = 16  # images per U-Net call (the Generator's default batch size)

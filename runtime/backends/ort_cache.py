@@ -27,7 +27,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .fileio import atomic_write
+from ddpm_rt.bundle.fileio import atomic_write
 
 
 def enabled() -> bool:

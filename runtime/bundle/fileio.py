@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InputError
+from ddpm_rt.errors import InputError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:

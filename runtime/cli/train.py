@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_generate import default_model, fields_of
-from .errors import InputError
+from ddpm_rt.cli.generate import default_model, fields_of
+from ddpm_rt.errors import InputError
 
 
 def _need(extra: str, module: str):
@@ -30,7 +30,7 @@ def _need(extra: str, module: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     train_mod = _need("train", "ddpm_rt.training.train")
-    from .training.data import parse_label_names
+    from ddpm_rt.training.data import parse_label_names
 
     cfg = train_mod.TrainConfig(
         **fields_of(train_mod.TrainConfig, args, label_names=parse_label_names(args.label_names))
@@ -62,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     ev = _need("train", "ddpm_rt.training.evaluate")
-    from .fileio import check_writable
+    from ddpm_rt.bundle.fileio import check_writable
 
     for out in (args.json, args.grid):
         if out:
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         ev.save_report(report, Path(args.json))
     if args.grid:
-        from .images import save_png
+        from ddpm_rt.images import save_png
 
         first = next(iter(report["settings"].values()))["train_captions"]["_images"]
         save_png(args.grid, first, ncols=args.per_concept * 8, scale=2)
@@ -122,7 +122,7 @@ def cmd_text_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data_emoji(args: argparse.Namespace) -> int:
-    from .training.emoji import STYLES, build_emoji
+    from ddpm_rt.training.emoji import STYLES, build_emoji
 
     styles = tuple(s.strip() for s in args.styles.split(",")) if args.styles else STYLES
     bad = [s for s in styles if s not in STYLES]
@@ -133,7 +133,7 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
-    from .training.shapes import write_shapes
+    from ddpm_rt.training.shapes import write_shapes
 
     out = write_shapes(args.out, args.num, args.size, args.seed)
     print(f"wrote {out} ({args.num} images, {args.size}x{args.size})", file=sys.stderr)

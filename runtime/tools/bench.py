@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bench_probe import cpu_name, need, peak_gflops, run_measured, time_it, unet_flops
-from .bench_report import format_bench  # noqa: F401 - the CLI imports it from here
-from .config import GenerateConfig
-from .errors import first_line
-from .pipeline import Generator
-from .samplers import EVAL_GRID, make_sampler
+from ddpm_rt.config import GenerateConfig
+from ddpm_rt.core.samplers import EVAL_GRID, make_sampler
+from ddpm_rt.errors import first_line
+from ddpm_rt.generator import Generator
+from ddpm_rt.tools.bench_probe import cpu_name, need, peak_gflops, run_measured, time_it, unet_flops
+from ddpm_rt.tools.bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 
 PROMPT = "red apple"
 
@@ -62,7 +62,7 @@ def _torch_model(gen: Generator, checkpoint):
 def _torch_rows(gen: Generator, batch_sizes, repeats, torch_model, compile_: bool, flops, peak):
     """Per-step rows for torch eager and torch.compile, after a parity check against ddpm-rt
     fp32 (the torch code itself lives in ddpm_rt.training.torch_reference)."""
-    from .tolerances import check
+    from ddpm_rt.tolerances import check
 
     model, ref, _ = torch_model
     c, h, w = gen.bundle.image_shape
@@ -332,7 +332,7 @@ def run_bench(
     if "cold" in sections:
         result["cold_start"] = _cold_start(gen, default, 3, torch_model[2])
     if "text" in sections and gen.text is not None:
-        from .text import tokenize
+        from ddpm_rt.text import tokenize
 
         ids, mask, _ = tokenize(
             gen.text.tokenizer, "a small red apple on a plain background", gen.text.max_tokens

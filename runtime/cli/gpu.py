@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InputError
+from ddpm_rt.errors import InputError
 
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
-    from .engine_cache import EngineCache
+    from ddpm_rt.backends.engine_cache import EngineCache
 
     cache = EngineCache(args.engine_cache) if args.engine_cache else EngineCache()
     if args.clear:
@@ -20,7 +20,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         return 0
     if not args.bundle:
         raise InputError("give a bundle folder (or --clear)")
-    from .trt_build import TRT_PRECISIONS, build_engines
+    from ddpm_rt.backends.trt_build import TRT_PRECISIONS, build_engines
 
     precisions = tuple(p.strip() for p in args.unet_precision.split(","))
     bad = [p for p in precisions if p not in TRT_PRECISIONS]
@@ -42,8 +42,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .cli_generate import default_model
-    from .doctor import run_doctor
+    from ddpm_rt.cli.generate import default_model
+    from ddpm_rt.tools.doctor import run_doctor
 
     return run_doctor(
         args.bundle or default_model(), args.engine_cache, build=not args.no_build, log=print

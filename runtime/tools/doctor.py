@@ -21,11 +21,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import __version__, gpu
-from .bundle import Bundle
-from .errors import DdpmRtError
-from .parity import compare, record
-from .pipeline import Generator
+from ddpm_rt import __version__
+from ddpm_rt.backends import gpu
+from ddpm_rt.bundle.bundle import Bundle
+from ddpm_rt.errors import DdpmRtError
+from ddpm_rt.generator import Generator
+from ddpm_rt.tools.parity import compare, record
 
 # A full seeded generation (the default sampler, 4 prompts) against ONNX Runtime CPU fp32:
 # mean and 99th-percentile absolute difference in 8-bit levels. fp32 elsewhere (another CPU,
@@ -84,7 +85,7 @@ def _candidates(report: gpu.GpuReport, variants: dict) -> list[tuple[str, str, d
             if p in variants:
                 out.append(("ort-gpu", p, {"unet_precision": p, "providers": prov}))
     if report.tensorrt_version and report.gpu and not report.cuda_python_why:
-        from .trt_build import trt_precisions
+        from ddpm_rt.backends.trt_build import trt_precisions
 
         for p in trt_precisions(variants):
             out.append(("trt", p, {"unet_precision": p, "backend": "trt"}))
@@ -145,8 +146,8 @@ def run_doctor(
     ]
     failed = 0
     if build and report.tensorrt_version and report.gpu and not report.cuda_python_why:
-        from .engine_cache import EngineCache
-        from .trt_build import build_engines, trt_precisions
+        from ddpm_rt.backends.engine_cache import EngineCache
+        from ddpm_rt.backends.trt_build import build_engines, trt_precisions
 
         wanted = trt_precisions(variants)
         try:

@@ -21,8 +21,8 @@ import math
 import re
 from typing import Any
 
-from .errors import BundleError
-from .io_spec import ORT_TYPES, GraphIO, text_encoder_io, unet_io
+from ddpm_rt.bundle.io_spec import ORT_TYPES, GraphIO, text_encoder_io, unet_io
+from ddpm_rt.errors import BundleError
 
 SCHEMA_VERSION = 1
 # Features this runtime understands, for a manifest's ``requires`` list.

@@ -9,22 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import make_backend
-from .bundle import Bundle
-from .config import (
+from ddpm_rt.backends import make_backend
+from ddpm_rt.bundle.bundle import Bundle
+from ddpm_rt.config import (
     MAX_NUM,
     GenerateConfig,
     check_int,
     check_memory,
     estimate_bytes,
 )
-from .errors import BundleError, Cancelled, InputError, NumericalError
-from .noise import ImageNoise
-from .samplers import make_sampler, sample_loop, to_uint8
-from .schedule import NoiseSchedule, timestep_input
-from .stepping import StepInfo, UNetStep, progress_bar
-from .text import TextEncoder, check_prompt, parse_blend
-from .tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
+from ddpm_rt.core.guidance import UNetStep
+from ddpm_rt.core.noise import ImageNoise
+from ddpm_rt.core.samplers import make_sampler, sample_loop, to_uint8
+from ddpm_rt.core.schedule import NoiseSchedule, timestep_input
+from ddpm_rt.errors import BundleError, Cancelled, InputError, NumericalError
+from ddpm_rt.progress import StepInfo, progress_bar
+from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
+from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
 
 __all__ = ["GenerateConfig", "Generator", "StepInfo"]
 MAX_THREADS = 256
@@ -90,7 +91,9 @@ class Generator:
                 DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
             )
         if backend == "trt" and isinstance(unet_precision, str):
-            from .trt_build import unet_graph_for  # TensorRT's int8 is the Q/DQ graph
+            from ddpm_rt.backends.trt_build import (
+                unet_graph_for,  # TensorRT's int8 is the Q/DQ graph
+            )
 
             self.unet_graph = unet_graph_for(self.bundle, unet_precision)
         elif isinstance(unet_precision, str) and unet_precision in variants:
@@ -114,7 +117,7 @@ class Generator:
             raise InputError("text precision applies to text-conditioned bundles only")
         cache = None
         if engine_cache is not None:
-            from .engine_cache import EngineCache
+            from ddpm_rt.backends.engine_cache import EngineCache
 
             cache = EngineCache(engine_cache)
         self.backend = make_backend(
@@ -246,7 +249,7 @@ class Generator:
         ``prompt`` may be a list: ``num`` images for each prompt, in one batch, prompt-major
         (rows of ``num``); row j is exactly what ``generate(prompt[j], ...)`` gives with the
         same seed, because image i of every prompt draws its noise from the stream of
-        (seed, i) (see :mod:`ddpm_rt.noise`). Keyword overrides are :class:`GenerateConfig`
+        (seed, i) (see :mod:`ddpm_rt.core.noise`). Keyword overrides are :class:`GenerateConfig`
         fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
         ``batch_size``, ``spacing``). ``negative_prompt`` replaces the null context of
         classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import GenerateConfig
-from .errors import InputError
-from .samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
+from ddpm_rt.config import GenerateConfig
+from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
+from ddpm_rt.errors import InputError
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 SECTIONS = ("unet", "e2e", "overhead", "cold", "text")
@@ -24,8 +24,8 @@ SECTIONS = ("unet", "e2e", "overhead", "cold", "text")
 
 def default_model() -> Path:
     """The bundle shipped in models/ (checked out or installed as package data)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "models" / "default", here / "models" / "default"):
+    package = Path(__file__).resolve().parent.parent  # runtime/ (ddpm_rt)
+    for cand in (package.parent / "models" / "default", package / "models" / "default"):
         # a source checkout (editable install), then an installed wheel's package data
         if (cand / "manifest.json").is_file():
             return cand
@@ -59,12 +59,12 @@ def _providers(args: argparse.Namespace) -> list[str] | None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .bundle import Bundle
-    from .config import GenerateConfig, check_memory, estimate_bytes
-    from .fileio import check_writable
-    from .images import check_png, save_gif, save_png
-    from .pipeline import Generator
-    from .text import check_prompt
+    from ddpm_rt.bundle.bundle import Bundle
+    from ddpm_rt.bundle.fileio import check_writable
+    from ddpm_rt.config import GenerateConfig, check_memory, estimate_bytes
+    from ddpm_rt.generator import Generator
+    from ddpm_rt.images import check_png, save_gif, save_png
+    from ddpm_rt.text import check_prompt
 
     # 1. Arguments and the output path, before anything is loaded.
     cfg = GenerateConfig(**fields_of(GenerateConfig, args))
@@ -99,8 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _, h, w = bundle.image_shape
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
     if args.preview_every:
-        from .samplers import make_sampler
-        from .schedule import NoiseSchedule
+        from ddpm_rt.core.samplers import make_sampler
+        from ddpm_rt.core.schedule import NoiseSchedule
 
         schedule = NoiseSchedule(bundle.schedule)
         n = len(make_sampler(cfg.sampler, schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
@@ -140,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         callback=keep_previews if every else None,
         preview_every=every,
     )
-    from . import __version__
+    from ddpm_rt import __version__
 
     provenance = {
         "prompts": prompts,
@@ -194,7 +194,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def make_sampler_for(cfg, gen):
-    from .samplers import make_sampler
+    from ddpm_rt.core.samplers import make_sampler
 
     return make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing)
 
@@ -203,11 +203,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a bundle after validating it as strictly as generation does (and more: every
     file is hashed and every graph loaded and checked) -- or, given a PNG this command
     wrote, the settings that made it."""
-    from .bundle import Bundle
-    from .pipeline import Generator
+    from ddpm_rt.bundle.bundle import Bundle
+    from ddpm_rt.generator import Generator
 
     if args.bundle and Path(args.bundle).suffix.lower() == ".png" and Path(args.bundle).is_file():
-        from .images import read_provenance
+        from ddpm_rt.images import read_provenance
 
         print(json.dumps(read_provenance(Path(args.bundle)), indent=2))
         return 0
@@ -238,11 +238,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_bench, run_bench
-    from .bundle import Bundle
-    from .config import MAX_BATCH_SIZE, check_int
-    from .fileio import atomic_write, check_writable
-    from .pipeline import Generator
+    from ddpm_rt.bundle.bundle import Bundle
+    from ddpm_rt.bundle.fileio import atomic_write, check_writable
+    from ddpm_rt.config import MAX_BATCH_SIZE, check_int
+    from ddpm_rt.generator import Generator
+    from ddpm_rt.tools.bench import format_bench, run_bench
 
     try:
         sizes = tuple(int(s) for s in args.batch_sizes.split(","))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from .errors import DdpmRtError, first_line
+from ddpm_rt.errors import DdpmRtError, first_line
 
 SUBCOMMANDS = (
     "generate",
@@ -55,10 +55,10 @@ def _raise_signalled(signum, frame):
 def build_parser():
     import argparse
 
-    from . import __version__
-    from .cli_generate import add_generate_parsers
-    from .cli_gpu import add_gpu_parsers
-    from .cli_train import add_train_parsers
+    from ddpm_rt import __version__
+    from ddpm_rt.cli.generate import add_generate_parsers
+    from ddpm_rt.cli.gpu import add_gpu_parsers
+    from ddpm_rt.cli.train import add_train_parsers
 
     p = argparse.ArgumentParser(prog="ddpm-rt", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"ddpm-rt {__version__}")
@@ -129,6 +129,3 @@ def _interrupted(signum: int) -> int:
     print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
     return 128 + signum
 
-
-if __name__ == "__main__":
-    sys.exit(main())

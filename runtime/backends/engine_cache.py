@@ -3,7 +3,7 @@
 TensorRT engines are executable artefacts tied to one TensorRT version and one GPU model, so
 they are built on the user's machine only (``ddpm-rt build-engines``) and never read from a
 bundle or from a path a bundle names. Layout, under ``--engine-cache`` (default
-``<user cache>/ddpm-rt/engines``, see :func:`ddpm_rt.ort_cache.cache_root`)::
+``<user cache>/ddpm-rt/engines``, see :func:`ddpm_rt.backends.ort_cache.cache_root`)::
 
     <TensorRT version>/<GPU name>-sm<major><minor>/<key>.plan   the serialised engine
     <TensorRT version>/<GPU name>-sm<major><minor>/<key>.json   how it was built (EngineRecord)
@@ -28,15 +28,15 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .errors import BackendError, InputError
-from .fileio import atomic_write
+from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.errors import BackendError, InputError
 
 RECORD_FORMAT = "ddpm-rt-engine"
 RECORD_VERSION = 1
 
 
 def default_root() -> Path:
-    from .ort_cache import cache_root
+    from ddpm_rt.backends.ort_cache import cache_root
 
     return cache_root() / "engines"
 

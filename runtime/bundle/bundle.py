@@ -5,7 +5,7 @@ A bundle is untrusted input. Loading one:
 1. reads ``manifest.json`` (a regular file inside the folder, at most 4 MiB); its sha256 is
    the bundle's **digest**, which pins every file (and is compared first with
    ``expected_digest`` when the caller has one from a trusted place);
-2. validates the whole manifest strictly (:mod:`ddpm_rt.manifest`): types, ranges, graph
+2. validates the whole manifest strictly (:mod:`ddpm_rt.bundle.manifest`): types, ranges, graph
    specs against the runtime's I/O spec, plain file names;
 3. resolves every listed file inside the folder (no symlink may lead out) and compares its
    size with the declared ``bytes`` -- cheap checks, before any file is read;
@@ -27,10 +27,10 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import BundleError, InputError, first_line
-from .io_spec import GraphIO
-from .manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, validate_manifest
-from .schedule import ScheduleConfig
+from ddpm_rt.bundle.io_spec import GraphIO
+from ddpm_rt.bundle.manifest import MAX_MANIFEST_BYTES, SCHEMA_VERSION, validate_manifest
+from ddpm_rt.core.schedule import ScheduleConfig
+from ddpm_rt.errors import BundleError, InputError, first_line
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle"]
 

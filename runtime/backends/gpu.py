@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from .errors import BackendError
+from ddpm_rt.errors import BackendError
 
 INSTALL_TRT = (
     "pip install 'ddpm-rt[trt]' (NVIDIA's tensorrt wheel and cuda-python); on a Jetson use "

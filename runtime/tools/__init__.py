@@ -1,0 +1,1 @@
+"""Tools over a Generator: bench, doctor, parity."""
