@@ -30,6 +30,7 @@ SUBCOMMANDS = (
     "data",
     "build-engines",
     "doctor",
+    "serve",
 )
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -58,6 +59,7 @@ def build_parser():
     from ddpm_rt import __version__
     from ddpm_rt.cli.generate import add_generate_parsers
     from ddpm_rt.cli.gpu import add_gpu_parsers
+    from ddpm_rt.cli.serve import add_serve_parser
     from ddpm_rt.cli.train import add_train_parsers
 
     p = argparse.ArgumentParser(prog="ddpm-rt", description=__doc__.splitlines()[0])
@@ -70,6 +72,7 @@ def build_parser():
     add_generate_parsers(sub, common)
     add_train_parsers(sub, common)
     add_gpu_parsers(sub, common)
+    add_serve_parser(sub, common)
     return p
 
 
@@ -128,4 +131,3 @@ def _interrupted(signum: int) -> int:
         signal.signal(s, signal.SIG_IGN)
     print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
     return 128 + signum
-

@@ -1,0 +1,230 @@
+"""One worker thread over one shared :class:`Generator`, fed by a bounded queue.
+
+Requests that can share a batch (same sampler, steps, eta and spacing: ``batch_key``) and
+are waiting together run as one batch, up to ``Limits.max_batch`` images. Each image keeps
+its own noise stream, so a request's images are the same bytes alone or batched. A request
+that is cancelled (its client went away) or whose rows go non-finite ends alone; the rest of
+its batch finishes.
+
+The event loop never blocks on the model: it submits a :class:`Ticket` and awaits it; the
+worker reports steps and completion back through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import numpy as np
+
+from ddpm_rt.errors import Cancelled
+from ddpm_rt.progress import StepInfo
+from ddpm_rt.tools.serve.api import GenerateRequest, Limits
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` requests: answer 503 with Retry-After."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Stopping(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+class Ticket:
+    """One request on its way through the queue: what it asked, and how it ended
+    (``images`` (N, H, W, 3) uint8, or ``error``)."""
+
+    def __init__(
+        self,
+        request: GenerateRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_step: Callable[[StepInfo], None] | None,
+    ):
+        self.request = request
+        self.arrived = time.monotonic()
+        self.cancelled = threading.Event()
+        self.images: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.batch_images = 0  # images in the batch it ran in
+        self._loop = loop
+        self._on_step = on_step
+        self._done = loop.create_future()
+
+    def cancel(self) -> None:
+        """Stop this request at its next step (its client went away); thread-safe."""
+        self.cancelled.set()
+
+    async def wait(self) -> Ticket:
+        """Until it ends; a cancelled wait (the client went away) cancels the work."""
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return self
+
+    # -- worker side --------------------------------------------------------------------
+    def step(self, info: StepInfo) -> None:
+        if self._on_step is not None:
+            self._loop.call_soon_threadsafe(self._on_step, info)
+
+    def finish(self) -> None:
+        def resolve(fut=self._done):
+            if not fut.done():
+                fut.set_result(None)
+
+        try:
+            self._loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+class Batcher:
+    """The shared queue and its worker. ``submit`` from the event loop; ``close`` at
+    shutdown (stop taking work, cancel what is left after ``grace`` seconds)."""
+
+    def __init__(self, generator, limits: Limits):
+        self.gen = generator
+        self.limits = limits
+        self._cond = threading.Condition()
+        self._queue: deque[Ticket] = deque()
+        self._running: list[Ticket] = []
+        self._closing = False
+        self._deadline = float("inf")
+        self.batches: Counter[int] = Counter()  # images per batch -> batches run
+        self.counts: Counter[str] = Counter()  # done / cancelled / failed
+        self._step_seconds = 0.1  # a running estimate, for Retry-After
+        self._thread = threading.Thread(target=self._work, name="ddpm-rt-serve", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ----------------------------------------------------------------
+    def submit(
+        self, request: GenerateRequest, on_step: Callable[[StepInfo], None] | None = None
+    ) -> Ticket:
+        """Queue a validated request; raises :class:`QueueFull` or :class:`Stopping`."""
+        ticket = Ticket(request, asyncio.get_running_loop(), on_step)
+        with self._cond:
+            if self._closing:
+                raise Stopping("the server is shutting down")
+            if len(self._queue) + len(self._running) >= self.limits.max_queue:
+                raise QueueFull(self._retry_after())
+            self._queue.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def status(self) -> dict:
+        with self._cond:
+            return {
+                "status": "stopping" if self._closing else "ok",
+                "queued": len(self._queue),
+                "running": len(self._running),
+                "batches": {str(k): v for k, v in sorted(self.batches.items())},
+                **{k: self.counts[k] for k in ("done", "cancelled", "failed")},
+            }
+
+    def close(self, grace: float) -> None:
+        """Take no more work; what is queued or running may finish within ``grace`` seconds,
+        then it is cancelled. Safe from a signal handler (it only sets flags and notifies)."""
+        with self._cond:
+            if not self._closing:
+                self._closing = True
+                self._deadline = time.monotonic() + grace
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _retry_after(self) -> int:
+        # the work ahead, over one batch's worth of images at a time
+        ahead = sum(t.request.images for t in (*self._queue, *self._running))
+        rounds = ahead / max(1, self.limits.max_batch) + 1
+        steps = max((t.request.config.steps or 10) for t in (*self._queue, *self._running))
+        return max(1, round(rounds * steps * self._step_seconds))
+
+    # -- worker side --------------------------------------------------------------------
+    def _expired(self) -> bool:
+        return time.monotonic() > self._deadline
+
+    def _next_batch(self) -> list[Ticket] | None:
+        """Wait for work; take the oldest request and the queued ones that may share its
+        batch, up to ``max_batch`` images. None once closed and empty."""
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            # a lone request waits a moment for company (the first request of a burst)
+            until = first.arrived + self.limits.batch_window_s
+            while not self._closing and (wait := until - time.monotonic()) > 0:
+                self._cond.wait(wait)
+            key, room = first.request.batch_key, self.limits.max_batch
+            group, rest = [], deque()
+            while self._queue:
+                t = self._queue.popleft()
+                fits = t.request.images <= room or not group
+                if t.request.batch_key == key and fits and not t.cancelled.is_set():
+                    group.append(t)
+                    room -= t.request.images
+                elif t.cancelled.is_set():
+                    t.error = Cancelled("cancelled before it started")
+                    self.counts["cancelled"] += 1
+                    t.finish()
+                else:
+                    rest.append(t)
+            self._queue = rest
+            self._running = group
+            return group
+
+    def _work(self) -> None:
+        while (group := self._next_batch()) is not None:
+            if group:
+                self._run(group)
+            with self._cond:
+                self._running = []
+
+    def _run(self, group: list[Ticket]) -> None:
+        images = sum(t.request.images for t in group)
+        self.batches[images] += 1
+        t0 = time.perf_counter()
+        for ticket in group:
+            ticket.batch_images = images
+            self._run_one(ticket)
+            ticket.finish()
+        steps = max(1, len(group) * (group[0].request.config.steps or 10))
+        self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - t0) / steps
+
+    def _callback(self, ticket: Ticket):
+        def on_step(info: StepInfo) -> bool:
+            if ticket.cancelled.is_set() or self._expired():
+                return False
+            ticket.step(info)
+            return True
+
+        return on_step
+
+    def _run_one(self, ticket: Ticket) -> None:
+        r = ticket.request
+        try:
+            ticket.images = self.gen.generate(
+                r.prompts,
+                negative_prompt=r.negative_prompt,
+                config=r.config,
+                callback=self._callback(ticket),
+                preview_every=r.preview_every,
+            )
+            self.counts["done"] += 1
+        except Cancelled as e:
+            ticket.error = e
+            self.counts["cancelled"] += 1
+        except Exception as e:  # reported to its client; the server carries on
+            ticket.error = e
+            self.counts["failed"] += 1
