@@ -366,12 +366,19 @@ def test_batched_requests_are_byte_identical_to_each_alone(gen):
         {"prompt": "", "num": 1, "seed": 13},
         {"prompt": "a red apple", "num": 1, "seed": 11, "steps": 4},  # another batch
     ]
-    limits = Limits(batch_window_s=1.0)  # long enough that the five arrive together
+    # a long request holds the worker while the five queue up (as under load); the window
+    # is long enough that a slow thread still joins them
+    limits = Limits(batch_window_s=1.0)
     with live_app(gen, limits) as (url, _):
+        blocker = threading.Thread(target=post_all, args=(url, [{**LONG, "steps": 20}]))
+        blocker.start()
+        wait_health(url, lambda h: h["running"] == 1)
         rs = post_all(url, bodies)
+        blocker.join()
         health = httpx.get(f"{url}/api/health").json()
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
-    assert health["batches"] == {"1": 1, "9": 1}, health  # 3 + 1 + 4 + 1 images together
+    # 3 + 1 + 4 + 1 images together; the other sampler's one alone; the blocker's 16
+    assert health["batches"] == {"1": 1, "9": 1, "16": 1}, health
     for body, r in zip(bodies, rs, strict=True):
         kw = {k: v for k, v in body.items() if k != "prompt"}
         alone = gen.generate(body["prompt"], batch_size=1, **kw)

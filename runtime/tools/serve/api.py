@@ -30,7 +30,7 @@ class Limits:
     max_body_bytes: int = 64 * 1024
     max_queue: int = 64  # requests waiting or running; more get 503 + Retry-After
     max_batch: int = 32  # images one batch (one U-Net call) may hold
-    batch_window_s: float = 0.005  # how long a lone request waits for company
+    batch_window_s: float = 0.005  # under concurrent load: how long to wait for company
     shutdown_grace_s: float = 10.0  # on SIGTERM: finish what runs within this, then cancel
     preview_every: int = 2  # streaming requests: x̂0 previews every k steps by default
 

@@ -101,6 +101,7 @@ class Batcher:
         self.batches: Counter[int] = Counter()  # images per batch -> batches run
         self.counts: Counter[str] = Counter()  # done / cancelled / failed
         self._step_seconds = 0.1  # a running estimate, for Retry-After
+        self._last_group = 0  # requests in the last batch
         self._thread = threading.Thread(target=self._work, name="ddpm-rt-serve", daemon=True)
         self._thread.start()
 
@@ -162,10 +163,13 @@ class Batcher:
                     return None
                 self._cond.wait()
             first = self._queue[0]
-            # a lone request waits a moment for company (the first request of a burst)
-            until = first.arrived + self.limits.batch_window_s
-            while not self._closing and (wait := until - time.monotonic()) > 0:
-                self._cond.wait(wait)
+            # Under concurrent load (the last batch was shared) a request waits a moment for
+            # company: clients answered together come back a few ms apart. A lone client
+            # never waits.
+            if self._last_group > 1 or len(self._queue) > 1:
+                until = first.arrived + self.limits.batch_window_s
+                while not self._closing and (wait := until - time.monotonic()) > 0:
+                    self._cond.wait(wait)
             key, room = first.request.batch_key, self.limits.max_batch
             group, rest = [], deque()
             while self._queue:
@@ -182,6 +186,7 @@ class Batcher:
                     rest.append(t)
             self._queue = rest
             self._running = group
+            self._last_group = len(group)
             return group
 
     def _work(self) -> None:
