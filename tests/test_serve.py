@@ -460,3 +460,70 @@ def test_static_files_are_in_the_wheel(tmp_path):
     for f in ("index.html", "app.js", "style.css"):
         assert f"ddpm_rt/tools/serve/static/{f}" in names
     assert "ddpm_rt/tools/serve/app.py" in names and "ddpm_rt/cli/serve.py" in names
+
+
+def nan_for_label_0(d: int = 4) -> bytes:
+    """A U-Net whose noise is NaN for rows conditioned on label 0 ("thing 0"), finite
+    (0.1 x) for every other row: a request for thing 0 fails, its neighbours must not."""
+    from onnx import TensorProto, helper
+
+    from craft import C, H, W, _const, _model, _vi
+
+    nodes = [
+        _const("k", np.float32(0.1)),
+        _const("starts", np.array([0], np.int64)),
+        _const("ends", np.array([1], np.int64)),
+        _const("axes", np.array([1], np.int64)),
+        _const("half", np.float32(0.5)),
+        _const("nan", np.float32(np.nan)),
+        _const("axes23", np.array([2, 3], np.int64)),
+        _const("zero", np.float32(0.0)),
+        helper.make_node("Mul", ["x", "k"], ["y0"]),
+        helper.make_node("Mul", ["t", "zero"], ["t0"]),  # t stays an input
+        helper.make_node("Unsqueeze", ["t0", "axes23"], ["t0b"]),
+        helper.make_node("Add", ["y0", "t0b"], ["y"]),
+        helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["c0"]),
+        helper.make_node("Greater", ["c0", "half"], ["bad"]),
+        helper.make_node("Unsqueeze", ["bad", "axes23"], ["badb"]),
+        helper.make_node("Where", ["badb", "nan", "y"], ["eps"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unet",
+        [
+            _vi("x", TensorProto.FLOAT, ["batch", C, H, W]),
+            _vi("t", TensorProto.FLOAT, ["batch", 1]),
+            _vi("c", TensorProto.FLOAT, ["batch", d]),
+        ],
+        [_vi("eps", TensorProto.FLOAT, ["batch", C, H, W])],
+    )
+    return _model(graph)
+
+
+def test_a_numerical_error_ends_only_its_own_request(tmp_path):
+    from craft import write_bundle
+
+    bundle = write_bundle(tmp_path / "b", unet=nan_for_label_0(), labels=4)
+    small = Generator(bundle, threads=1)
+    good = {"prompt": "thing 1", "num": 2, "seed": 3, "steps": 5}
+    bad = {"prompt": "thing 0", "num": 1, "seed": 3, "steps": 5}
+    limits = Limits(batch_window_s=1.0, max_images=3000, max_batch=3000)
+    with live_app(small, limits) as (url, _):
+        # a big request holds the worker (a second or so) while the two below queue up
+        blocker = threading.Thread(
+            target=post_all, args=(url, [{**good, "num": 3000, "steps": 20}])
+        )
+        blocker.start()
+        wait_health(url, lambda h: h["running"] == 1)
+        r_good, r_bad = post_all(url, [good, bad])
+        blocker.join()
+        health = httpx.get(f"{url}/api/health").json()
+    assert r_bad.status_code == 500
+    msg = r_bad.json()["error"]["message"]
+    assert msg.startswith("NumericalError: predicted noise at step 1/5") and "NaN" in msg
+    assert r_good.status_code == 200, r_good.text
+    alone = small.generate("thing 1", num=2, seed=3, steps=5)
+    grid, _ = decode(r_good.content)
+    for k in range(2):
+        np.testing.assert_array_equal(grid[1 : 1 + 8, 1 + k * 9 : 1 + k * 9 + 8], alone[k])
+    assert health["failed"] == 1 and health["batches"].get("3") == 1, health
