@@ -465,9 +465,8 @@ def test_static_files_are_in_the_wheel(tmp_path):
 def nan_for_label_0(d: int = 4) -> bytes:
     """A U-Net whose noise is NaN for rows conditioned on label 0 ("thing 0"), finite
     (0.1 x) for every other row: a request for thing 0 fails, its neighbours must not."""
-    from onnx import TensorProto, helper
-
     from craft import C, H, W, _const, _model, _vi
+    from onnx import TensorProto, helper
 
     nodes = [
         _const("k", np.float32(0.1)),
