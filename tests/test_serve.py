@@ -445,11 +445,17 @@ def test_serve_refuses_a_public_address_without_a_token():
 
 @pytest.mark.slow
 def test_static_files_are_in_the_wheel(tmp_path):
-    """The page is package data: build the wheel (pip, isolated build) and look inside."""
+    """The page is package data: build the wheel (pip, isolated build) from a clean copy of
+    the source (a checkout's stale build/ folder would hide a missing package-data entry)
+    and look inside."""
+    import shutil
     import zipfile
 
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("build", ".venv", ".git", "*.egg-info", "runs", ".ci", "dist")
+    shutil.copytree(ROOT, src, ignore=skip)
     p = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
         capture_output=True,
         text=True,
         timeout=600,
