@@ -168,3 +168,22 @@ def test_cancel_button_stops_the_work(server, playwright, tmp_path):
         assert page.is_enabled("#generate")
     finally:
         ctx.close()
+
+
+def test_page_asks_for_the_token_when_the_server_needs_one(playwright, tmp_path):
+    token = "browser-test-token-0123456789"
+    with serve_process("--threads", "1", "--token", token) as (_proc, url):
+        ctx = browser(playwright, tmp_path / "profile")
+        try:
+            page = ctx.new_page()
+            page.goto(url)
+            sync_api.expect(page.locator("#token-box")).to_be_visible()
+            page.fill("#prompt", "a red apple")
+            page.click("#generate")
+            sync_api.expect(page.locator("#status")).to_contain_text("bearer token")
+            page.fill("#token", token)
+            page.click("#generate")
+            page.locator("#results figure img").first.wait_for(timeout=120_000)
+            assert page.inner_text("#status").startswith("done")
+        finally:
+            ctx.close()

@@ -198,14 +198,22 @@ class Batcher:
 
     def _run(self, group: list[Ticket]) -> None:
         images = sum(t.request.images for t in group)
-        self.batches[images] += 1
-        t0 = time.perf_counter()
         for ticket in group:
             ticket.batch_images = images
-            self._run_one(ticket)
+        t0 = time.perf_counter()
+        self._execute(group)
+        seconds = time.perf_counter() - t0
+        with self._cond:
+            self.batches[images] += 1
+            for t in group:
+                e = t.error
+                self.counts[
+                    "done" if e is None else "cancelled" if isinstance(e, Cancelled) else "failed"
+                ] += 1
+            steps = max(1, max(t.request.config.steps or 10 for t in group))
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds / steps
+        for ticket in group:
             ticket.finish()
-        steps = max(1, len(group) * (group[0].request.config.steps or 10))
-        self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - t0) / steps
 
     def _callback(self, ticket: Ticket):
         def on_step(info: StepInfo) -> bool:
@@ -216,20 +224,17 @@ class Batcher:
 
         return on_step
 
-    def _run_one(self, ticket: Ticket) -> None:
-        r = ticket.request
-        try:
-            ticket.images = self.gen.generate(
-                r.prompts,
-                negative_prompt=r.negative_prompt,
-                config=r.config,
-                callback=self._callback(ticket),
-                preview_every=r.preview_every,
-            )
-            self.counts["done"] += 1
-        except Cancelled as e:
-            ticket.error = e
-            self.counts["cancelled"] += 1
-        except Exception as e:  # reported to its client; the server carries on
-            ticket.error = e
-            self.counts["failed"] += 1
+    def _execute(self, group: list[Ticket]) -> None:
+        """Run a batch: each ticket gets ``images`` or ``error`` (never raises)."""
+        for ticket in group:
+            r = ticket.request
+            try:
+                ticket.images = self.gen.generate(
+                    r.prompts,
+                    negative_prompt=r.negative_prompt,
+                    config=r.config,
+                    callback=self._callback(ticket),
+                    preview_every=r.preview_every,
+                )
+            except Exception as e:  # reported to its client; the server carries on
+                ticket.error = e

@@ -67,7 +67,7 @@ function body() {
   const neg = $("negative_prompt").value;
   if (neg) b.negative_prompt = neg;
   if ($("seed").value !== "") b.seed = Number($("seed").value);
-  b.sampler = $("sampler").value;
+  if ($("sampler").value) b.sampler = $("sampler").value;
   if ($("steps").value !== "") b.steps = Number($("steps").value);
   if ($("guidance").value !== "") b.guidance = Number($("guidance").value);
   return b;
@@ -140,6 +140,7 @@ async function generate(ev) {
   ev.preventDefault();
   if (controller) return;
   controller = new AbortController();
+  if (!info) await loadInfo().catch(() => {}); // e.g. the token was just typed in
   $("generate").disabled = true;
   $("cancel").disabled = false;
   $("preview").replaceChildren();
