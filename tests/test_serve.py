@@ -397,6 +397,34 @@ def test_batched_requests_are_byte_identical_to_each_alone(gen):
                 np.testing.assert_array_equal(grid[y : y + 16, x : x + 16], img)
 
 
+def test_a_cancelled_request_ends_alone_and_its_batch_finishes(gen):
+    """Two requests in one batch; one client goes away mid-run. The other is served, and
+    its image is what it gives alone."""
+    other = {"prompt": "a blue ball", "num": 2, "seed": 4, "steps": 40}
+    with live_app(gen, Limits(batch_window_s=1.0)) as (url, _), httpx.Client(timeout=60) as c:
+        blocker = threading.Thread(target=post_all, args=(url, [{**LONG, "steps": 20}]))
+        blocker.start()
+        wait_health(url, lambda h: h["running"] == 1)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=post_all(url, [other])[0]))
+        with c.stream("POST", f"{url}/api/generate/stream", json={**LONG, "steps": 40}) as s:
+            t.start()
+            wait_health(url, lambda h: h["queued"] == 2)
+            lines = s.iter_lines()
+            while not next(lines).startswith("event: progress"):
+                pass
+        t.join()
+        blocker.join()
+        h = httpx.get(f"{url}/api/health").json()
+    assert h["cancelled"] == 1 and h["batches"] == {"16": 1, "18": 1}, h
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    grid, _ = decode(r.content)
+    alone = gen.generate("a blue ball", num=2, seed=4, steps=40)
+    for k in range(2):
+        np.testing.assert_array_equal(grid[1:17, 1 + 17 * k : 17 + 17 * k], alone[k])
+
+
 # -- the command ------------------------------------------------------------------------
 
 
