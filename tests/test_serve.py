@@ -551,6 +551,10 @@ def test_a_numerical_error_ends_only_its_own_request(tmp_path):
         r_good, r_bad = post_all(url, [good, bad])
         blocker.join()
         health = httpx.get(f"{url}/api/health").json()
+        # the generator's own check, before the queue: a label this model does not know
+        unknown = httpx.post(f"{url}/api/generate", json={"prompt": "thing 9"})
+        assert unknown.status_code == 422
+        assert unknown.json()["error"]["message"].startswith("unknown prompt 'thing 9'")
     assert r_bad.status_code == 500
     msg = r_bad.json()["error"]["message"]
     assert msg.startswith("NumericalError: predicted noise at step 1/5") and "NaN" in msg

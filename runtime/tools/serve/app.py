@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from ddpm_rt import __version__
 from ddpm_rt.config import GenerateConfig
-from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS, make_sampler
+from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from ddpm_rt.errors import Cancelled, InputError, first_line
 from ddpm_rt.images import PROVENANCE_KEY, make_grid
 from ddpm_rt.tools.serve.api import (
@@ -113,18 +113,17 @@ class Service:
         except (ValueError, RecursionError) as e:
             raise RequestError(400, f"the body is not valid JSON: {first_line(e)}") from None
 
-    def provenance(self, r: GenerateRequest) -> dict:
-        """The settings that made a request's images (the CLI's PNG chunk, plus the seed's
-        origin); steps resolved to the count that ran."""
-        c = r.config
-        steps = len(make_sampler(c.sampler, self.gen.schedule, c.steps, c.eta, c.spacing).timesteps)
+    def provenance(self, ticket: Ticket) -> dict:
+        """The settings that made a request's images: the CLI's PNG chunk, with steps, eta
+        and spacing as the run resolved them."""
+        r, c = ticket.request, ticket.job.config
         return {
             "prompts": r.prompts,
             "negative_prompt": r.negative_prompt,
             "num": c.num,
             "seed": c.seed,
             "sampler": c.sampler,
-            "steps": steps,
+            "steps": c.steps,
             "eta": c.eta,
             "spacing": c.spacing,
             "guidance": c.guidance,
@@ -138,7 +137,7 @@ class Service:
         """Each image as its own PNG whose chunk also says which (prompt, image index) it is:
         image i of a prompt is image i of ``ddpm-rt --prompt P --seed S --num i+1``."""
         r, out = ticket.request, []
-        settings = self.provenance(r)
+        settings = self.provenance(ticket)
         for k, img in enumerate(ticket.images):
             j, i = divmod(k, r.config.num)
             prov = {**settings, "prompt": r.prompts[j], "image_index": i}
@@ -157,14 +156,14 @@ class Service:
         return {
             "seed": r.config.seed,
             "seed_was_random": r.seed_was_random,
-            "settings": self.provenance(r),
+            "settings": self.provenance(ticket),
             "batch_images": ticket.batch_images,
             "images": self.image_list(ticket),
         }
 
     async def run(self, request: Request, r: GenerateRequest) -> Ticket:
         """Queue a request and wait for it; the client going away cancels it."""
-        ticket = self.batcher.submit(r)
+        ticket = await self.batcher.submit(r)
         work = asyncio.ensure_future(ticket.wait())
         gone = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -261,13 +260,15 @@ def create_app(
             return error_response(503, str(e), headers={"Retry-After": str(e.retry_after)})
         if isinstance(e, Stopping):
             return error_response(503, "the server is stopping", headers={"Retry-After": "5"})
+        if isinstance(e, InputError):  # the generator's own check (e.g. a label bundle's names)
+            return error_response(422, first_line(e))
         raise e
 
     async def answer(request: Request, parse, respond):
         """Parse, queue, wait; then ``respond(ticket)``, or the refusal or failure."""
         try:
             ticket = await svc.run(request, parse(await svc.read_json(request)))
-        except (RequestError, QueueFull, Stopping) as e:
+        except (RequestError, QueueFull, Stopping, InputError) as e:
             return refusal(e)
         except ClientDisconnect:
             return Response(status_code=499)
@@ -279,7 +280,7 @@ def create_app(
         if r.response_format == "json":
             return JSONResponse(svc.result_json(ticket))
         ncols = r.config.num if len(r.prompts) > 1 else None  # one grid row per prompt
-        png = png_bytes(ticket.images, svc.provenance(r), ncols)
+        png = png_bytes(ticket.images, svc.provenance(ticket), ncols)
         return Response(png, media_type="image/png", headers={"X-Seed": str(r.config.seed)})
 
     def as_openai(ticket: Ticket):
@@ -301,8 +302,8 @@ def create_app(
         events: asyncio.Queue = asyncio.Queue()
         try:
             r = parse_generate(await svc.read_json(request), svc.limits, stream=True)
-            ticket = svc.batcher.submit(r, on_step=events.put_nowait)
-        except (RequestError, QueueFull, Stopping) as e:
+            ticket = await svc.batcher.submit(r, on_step=events.put_nowait)
+        except (RequestError, QueueFull, Stopping, InputError) as e:
             return refusal(e)
 
         async def body():

@@ -53,6 +53,7 @@ class Ticket:
         self.images: np.ndarray | None = None
         self.error: BaseException | None = None
         self.batch_images = 0  # images in the batch it ran in
+        self.job = None  # the generator's Job: the request resolved to rows
         self._loop = loop
         self._on_step = on_step
         self._done = loop.create_future()
@@ -102,23 +103,46 @@ class Batcher:
         self.counts: Counter[str] = Counter()  # done / cancelled / failed
         self._step_seconds = 0.1  # a running estimate, for Retry-After
         self._last_group = 0  # requests in the last batch
+        self._preparing = 0  # admitted, being resolved to rows
         self._thread = threading.Thread(target=self._work, name="ddpm-rt-serve", daemon=True)
         self._thread.start()
 
     # -- event-loop side ----------------------------------------------------------------
-    def submit(
+    async def submit(
         self, request: GenerateRequest, on_step: Callable[[StepInfo], None] | None = None
     ) -> Ticket:
-        """Queue a validated request; raises :class:`QueueFull` or :class:`Stopping`."""
+        """Queue a validated request: refused at once (:class:`QueueFull`, :class:`Stopping`)
+        when there is no room, else resolved to rows by ``Generator.prepare`` (off the event
+        loop: it runs the text encoder; its :class:`InputError` propagates) and queued."""
         ticket = Ticket(request, asyncio.get_running_loop(), on_step)
+        with self._cond:
+            self._admit()
+            self._preparing += 1
+        try:
+            r = request
+            ticket.job = await asyncio.to_thread(
+                self.gen.prepare,
+                r.prompts,
+                negative_prompt=r.negative_prompt,
+                config=r.config,
+                callback=self._callback(ticket),
+                preview_every=r.preview_every,
+            )
+        finally:
+            with self._cond:
+                self._preparing -= 1
         with self._cond:
             if self._closing:
                 raise Stopping("the server is shutting down")
-            if len(self._queue) + len(self._running) >= self.limits.max_queue:
-                raise QueueFull(self._retry_after())
             self._queue.append(ticket)
             self._cond.notify()
         return ticket
+
+    def _admit(self) -> None:
+        if self._closing:
+            raise Stopping("the server is shutting down")
+        if len(self._queue) + len(self._running) + self._preparing >= self.limits.max_queue:
+            raise QueueFull(self._retry_after())
 
     def status(self) -> dict:
         with self._cond:
@@ -170,12 +194,12 @@ class Batcher:
                 until = first.arrived + self.limits.batch_window_s
                 while not self._closing and (wait := until - time.monotonic()) > 0:
                     self._cond.wait(wait)
-            key, room = first.request.batch_key, self.limits.max_batch
+            key, room = first.job.batch_key, self.limits.max_batch
             group, rest = [], deque()
             while self._queue:
                 t = self._queue.popleft()
                 fits = t.request.images <= room or not group
-                if t.request.batch_key == key and fits and not t.cancelled.is_set():
+                if t.job.batch_key == key and fits and not t.cancelled.is_set():
                     group.append(t)
                     room -= t.request.images
                 elif t.cancelled.is_set():
@@ -225,16 +249,14 @@ class Batcher:
         return on_step
 
     def _execute(self, group: list[Ticket]) -> None:
-        """Run a batch: each ticket gets ``images`` or ``error`` (never raises)."""
-        for ticket in group:
-            r = ticket.request
-            try:
-                ticket.images = self.gen.generate(
-                    r.prompts,
-                    negative_prompt=r.negative_prompt,
-                    config=r.config,
-                    callback=self._callback(ticket),
-                    preview_every=r.preview_every,
-                )
-            except Exception as e:  # reported to its client; the server carries on
-                ticket.error = e
+        """Run a batch: every step one U-Net call over all the tickets' rows; each ticket
+        gets ``images`` or ``error`` (a cancel or non-finite rows end only their own)."""
+        jobs = [t.job for t in group]
+        try:
+            self.gen.run_jobs(jobs)
+        except Exception as e:  # the batch as a whole failed (a backend error): all of it
+            for t in group:
+                t.error = e
+            return
+        for t, job in zip(group, jobs, strict=True):
+            t.images, t.error = job.images, job.error
