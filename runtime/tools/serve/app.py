@@ -278,10 +278,13 @@ def create_app(
     def as_png_or_json(ticket: Ticket):
         r = ticket.request
         if r.response_format == "json":
-            return JSONResponse(svc.result_json(ticket))
+            return JSONResponse(
+                svc.result_json(ticket), headers={"Server-Timing": ticket.server_timing()}
+            )
         ncols = r.config.num if len(r.prompts) > 1 else None  # one grid row per prompt
         png = png_bytes(ticket.images, svc.provenance(ticket), ncols)
-        return Response(png, media_type="image/png", headers={"X-Seed": str(r.config.seed)})
+        headers = {"X-Seed": str(r.config.seed), "Server-Timing": ticket.server_timing()}
+        return Response(png, media_type="image/png", headers=headers)
 
     def as_openai(ticket: Ticket):
         data = [

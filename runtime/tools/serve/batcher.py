@@ -49,6 +49,7 @@ class Ticket:
     ):
         self.request = request
         self.arrived = time.monotonic()
+        self.times = {"submitted": self.arrived}  # -> queued, started, finished
         self.cancelled = threading.Event()
         self.images: np.ndarray | None = None
         self.error: BaseException | None = None
@@ -57,6 +58,18 @@ class Ticket:
         self._loop = loop
         self._on_step = on_step
         self._done = loop.create_future()
+
+    def server_timing(self) -> str:
+        """A ``Server-Timing`` header: ms spent resolving to rows, queued, running."""
+        t = self.times
+        spans = (
+            ("prepare", "submitted", "queued"),
+            ("queue", "queued", "started"),
+            ("run", "started", "finished"),
+        )
+        return ", ".join(
+            f"{name};dur={1e3 * (t[b] - t[a]):.1f}" for name, a, b in spans if a in t and b in t
+        )
 
     def cancel(self) -> None:
         """Stop this request at its next step (its client went away); thread-safe."""
@@ -135,6 +148,7 @@ class Batcher:
             if self._closing:
                 raise Stopping("the server is shutting down")
             self._queue.append(ticket)
+            ticket.arrived = ticket.times["queued"] = time.monotonic()
             self._cond.notify()
         return ticket
 
@@ -222,9 +236,10 @@ class Batcher:
 
     def _run(self, group: list[Ticket]) -> None:
         images = sum(t.request.images for t in group)
+        t0 = time.perf_counter()
         for ticket in group:
             ticket.batch_images = images
-        t0 = time.perf_counter()
+            ticket.times["started"] = time.monotonic()
         self._execute(group)
         seconds = time.perf_counter() - t0
         with self._cond:
@@ -237,6 +252,7 @@ class Batcher:
             steps = max(1, max(t.request.config.steps or 10 for t in group))
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds / steps
         for ticket in group:
+            ticket.times["finished"] = time.monotonic()
             ticket.finish()
 
     def _callback(self, ticket: Ticket):
