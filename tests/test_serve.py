@@ -239,6 +239,13 @@ def test_nan_and_not_json_and_wrong_type_are_refused(client):
     assert r.status_code == 415
 
 
+def test_wrong_method_and_unknown_path_answer_in_the_error_shape(client):
+    r = client.get("/api/generate")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
+    r = client.get("/api/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+
+
 def test_huge_body_is_refused_before_it_is_read(client):
     big = json.dumps({"prompt": "x", "negative_prompt": "y" * 70_000}).encode()
     r = client.post("/api/generate", content=big, headers=JSON)

@@ -22,6 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -379,7 +380,17 @@ def create_app(
         Route("/openapi.json", openapi_json),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+
+    async def http_error(request: Request, exc: HTTPException):
+        # 404, 405 and the like in the same body shape as every other refusal
+        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+    )
     app.state.service = svc
     return app
 
