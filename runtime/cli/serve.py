@@ -171,7 +171,8 @@ def add_serve_parser(sub, common) -> None:
         "--batch-window-ms",
         type=float,
         default=5.0,
-        help="under concurrent load, the least a request waits for others to batch with (5; up to a tenth of the last batch's time)",
+        help="under concurrent load, the least a request waits for others to batch with "
+        "(5; up to a tenth of the last batch's time)",
     )
     s.add_argument(
         "--shutdown-grace",
