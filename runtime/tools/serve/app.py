@@ -314,13 +314,18 @@ def create_app(
             work = asyncio.ensure_future(ticket.wait())
             try:
                 yield sse("queued", {"seed": r.config.seed, "images": r.images})
-                while True:
-                    get = asyncio.ensure_future(events.get())
-                    await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
-                    if not get.done():
-                        get.cancel()
-                        break
-                    info = get.result()
+                # every step's event is queued before the work's end is signalled (both go
+                # through call_soon_threadsafe, in order): drain them all, then finish
+                while not (work.done() and events.empty()):
+                    if events.empty():
+                        get = asyncio.ensure_future(events.get())
+                        await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            continue
+                        info = get.result()
+                    else:
+                        info = events.get_nowait()
                     msg = {"step": info.step, "total": info.total}
                     if info.preview is not None:
                         msg["first_image"] = info.first_image
