@@ -16,6 +16,7 @@ own throughput gain from batch 2 rows to the batch the server formed, and
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -40,6 +41,7 @@ from ddpm_rt.tools.bench_probe import time_it
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (1, 4, 16)
+ME = psutil.Process()
 PROMPTS = [
     "a red apple",
     "a blue ball",
@@ -94,28 +96,39 @@ class Run:
     def __init__(self, name: str):
         self.name, self.lat, self.status = name, [], Counter()
         self.images: list[tuple[int, np.ndarray, dict]] = []  # (request, pixels, settings)
+        self.raw: list[tuple[int, bytes]] = []  # (request, PNG) until decoded
         self.refusals: list[str] = []
         self.wall = 0.0
         self.cpu = 0.0  # the server's CPU seconds (user + system) during the phase
+        self.busy = 0.0  # seconds its worker spent running batches
+        self.client_cpu = 0.0  # this process's CPU seconds (the clients)
         self.batches: Counter = Counter()
 
 
-def client_loop(url: str, bodies: list[tuple[int, dict]], run: Run, deadline: float) -> None:
-    with httpx.Client(timeout=120) as c:
+async def client_loop(url: str, bodies: list[tuple[int, dict]], run: Run, deadline) -> None:
+    """One client: its requests one after another on its own connection. The answers are
+    kept as bytes and checked after the phase (the clients stay light while it runs)."""
+    async with httpx.AsyncClient(timeout=120) as c:
         for k, body in bodies:
             if time.monotonic() > deadline:
                 run.status["not sent (time limit)"] += 1
                 continue
             t0 = time.perf_counter()
-            r = c.post(f"{url}/api/generate", json=body)
+            r = await c.post(f"{url}/api/generate", json=body)
             run.lat.append(time.perf_counter() - t0)
             run.status[r.status_code] += 1
             if r.status_code == 200 and r.headers["content-type"] == "image/png":
-                with Image.open(io.BytesIO(r.content)) as img:
-                    pixels, prov = np.asarray(img.convert("RGB")), img.text[PROVENANCE_KEY]
-                run.images.append((k, pixels, json.loads(prov)))
+                run.raw.append((k, r.content))
             else:
                 run.refusals.append(f"{r.status_code} {r.text[:200]}")
+
+
+def decode(run: Run) -> None:
+    for k, data in run.raw:
+        with Image.open(io.BytesIO(data)) as img:
+            pixels, prov = np.asarray(img.convert("RGB")), img.text[PROVENANCE_KEY]
+        run.images.append((k, pixels, json.loads(prov)))
+    run.raw = []
 
 
 def health(url: str) -> dict:
@@ -129,19 +142,24 @@ def cpu_seconds(proc: psutil.Process | None) -> float:
 def phase(url, name, bodies, clients: int, deadline, run=None, server=None) -> Run:
     """Send ``bodies`` from ``clients`` concurrent clients; adds to ``run`` if given."""
     run = run or Run(name)
-    before = Counter({int(k): v for k, v in health(url)["batches"].items()})
-    cpu0 = cpu_seconds(server)
+    h0 = health(url)
+    before = Counter({int(k): v for k, v in h0["batches"].items()})
+    cpu0, me0 = cpu_seconds(server), cpu_seconds(ME)
     shares = [[(k, b) for k, b in enumerate(bodies) if k % clients == c] for c in range(clients)]
+
+    async def clients_at_once():
+        await asyncio.gather(*(client_loop(url, s, run, deadline) for s in shares))
+
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(url, s, run, deadline)) for s in shares]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    asyncio.run(clients_at_once())
     run.wall += time.perf_counter() - t0
     run.cpu += cpu_seconds(server) - cpu0
-    after = Counter({int(k): v for k, v in health(url)["batches"].items()})
+    run.client_cpu += cpu_seconds(ME) - me0
+    h1 = health(url)
+    after = Counter({int(k): v for k, v in h1["batches"].items()})
     run.batches += after - before
+    run.busy += h1["busy_s"] - h0["busy_s"]
+    decode(run)
     return run
 
 
@@ -283,6 +301,7 @@ def main() -> int:
         rows.append(
             f"| {r.name} | {len(r.images)} | {r.wall:.2f} | {len(r.images) / r.wall:.1f} "
             f"| {pct(r.lat, 50):.0f} | {pct(r.lat, 95):.0f} | {1e3 * r.cpu / len(r.images):.0f} "
+            f"| {1e3 * r.client_cpu / len(r.images):.0f} | {100 * r.busy / r.wall:.0f} % "
             f"| {dict(sorted(r.batches.items()))} |"
         )
     report = [
@@ -291,8 +310,8 @@ def main() -> int:
         "the rows interleaved round by round",
         "",
         "| clients | images | wall s | images/s | p50 ms | p95 ms | server CPU ms/image "
-        "| batches (images: count) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| client CPU ms/image | worker busy | batches (images: count) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         *rows,
         "",
         f"one client, {len(served)} requests each followed by the same through "

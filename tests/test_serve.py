@@ -325,6 +325,20 @@ def test_queue_full_is_503_with_retry_after_and_a_closed_stream_cancels(gen):
         assert c.post(f"{url}/api/generate", json={"prompt": "x"}).status_code == 200
 
 
+def test_retry_after_when_every_admitted_request_is_still_being_resolved(gen):
+    """A burst can fill the queue before any request is queued (all still in prepare):
+    the refusal is still a 503 with a Retry-After (it was a 500: max() of nothing)."""
+    from ddpm_rt.tools.serve.batcher import Batcher, QueueFull
+
+    b = Batcher(gen, Limits(max_queue=2))
+    b._preparing = 2  # two admitted requests between admission and the queue
+    with pytest.raises(QueueFull) as e:
+        b._admit()
+    assert e.value.retry_after >= 1
+    b.close(0)
+    assert b.join(10)
+
+
 def test_a_client_that_disconnects_cancels_its_work(gen):
     with live_app(gen) as (url, _):
         host, port = url.removeprefix("http://").split(":")
