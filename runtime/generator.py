@@ -261,6 +261,7 @@ class Generator:
             )
         cfg = replace(config or GenerateConfig(), **overrides)
         cfg.validate()
+        cfg = cfg.with_defaults(self.bundle.recommended)  # what the caller left to the model
         if (prompt is None) == (context is None):
             raise InputError("give exactly one of prompt or context")
         prompts = None
@@ -334,7 +335,8 @@ class Generator:
         same seed, because image i of every prompt draws its noise from the stream of
         (seed, i) (see :mod:`ddpm_rt.core.noise`). Keyword overrides are :class:`GenerateConfig`
         fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
-        ``batch_size``, ``spacing``). ``negative_prompt`` replaces the null context of
+        ``batch_size``, ``spacing``); a setting left None is the bundle's recommended one
+        (:meth:`GenerateConfig.with_defaults`). ``negative_prompt`` replaces the null context of
         classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
         before any work; a step whose predicted noise or result is not finite (or absurdly
         large) raises :class:`NumericalError` and nothing is returned.

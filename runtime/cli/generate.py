@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ddpm_rt.config import GenerateConfig
+from ddpm_rt.config import FALLBACK, GenerateConfig
 from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from ddpm_rt.errors import InputError
 
@@ -78,8 +78,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_prompt(p, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
-        if cfg.guidance == 1.0:
-            raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must be a .png file, got {out}")
@@ -96,6 +94,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     providers = _providers(args)
     # 2. The manifest (validated, no graph loaded yet) sizes the output.
     bundle = Bundle.load(args.model or default_model(), hash_all=False, expected_digest=digest)
+    cfg = cfg.with_defaults(bundle.recommended)  # settings not given: the model's own
+    if args.negative_prompt is not None and cfg.guidance == 1.0:
+        raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
     _, h, w = bundle.image_shape
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
     if args.preview_every:
@@ -292,10 +293,12 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
     # the defaults' text comes from the config and the samplers, which the evaluation rule sets
     default = GenerateConfig()
+    fb = FALLBACK
     g.add_argument(
         "--sampler",
         choices=list(SAMPLERS),
-        help=f"sampler (default: {default.sampler}, {DEFAULT_STEPS[default.sampler]} steps)",
+        help="sampler (default: the model's recommended sampler, steps and eta; for a model "
+        f"without them {fb['sampler']}, {fb['steps']} steps, eta {fb['eta']:g})",
     )
     steps_text = "; ".join(f"{k}: {v}" for k, v in DEFAULT_STEPS.items())
     g.add_argument("--steps", type=int, help=f"sampling steps (ddpm: all T; {steps_text})")
@@ -312,7 +315,7 @@ def add_generate_parsers(sub, common) -> None:
         "--guidance",
         type=float,
         help="classifier-free guidance scale in [0, 50]; 1 = plain conditional"
-        f" (default {default.guidance:g})",
+        f" (default: the model's recommended, else {fb['guidance']:g})",
     )
     g.add_argument(
         "--batch-size", type=int, help=f"images per U-Net call (default {default.batch_size})"

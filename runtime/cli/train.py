@@ -67,6 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(
             f"--guidance must be comma-separated numbers in [0, 50], got {args.guidance!r}"
         )
+    has_ref = "ddpm@g1" in settings or ("ddpm" in settings and 1.0 in guidance)
+    if args.write_recommended and not has_ref:
+        raise InputError("--write-recommended needs the rule's reference row: add ddpm@g1")
     report = ev.evaluate(
         args.bundle or default_model(),
         args.data,
@@ -79,6 +82,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.json:
         ev.save_report(report, Path(args.json))
+    if args.write_recommended:
+        from ddpm_rt.bundle.bundle import write_recommended
+
+        rec = {k: report["default"][k] for k in ("sampler", "steps", "eta", "guidance")}
+        digest = write_recommended(args.bundle or default_model(), rec)
+        print(f"recommended settings written: {rec}; manifest digest now {digest}")
     if args.grid:
         from ddpm_rt.images import save_png
 
@@ -220,6 +229,12 @@ def add_train_parsers(sub, common) -> None:
     ev.add_argument("--json", help="write the report here")
     ev.add_argument("--grid", help="PNG of the first setting's images")
     ev.add_argument("--force", action="store_true", help="replace --json/--grid if they exist")
+    ev.add_argument(
+        "--write-recommended",
+        action="store_true",
+        help="write the rule's choice into the bundle's manifest as its recommended settings "
+        "(needs the ddpm@g1 row; prints the new digest)",
+    )
     common(ev)
     ev.set_defaults(func=cmd_eval)
 
