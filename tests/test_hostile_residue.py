@@ -1,0 +1,249 @@
+"""The hostile-input residue (issue 17, item 3) and the small CLI items of item 5: surfaces
+added after the reliability work. Each test failed against the code before its fix (the
+commit that added it says how).
+
+Processes that could hang before a fix run with a timeout, so a regression fails instead of
+stalling the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from craft import write_bundle
+
+from ddpm_rt import Generator
+from ddpm_rt.config import GenerateConfig, cpus_available, estimate_bytes, memory_limit
+from ddpm_rt.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``ddpm-rt ARGS`` in a subprocess; a hang past ``timeout`` fails the test."""
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_rt.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+
+
+def one_error(proc: subprocess.CompletedProcess, rc: int, match: str) -> None:
+    """Refused with exit ``rc`` and one line ``error: ...`` containing ``match``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == rc, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert match in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return write_bundle(tmp_path_factory.mktemp("residue") / "b")
+
+
+# -- --prompts: only a regular file, and never more than the limit read ------------------
+def test_prompts_from_a_fifo_is_refused_not_waited_on(tmp_path, bundle):
+    """A FIFO reports size 0, so a size check passed and reading blocked forever."""
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    proc = cli("--model", str(bundle), "--prompts", str(fifo), "--out", str(tmp_path / "a.png"))
+    one_error(proc, 1, "is not a regular file")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_prompts_from_dev_zero_is_refused(tmp_path, bundle):
+    """/dev/zero reports size 0 and never ends: read whole, it took all the memory."""
+    import resource
+
+    def limit():  # so that the old code fails in seconds (MemoryError) instead of swapping
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_rt.cli", "--model", str(bundle), "--prompts", "/dev/zero"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+        cwd=tmp_path,
+    )
+    one_error(proc, 1, "--prompts /dev/zero is not a regular file")
+
+
+def test_prompts_file_over_the_limit_is_refused(tmp_path, bundle):
+    big = tmp_path / "p.txt"
+    big.write_text("a prompt\n" * 200_000)  # 1.8 MB
+    proc = cli("--model", str(bundle), "--prompts", str(big), "--out", str(tmp_path / "a.png"))
+    one_error(proc, 1, "is over 1 MiB")
+
+
+def test_prompts_file_is_read(tmp_path, bundle):
+    p = tmp_path / "p.txt"
+    p.write_text("thing 1\n\n thing 2 \n")
+    out = tmp_path / "a.png"
+    proc = cli("--model", str(bundle), "--prompts", str(p), "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(cli("info", str(out)).stdout)["prompts"] == ["thing 1", "thing 2"]
+
+
+# -- --model '' and unknown commands -------------------------------------------------------
+def test_empty_model_is_refused_not_the_shipped_one(tmp_path):
+    proc = cli("--model", "", "--prompt", "a happy dog", "--out", str(tmp_path / "a.png"))
+    one_error(proc, 1, "--model is empty")
+    assert not (tmp_path / "a.png").exists()
+    one_error(cli("info", ""), 1, "the bundle is empty")
+
+
+@pytest.mark.parametrize("argv", [["serve", "--help"], ["serve"], ["prompt", "--num", "2"]])
+def test_unknown_command_is_a_usage_error(argv):
+    """An unknown word before --help fell through to generate's help, with exit 0."""
+    proc = cli(*argv)
+    one_error(proc, 2, f"unknown command {argv[0]!r}")
+    assert "generate, info" in proc.stderr and proc.stdout == ""
+
+
+def test_flags_first_still_mean_generate(tmp_path):
+    proc = cli("--help")
+    assert proc.returncode == 0 and "COMMAND" in proc.stdout
+    proc = cli("--num", "0", "--prompt", "x", "--out", str(tmp_path / "a.png"))
+    one_error(proc, 1, "num must be between 1")
+
+
+# -- threads: bounded by the CPUs this process may use ---------------------------------
+def test_threads_beyond_the_cpus_are_refused_before_loading(tmp_path):
+    """--threads 256 under a memory limit deadlocked ONNX Runtime, deaf to SIGTERM."""
+    proc = cli(
+        "--model", str(tmp_path / "none"), "--prompt", "x", "--threads", "256",
+        "--out", str(tmp_path / "a.png"),
+    )  # fmt: skip
+    one_error(proc, 1, f"threads must be between 1 and {cpus_available()}")
+
+
+def test_threads_api(bundle):
+    with pytest.raises(InputError, match="the CPUs this process may use"):
+        Generator(bundle, threads=cpus_available() + 1)
+    gen = Generator(bundle, threads=cpus_available())  # as many as there are is fine
+    assert gen.generate("", steps=2).shape == (1, 8, 8, 3)
+
+
+# -- the memory check counts --trajectory's frames ------------------------------------
+def test_trajectory_frames_count_in_the_memory_check(tmp_path):
+    """A 1000-frame trajectory of a large grid was not counted: the run started, then
+    failed with MemoryError after the work (or ran for hours)."""
+    b = write_bundle(tmp_path / "b", timesteps=1000)
+    cfg = GenerateConfig(num=10_000, sampler="ddpm", guidance=1.0)
+    need = estimate_bytes(cfg, (3, 8, 8), frames=1000, scale=10)
+    if need <= memory_limit() or estimate_bytes(cfg, (3, 8, 8)) > memory_limit():
+        pytest.skip("this machine's memory is outside what the case assumes")
+    out = tmp_path / "a.png"
+    args = ["--model", str(b), "--prompt", "", "--num", "10000", "--sampler", "ddpm"]
+    args += ["--guidance", "1", "--scale", "10", "--out", str(out)]
+    proc = cli(*args, "--trajectory", str(tmp_path / "t.gif"), timeout=60)
+    one_error(proc, 1, "with a 1000-frame --trajectory needs about")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# -- provenance: the settings as resolved -----------------------------------------------
+@pytest.mark.parametrize(
+    "flags,want",
+    [
+        ([], {"sampler": "ddim", "eta": 1.0, "spacing": "time", "steps": 8}),
+        (["--sampler", "ddim", "--eta", "0"], {"eta": 0.0, "spacing": "time"}),
+        (["--sampler", "dpm++2m", "--spacing", "logsnr"], {"eta": None, "spacing": "logsnr"}),
+        (["--sampler", "ddpm"], {"eta": None, "spacing": None, "steps": 20}),
+    ],
+)
+def test_provenance_records_resolved_settings(tmp_path, bundle, flags, want):
+    """eta and spacing were saved as null when they came from the defaults."""
+    out = tmp_path / "a.png"
+    proc = cli("--model", str(bundle), "--prompt", "thing 1", "--out", str(out), *flags)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(cli("info", str(out)).stdout)
+    assert {k: info[k] for k in want} == want
+    # the recorded settings make the same image again
+    from PIL import Image
+
+    keys = ("num", "seed", "sampler", "steps", "eta", "spacing", "guidance")
+    again = Generator(bundle).generate(info["prompts"][0], **{k: info[k] for k in keys})
+    assert (again[0] == __import__("numpy").asarray(Image.open(out))).all()
+
+
+# -- info IMAGE.png: the provenance chunk without decoding pixels, bounded ----------------
+def _chunk(kind: bytes, data: bytes, length: int | None = None) -> bytes:
+    head = struct.pack(">I", len(data) if length is None else length) + kind
+    return head + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _apng(side: int, frames: int, text: bytes) -> bytes:
+    """An animated PNG: a side x side canvas of zeros (a few KB compressed), then
+    ``frames - 1`` one-pixel frames; the ddpm-rt text chunk before the image data."""
+    parts = [
+        b"\x89PNG\r\n\x1a\n",
+        _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)),
+        _chunk(b"acTL", struct.pack(">II", frames, 0)),
+        _chunk(b"iTXt", b"ddpm-rt\0\0\0\0\0" + text),
+    ]
+    seq = 0
+
+    def fctl(w: int, h: int) -> bytes:
+        nonlocal seq
+        seq += 1
+        return _chunk(b"fcTL", struct.pack(">IIIIIHHBB", seq - 1, w, h, 0, 0, 1, 10, 0, 0))
+
+    parts.append(fctl(side, side))
+    z = zlib.compressobj(9)
+    row = bytes(1 + 3 * side)
+    parts.append(_chunk(b"IDAT", b"".join(z.compress(row) for _ in range(side)) + z.flush()))
+    tiny = zlib.compress(bytes(4))
+    for _ in range(frames - 1):
+        parts.append(fctl(1, 1))
+        parts.append(_chunk(b"fdAT", struct.pack(">I", seq) + tiny))
+        seq += 1
+    return b"".join([*parts, _chunk(b"IEND", b"")])
+
+
+def test_info_on_an_animated_png_with_a_huge_canvas_does_not_decode_it(tmp_path):
+    """Pillow's ``text`` decoded every 48 MB frame to find late text chunks: 43 s for a
+    112 KB file of 1000 frames, and longer the more frames."""
+    png = tmp_path / "bomb.png"
+    png.write_bytes(_apng(4000, 2000, json.dumps({"prompts": ["x"], "seed": 3}).encode()))
+    assert png.stat().st_size < 300_000
+    proc = cli("info", str(png), timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"prompts": ["x"], "seed": 3}
+
+
+def test_info_refuses_a_text_chunk_claiming_2_gib(tmp_path):
+    png = tmp_path / "claim.png"
+    ihdr = _chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+    claim = _chunk(b"iTXt", b"ddpm-rt\0\0\0\0\0{}" + bytes(1 << 20), length=2**31)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + claim)
+    one_error(cli("info", str(png)), 1, "claims 2147483648 bytes, over the limit")
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda b: b[:8] + b"XXXX" + b[12:], "has no ddpm-rt settings"),  # a chunk length lies
+        (lambda b: b"GIF89a" + b[6:], "is not a PNG file"),
+        (lambda b: b[: b.index(b"ddpm-rt") + 30], "truncated or damaged"),
+    ],
+    ids=["length", "signature", "truncated"],
+)
+def test_info_on_damaged_pngs(tmp_path, damage, match):
+    from ddpm_rt.images import save_png
+
+    good = save_png(tmp_path / "g.png", __import__("numpy").zeros((4, 4, 3), "uint8"),
+                    provenance={"prompts": ["é"]})  # fmt: skip
+    assert json.loads(cli("info", str(good)).stdout) == {"prompts": ["é"]}
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(damage(good.read_bytes()))
+    one_error(cli("info", str(bad)), 1, match)
