@@ -247,3 +247,66 @@ def test_info_on_damaged_pngs(tmp_path, damage, match):
     bad = tmp_path / "bad.png"
     bad.write_bytes(damage(good.read_bytes()))
     one_error(cli("info", str(bad)), 1, match)
+
+
+# -- the C ABI under AddressSanitizer ----------------------------------------------------
+ASAN = ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
+@pytest.fixture(scope="module")
+def asan_built(tmp_path_factory) -> dict:
+    """libddpm_rt, the C error-path program and the C++ example, the programs built with
+    AddressSanitizer (the library is cffi's C glue; the Python it runs allocates through
+    malloc under PYTHONMALLOC=malloc, so ASan sees its buffers)."""
+    import shutil
+
+    pytest.importorskip("cffi", reason="pip install 'ddpm-rt[capi]'")
+    if sys.platform != "linux" or not (shutil.which("cc") and shutil.which("c++")):
+        pytest.skip("the C ABI is built and tested on Linux with cc and c++")
+    d = tmp_path_factory.mktemp("asan")
+    probe = d / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if subprocess.run(["cc", *ASAN, str(probe), "-o", str(d / "probe")]).returncode != 0:
+        pytest.skip("this compiler has no AddressSanitizer runtime (libasan)")
+    capi = d / "capi"
+    run = {"check": True, "capture_output": True, "text": True}
+    subprocess.run([sys.executable, "-m", "ddpm_rt.capi", "--out", str(capi)], **run)
+    link = ["-I", str(capi), "-L", str(capi), "-lddpm_rt", f"-Wl,-rpath,{capi}"]
+    cpp = ROOT / "examples" / "cpp"
+    subprocess.run(["cc", *ASAN, str(cpp / "errors.c"), *link, "-o", str(d / "errors")], **run)
+    subprocess.run(
+        ["c++", "-std=c++17", *ASAN, str(cpp / "main.cpp"), *link, "-o", str(d / "example")],
+        **run,
+    )
+    return {"errors": d / "errors", "example": d / "example", "dir": d}
+
+
+def _asan_run(*argv) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONMALLOC": "malloc",  # Python's own allocator would hide its buffers from ASan
+        # the interpreter's objects live until exit by design; the errors are what matter
+        "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0",
+    }
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+
+
+def test_c_abi_error_paths_under_asan(asan_built):
+    """ddpm_rt_last_error(h) on a handle with no error returned a char[] freed as it
+    returned: heap-use-after-free, reported by ASan on the "open" line."""
+    proc = _asan_run(asan_built["errors"], ROOT / "models" / "default")
+    assert "AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = dict(ln.split(" ", 1) for ln in proc.stdout.splitlines())
+    assert got["open"] == "0 "  # no error: the empty string, alive
+    assert got["num-zero"] == "1 num must be >= 1, got 0"
+
+
+def test_cpp_example_under_asan_matches_the_python_api(asan_built):
+    out = asan_built["dir"] / "apple.ppm"
+    proc = _asan_run(asan_built["example"], ROOT / "models" / "default", "red apple", 7, 2, out)
+    assert "AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = Generator(ROOT / "models" / "default").generate("red apple", num=2, seed=7)
+    assert out.read_bytes().split(b"\n255\n", 1)[1] == want.tobytes()
