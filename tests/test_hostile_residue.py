@@ -310,3 +310,93 @@ def test_cpp_example_under_asan_matches_the_python_api(asan_built):
     assert proc.returncode == 0, proc.stderr[-4000:]
     want = Generator(ROOT / "models" / "default").generate("red apple", num=2, seed=7)
     assert out.read_bytes().split(b"\n255\n", 1)[1] == want.tobytes()
+
+
+# -- the optimised-graph cache: what is hashed is what runs ------------------------------
+CACHE_GEN = {"sampler": "ddim", "steps": 3, "seed": 4}
+
+
+@pytest.fixture
+def cached(tmp_path, monkeypatch) -> dict:
+    """A bundle whose U-Net (eps = 0.1 x) has been run once, so its optimised form is cached."""
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path / "cache"))
+    b = write_bundle(tmp_path / "b")
+    first = Generator(b).generate("thing 1", **CACHE_GEN)
+    (entry,) = (tmp_path / "cache" / "ort").glob("*.onnx")
+    return {"bundle": b, "first": first, "entry": entry}
+
+
+def _scaled(graph: bytes, old: float, new: float) -> bytes:
+    """The same graph with every float initializer equal to ``old`` set to ``new``: still
+    valid, the same size, and a different U-Net."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load_from_string(graph)
+    hits = 0
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32 and a.size == 1 and np.isclose(a.item(), old):
+            init.CopyFrom(numpy_helper.from_array(np.full_like(a, new), init.name))
+            hits += 1
+    assert hits, "the optimised graph no longer holds the scale as an initializer"
+    out = m.SerializeToString()
+    assert len(out) == len(graph) and out != graph
+    return out
+
+
+def _forge_stamp(entry: Path) -> None:
+    """Rewrite the record's file stamp (as the old cache kept one) to match the file now."""
+    rec_path = entry.with_suffix(".json")
+    rec = json.loads(rec_path.read_text())
+    if "stamp" in rec:
+        st = entry.stat()
+        rec["stamp"] = [st.st_ino, st.st_size, st.st_mtime_ns]
+        rec_path.write_text(json.dumps(rec))
+
+
+def test_cached_graph_edited_in_place_does_not_run(cached):
+    """Same inode, same size, mtime set back: the old stamp check trusted it."""
+    import numpy as np
+
+    entry = cached["entry"]
+    good = entry.read_bytes()
+    st = entry.stat()
+    with open(entry, "r+b") as f:
+        f.write(_scaled(good, 0.1, 0.9))
+    os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = Generator(cached["bundle"]).generate("thing 1", **CACHE_GEN)
+    np.testing.assert_array_equal(again, cached["first"])
+    assert entry.read_bytes() == good  # the entry was dropped and written again
+
+
+def test_cached_graph_replaced_with_its_stamp_rewritten_does_not_run(cached):
+    import numpy as np
+
+    entry = cached["entry"]
+    other = _scaled(entry.read_bytes(), 0.1, -0.5)
+    entry.unlink()
+    entry.write_bytes(other)
+    _forge_stamp(entry)
+    again = Generator(cached["bundle"]).generate("thing 1", **CACHE_GEN)
+    np.testing.assert_array_equal(again, cached["first"])
+
+
+def test_an_error_from_a_cached_graph_names_the_cache(cached):
+    """A record forged whole (its sha256 too) cannot be told from a real one; what such a
+    graph does wrong is reported as coming from the cache, so the user knows what to remove."""
+    import hashlib
+
+    from craft import unet_graph
+
+    from ddpm_rt.errors import BackendError
+
+    entry = cached["entry"]
+    entry.write_bytes(unet_graph(4, declared_out=["batch", 3, 4, 4]))
+    rec = json.loads(entry.with_suffix(".json").read_text())
+    rec["sha256"] = hashlib.sha256(entry.read_bytes()).hexdigest()
+    rec.pop("stamp", None)
+    entry.with_suffix(".json").write_text(json.dumps(rec))
+    with pytest.raises(BackendError, match=f"as optimised in the cache at {entry}"):
+        Generator(cached["bundle"]).generate("thing 1", **CACHE_GEN)

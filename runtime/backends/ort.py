@@ -124,6 +124,7 @@ class OrtBackend:
         # on a GPU provider, device buffers are bound once per thread, graph and shapes
         self._gpu = any(p in GPU_PROVIDERS for p in providers)
         self._bindings = threading.local()
+        self._cached: dict[str, str] = {}  # graph -> the cache file its session was made from
 
     def session(self, graph: str) -> ort.InferenceSession:
         sess = self._sessions.get(graph)
@@ -149,6 +150,7 @@ class OrtBackend:
                 fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 try:
                     sess = self._session(graph, cached, fast)
+                    self._cached[graph] = str(ort_cache.entry(sha, self.providers)[0])
                 except BackendError:  # a damaged entry: drop it, load the bundle's graph
                     ort_cache.discard(sha, self.providers)
             if sess is None:
@@ -162,9 +164,15 @@ class OrtBackend:
             why = spec.mismatch(live_spec(graph, sess))
             if why:
                 raise BackendError(
-                    f"graph {graph!r} ({spec.file}) does not match the bundle's I/O spec: {why}"
+                    f"graph {graph!r} ({spec.file}{self._origin(graph)}) does not match the "
+                    f"bundle's I/O spec: {why}"
                 )
         return sess
+
+    def _origin(self, graph: str) -> str:
+        """Where an error's graph came from, when it is the optimised-graph cache."""
+        path = self._cached.get(graph)
+        return f", as optimised in the cache at {path}" if path else ""
 
     def _session(self, graph: str, source, opts) -> ort.InferenceSession:
         try:
@@ -184,7 +192,9 @@ class OrtBackend:
         try:
             outs = self._run_bound(graph, sess, feeds) if self._gpu else sess.run(None, feeds)
         except Exception as e:
-            raise BackendError(f"ONNX Runtime failed running {graph}: {first_line(e)}") from None
+            raise BackendError(
+                f"ONNX Runtime failed running {graph}{self._origin(graph)}: {first_line(e)}"
+            ) from None
         result = dict(zip(self._output_names(graph, sess), outs, strict=True))
         spec = self.specs.get(graph)
         if spec is not None:
@@ -195,7 +205,7 @@ class OrtBackend:
             if self._accepted.get((graph, seen)) != got:
                 why = check_outputs(spec, feeds, result)
                 if why:
-                    raise BackendError(f"graph {graph!r} returned {why}")
+                    raise BackendError(f"graph {graph!r} returned {why}{self._origin(graph)}")
                 self._accepted[(graph, seen)] = got
         return result
 
