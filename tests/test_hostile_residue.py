@@ -400,3 +400,131 @@ def test_an_error_from_a_cached_graph_names_the_cache(cached):
     entry.with_suffix(".json").write_text(json.dumps(rec))
     with pytest.raises(BackendError, match=f"as optimised in the cache at {entry}"):
         Generator(cached["bundle"]).generate("thing 1", **CACHE_GEN)
+
+
+# -- quantize: validated before writing, never over an input, judged by the shared check --
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def conv_unet(outlier: float) -> bytes:
+    """eps = Conv1x1(x + P) - Conv1x1(P), P zero but for one pixel of value ``outlier``: in
+    fp32 about Conv1x1(x) whatever ``outlier``; quantised (uint8 activations, MinMax
+    calibration), an outlier of 1e4 stretches the Conv input's and output's ranges so far
+    that every ordinary value rounds to the zero point -- a graph that must fail its
+    parity check at every timestep, however the calibration and check sets are split."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+    w = 0.5 * np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.2], [0.2, 0.0, 1.0]], np.float32)
+    p = np.zeros((1, 3, 8, 8), np.float32)
+    p[0, 0, 0, 0] = outlier
+    q = np.einsum("oi,bihw->bohw", w, p).astype(np.float32)  # Conv1x1(P)
+    nodes = [
+        const("zero", np.array(0.0, np.float32)),
+        const("axes23", np.array([2, 3], np.int64)),
+        helper.make_node("Add", ["x", "P"], ["xp"]),
+        helper.make_node("Conv", ["xp", "W", "B"], ["y"]),
+        helper.make_node("Sub", ["y", "Q"], ["y2"]),
+        helper.make_node("ReduceSum", ["c"], ["cs"], keepdims=1),
+        helper.make_node("Mul", ["cs", "zero"], ["c0"]),
+        helper.make_node("Unsqueeze", ["c0", "axes23"], ["c0b"]),
+        helper.make_node("Add", ["y2", "c0b"], ["eps"]),
+    ]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "unet",
+        [
+            vi("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+            vi("t", TensorProto.FLOAT, ["batch", 1]),
+            vi("c", TensorProto.FLOAT, ["batch", 4]),
+        ],
+        [vi("eps", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        initializer=[
+            numpy_helper.from_array(w.reshape(3, 3, 1, 1), "W"),
+            numpy_helper.from_array(np.zeros(3, np.float32), "B"),
+            numpy_helper.from_array(p, "P"),
+            numpy_helper.from_array(q, "Q"),
+        ],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def test_quantize_fails_a_graph_that_must_fail_its_check(tmp_path):
+    from ddpm_rt.export.quantize import QuantizeError, quantize_bundle
+
+    b = write_bundle(tmp_path / "b", unet=conv_unet(1e4))
+    before = _snapshot(b)
+    with pytest.raises(QuantizeError, match="misses its parity check"):
+        quantize_bundle(b, log=lambda s: None)
+    assert _snapshot(b) == before
+
+
+def test_quantize_passes_the_same_graph_without_the_outlier(tmp_path):
+    """The control: the check is not one that refuses everything; a redo with force keeps
+    the bundle loadable."""
+    import numpy as np
+
+    from ddpm_rt import Bundle
+    from ddpm_rt.export.quantize import INT8_FILE, quantize_bundle
+
+    b = write_bundle(tmp_path / "b", unet=conv_unet(0.0))
+    entry = quantize_bundle(b, log=lambda s: None)
+    assert entry["checks"]["mean_cosine"] >= 0.98
+    assert (b / INT8_FILE).is_file() and "int8" in Bundle.load(b).unet_precisions
+    fp32 = Generator(b).generate("thing 1", steps=3)
+    int8 = Generator(b, unet_precision="int8").generate("thing 1", steps=3)
+    assert np.abs(fp32.astype(int) - int8).max() <= 8
+    quantize_bundle(b, force=True, log=lambda s: None)
+    Bundle.load(b, hash_all=True)
+
+
+def test_quantize_refuses_a_unet_that_outputs_nan(tmp_path):
+    """It passed its own check (NaN compares false) and wrote NaN into manifest.json,
+    leaving a bundle that no longer loaded."""
+    from craft import unet_graph
+
+    from ddpm_rt import Bundle
+    from ddpm_rt.export.quantize import QuantizeError, quantize_bundle
+
+    b = write_bundle(tmp_path / "b", unet=unet_graph(4, bad_value=float("nan"), bad_below_t=0.5))
+    before = _snapshot(b)
+    with pytest.raises(QuantizeError, match="non-finite values along its own trajectories"):
+        quantize_bundle(b, log=lambda s: None)
+    assert _snapshot(b) == before
+    Bundle.load(b, hash_all=True)
+
+
+def test_quantize_never_writes_over_the_fp32_graph(tmp_path):
+    """A bundle whose fp32 U-Net is stored under the int8 graph's file name: it was
+    overwritten by the int8 graph."""
+    from ddpm_rt import Bundle
+    from ddpm_rt.export.quantize import INT8_FILE, QuantizeError, quantize_bundle
+
+    b = write_bundle(tmp_path / "b", unet=conv_unet(0.0))
+    m = json.loads((b / "manifest.json").read_text())
+    (b / "unet.onnx").rename(b / INT8_FILE)
+    m["files"][INT8_FILE] = m["files"].pop("unet.onnx")
+    m["graphs"]["unet"]["file"] = INT8_FILE
+    (b / "manifest.json").write_text(json.dumps(m))
+    before = _snapshot(b)
+    with pytest.raises(QuantizeError, match=f"already uses {INT8_FILE}"):
+        quantize_bundle(b, log=lambda s: None)
+    assert _snapshot(b) == before
+    Bundle.load(b, hash_all=True)
+
+
+def test_quantize_via_cli_is_one_line(tmp_path):
+    b = write_bundle(tmp_path / "b", unet=conv_unet(1e4))
+    proc = cli("quantize", str(b))
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress lines, one error line
+    assert last.startswith("error: int8 U-Net misses its parity check"), proc.stderr
