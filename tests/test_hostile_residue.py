@@ -528,3 +528,28 @@ def test_quantize_via_cli_is_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]  # after the progress lines, one error line
     assert last.startswith("error: int8 U-Net misses its parity check"), proc.stderr
+
+
+# -- reports use paths relative to the repo ---------------------------------------------
+ABSOLUTE = __import__("re").compile(r"(?<![\w.~])/(?:home|root|work|tmp|Users|mnt|srv)/\S+")
+
+
+def test_reports_and_docs_hold_no_absolute_paths():
+    """BENCHMARKS.md showed /work/main/runs/old107: a path on one machine."""
+    files = [ROOT / "BENCHMARKS.md", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted((ROOT / "models").glob("*/*.md")) + sorted((ROOT / "models").glob("*/*.json"))
+    found = {f.relative_to(ROOT).as_posix(): ABSOLUTE.findall(f.read_text()) for f in files}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_bench_reports_the_compared_bundle_as_named(tmp_path):
+    write_bundle(tmp_path / "a")
+    write_bundle(tmp_path / "old")
+    args = ["bench", "a", "--sections", "unet", "--compare", "old", "--batch-sizes", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_rt.cli", *args, "--repeats", "2", "--no-compile"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "U-Net per-step cost vs old:" in proc.stdout, proc.stdout
+    assert str(tmp_path) not in proc.stdout
