@@ -140,7 +140,7 @@ def test_trajectory_frames_count_in_the_memory_check(tmp_path):
     failed with MemoryError after the work (or ran for hours)."""
     b = write_bundle(tmp_path / "b", timesteps=1000)
     cfg = GenerateConfig(num=10_000, sampler="ddpm", guidance=1.0)
-    need = estimate_bytes(cfg, (3, 8, 8), frames=1000, scale=10)
+    need = estimate_bytes(cfg, (3, 8, 8), frames=1000, scale=10, gif=True)
     if need <= memory_limit() or estimate_bytes(cfg, (3, 8, 8)) > memory_limit():
         pytest.skip("this machine's memory is outside what the case assumes")
     out = tmp_path / "a.png"

@@ -129,7 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     what = f"{len(prompts)} x --num {cfg.num}"
     if trajectory is not None:
         what += f" with a {frames_kept}-frame --trajectory"
-    need = estimate_bytes(cfg, bundle.image_shape, len(prompts), frames_kept, args.scale)
+    need = estimate_bytes(
+        cfg, bundle.image_shape, len(prompts), frames_kept, args.scale, gif=trajectory is not None
+    )
     check_memory(what, need)
     # 3. The graphs, checked against the bundle; then the work.
     gen = Generator(
