@@ -553,3 +553,20 @@ def test_bench_reports_the_compared_bundle_as_named(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "U-Net per-step cost vs old:" in proc.stdout, proc.stdout
     assert str(tmp_path) not in proc.stdout
+
+
+def test_a_graph_refused_by_its_spec_is_never_cached(tmp_path, monkeypatch):
+    """It was cached before the check, so the second run's error blamed the cache."""
+    from craft import unet_graph
+
+    from ddpm_rt.errors import BackendError
+
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path / "cache"))
+    b = write_bundle(tmp_path / "b", unet=unet_graph(4, in_names=("y", "t", "c")))
+    errors = []
+    for _ in range(2):
+        with pytest.raises(BackendError) as e:
+            Generator(b).generate("thing 1", **CACHE_GEN)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "cache" not in errors[1]
+    assert not list((tmp_path / "cache").rglob("*.onnx"))

@@ -153,20 +153,22 @@ class OrtBackend:
                     self._cached[graph] = str(ort_cache.entry(sha, self.providers)[0])
                 except BackendError:  # a damaged entry: drop it, load the bundle's graph
                     ort_cache.discard(sha, self.providers)
-            if sess is None:
+            fresh = sess is None
+            if fresh:
                 if cacheable:
                     opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
                 sess = self._session(graph, source, opts)
-                if cacheable and os.path.exists(opts.optimized_model_filepath):
-                    ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
-        spec = self.specs.get(graph)
-        if spec is not None:
-            why = spec.mismatch(live_spec(graph, sess))
-            if why:
-                raise BackendError(
-                    f"graph {graph!r} ({spec.file}{self._origin(graph)}) does not match the "
-                    f"bundle's I/O spec: {why}"
-                )
+            spec = self.specs.get(graph)
+            if spec is not None:
+                why = spec.mismatch(live_spec(graph, sess))
+                if why:
+                    raise BackendError(
+                        f"graph {graph!r} ({spec.file}{self._origin(graph)}) does not match "
+                        f"the bundle's I/O spec: {why}"
+                    )
+            # cached only once it has passed the checks: a refused graph is never reused
+            if fresh and cacheable and os.path.exists(opts.optimized_model_filepath):
+                ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
         return sess
 
     def _origin(self, graph: str) -> str:
