@@ -120,6 +120,32 @@ class GenerateConfig:
 FALLBACK = {"sampler": "ddim", "steps": 8, "eta": 1.0, "guidance": 2.0}
 
 
+def cpus_available() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset
+    narrow; os.cpu_count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int | None:
+    """ONNX Runtime's intra-op threads: None (its default) or 1 to :func:`cpus_available`.
+    More threads than CPUs only contend, and each one reserves a stack: ``--threads 256``
+    under a memory limit once deadlocked ONNX Runtime's thread pool, silently and deaf to
+    SIGTERM."""
+    if threads is None:
+        return None
+    n = cpus_available()
+    if not _is_int(threads):
+        raise InputError(f"threads must be an integer, got {type(threads).__name__}")
+    if not 1 <= threads <= n:
+        raise InputError(
+            f"threads must be between 1 and {n} (the CPUs this process may use), got {threads}"
+        )
+    return int(threads)
+
+
 def memory_limit() -> int:
     """Bytes one generation may plan to use: half of this machine's physical memory."""
     try:
@@ -128,14 +154,27 @@ def memory_limit() -> int:
         return 2 * 2**30
 
 
-def estimate_bytes(cfg: GenerateConfig, image_shape: tuple[int, int, int], prompts: int = 1) -> int:
+def estimate_bytes(
+    cfg: GenerateConfig,
+    image_shape: tuple[int, int, int],
+    prompts: int = 1,
+    frames: int = 0,
+    scale: int = 1,
+    gif: bool = False,
+) -> int:
     """What a call will allocate, roughly: the uint8 results plus, for the rows of one U-Net
     call, x_t, eps, noise and their copies, and the U-Net's activations (about 64 image-sized
-    float32 tensors per row at this project's widths)."""
+    float32 tensors per row at this project's widths); plus ``frames`` kept x̂0 previews
+    (``--trajectory``, ``--preview-every``), each a uint8 copy of every image, and their
+    grids upscaled by ``scale``: one at a time for preview PNGs, all at once (as RGB and as
+    palette images) for a ``gif``."""
     c, h, w = image_shape
     total = cfg.num * prompts
     rows = min(cfg.batch_size, total) * (1 if cfg.guidance == 1.0 else 2)
-    return total * h * w * c + rows * c * h * w * 4 * (8 + 64)
+    ncols = math.isqrt(total - 1) + 1  # a square-ish grid, as images.grid_size lays it out
+    grid = (-(-total // ncols) * (h + 1) + 1) * (ncols * (w + 1) + 1) * scale * scale
+    grids = (frames if gif else min(frames, 1)) * grid * (c + 1)
+    return total * h * w * c + rows * c * h * w * 4 * (8 + 64) + frames * total * h * w * c + grids
 
 
 def _size(n: int) -> str:

@@ -15,6 +15,7 @@ from ddpm_rt.config import (
     GenerateConfig,
     check_int,
     check_memory,
+    check_threads,
     estimate_bytes,
 )
 from ddpm_rt.core.guidance import GuidedUNet
@@ -66,7 +67,7 @@ class Generator:
         ``ddpm-rt build-engines`` into ``engine_cache`` (default: the per-user cache); its
         ``int8`` is the bundle's symmetric Q/DQ graph (``int8-qdq``)."""
         if threads is not None:
-            check_int("threads", threads, 1, MAX_THREADS)
+            check_threads(threads)
         if isinstance(bundle, Bundle):
             if expected_digest is not None and bundle.digest != expected_digest:
                 raise BundleError(

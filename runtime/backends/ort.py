@@ -124,6 +124,7 @@ class OrtBackend:
         # on a GPU provider, device buffers are bound once per thread, graph and shapes
         self._gpu = any(p in GPU_PROVIDERS for p in providers)
         self._bindings = threading.local()
+        self._cached: dict[str, str] = {}  # graph -> the cache file its session was made from
 
     def session(self, graph: str) -> ort.InferenceSession:
         sess = self._sessions.get(graph)
@@ -149,22 +150,31 @@ class OrtBackend:
                 fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 try:
                     sess = self._session(graph, cached, fast)
+                    self._cached[graph] = str(ort_cache.entry(sha, self.providers)[0])
                 except BackendError:  # a damaged entry: drop it, load the bundle's graph
                     ort_cache.discard(sha, self.providers)
-            if sess is None:
+            fresh = sess is None
+            if fresh:
                 if cacheable:
                     opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
                 sess = self._session(graph, source, opts)
-                if cacheable and os.path.exists(opts.optimized_model_filepath):
-                    ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
-        spec = self.specs.get(graph)
-        if spec is not None:
-            why = spec.mismatch(live_spec(graph, sess))
-            if why:
-                raise BackendError(
-                    f"graph {graph!r} ({spec.file}) does not match the bundle's I/O spec: {why}"
-                )
+            spec = self.specs.get(graph)
+            if spec is not None:
+                why = spec.mismatch(live_spec(graph, sess))
+                if why:
+                    raise BackendError(
+                        f"graph {graph!r} ({spec.file}{self._origin(graph)}) does not match "
+                        f"the bundle's I/O spec: {why}"
+                    )
+            # cached only once it has passed the checks: a refused graph is never reused
+            if fresh and cacheable and os.path.exists(opts.optimized_model_filepath):
+                ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
         return sess
+
+    def _origin(self, graph: str) -> str:
+        """Where an error's graph came from, when it is the optimised-graph cache."""
+        path = self._cached.get(graph)
+        return f", as optimised in the cache at {path}" if path else ""
 
     def _session(self, graph: str, source, opts) -> ort.InferenceSession:
         try:
@@ -184,7 +194,9 @@ class OrtBackend:
         try:
             outs = self._run_bound(graph, sess, feeds) if self._gpu else sess.run(None, feeds)
         except Exception as e:
-            raise BackendError(f"ONNX Runtime failed running {graph}: {first_line(e)}") from None
+            raise BackendError(
+                f"ONNX Runtime failed running {graph}{self._origin(graph)}: {first_line(e)}"
+            ) from None
         result = dict(zip(self._output_names(graph, sess), outs, strict=True))
         spec = self.specs.get(graph)
         if spec is not None:
@@ -195,7 +207,7 @@ class OrtBackend:
             if self._accepted.get((graph, seen)) != got:
                 why = check_outputs(spec, feeds, result)
                 if why:
-                    raise BackendError(f"graph {graph!r} returned {why}")
+                    raise BackendError(f"graph {graph!r} returned {why}{self._origin(graph)}")
                 self._accepted[(graph, seen)] = got
         return result
 

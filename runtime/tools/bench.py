@@ -301,7 +301,7 @@ def run_bench(
             # spell of a shared machine falls on both sides
             again = _ort_rows(gen, batch_sizes, repeats, None, None)
             result["unet_cost_vs_compare"] = {
-                "bundle": str(other.bundle.path),
+                "bundle": str(compare),  # as the user named it: reports stay repo-relative
                 **{
                     f"batch_{a['batch']}": (a["ms_per_step"] + c["ms_per_step"])
                     / 2
