@@ -373,3 +373,69 @@ def test_probe_says_why_not(monkeypatch, settings, why):
         assert not trt_row["usable"] and "ddpm-rt[trt]" in trt_row["why"]
     else:
         assert not r.gpu and why in r.gpu_why
+
+
+class _BrokenLoader:
+    """A meta-path finder whose module fails to load as a broken install's does."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise OSError(f"lib for {fullname}: cannot open shared object file")
+        return None
+
+
+@pytest.mark.parametrize("name", ["tensorrt", "cuda.bindings.runtime"])
+def test_a_broken_install_is_one_line(monkeypatch, name):
+    import sys
+
+    from ddpm_rt.backends import gpu
+
+    doubles.install(monkeypatch)
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenLoader(name), *sys.meta_path])
+    get = gpu.tensorrt if name == "tensorrt" else gpu.cudart
+    with pytest.raises(BackendError, match=r"is installed but does not load: lib for"):
+        get()
+
+
+def test_cuda_python_under_its_old_name_and_absent(monkeypatch):
+    import sys
+
+    from ddpm_rt.backends import gpu
+
+    doubles.install(monkeypatch, cuda="12.6")
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
+    monkeypatch.setitem(sys.modules, "cuda.cudart", cuda_runtime)  # cuda-python < 12.6
+    assert gpu.cudart() is cuda_runtime
+    assert gpu.probe().devices[0]["name"] == H200[0]
+    monkeypatch.setitem(sys.modules, "cuda.cudart", None)
+    with pytest.raises(BackendError, match="cuda-python is not installed"):
+        gpu.cudart()
+    r = gpu.probe()
+    assert "cuda-python is not installed" in r.cuda_python_why and not r.gpu
+    assert r.gpu_why  # no driver here, or one that cannot be asked without cuda-python
+
+
+def test_a_failing_cuda_call_and_a_gpu_provider_without_a_gpu(monkeypatch):
+    from ddpm_rt.backends import gpu
+    from ddpm_rt.backends import ort as ort_backend
+
+    doubles.install(monkeypatch)
+    monkeypatch.setattr(
+        cuda_runtime,
+        "cudaGetDeviceProperties",
+        lambda device: (cuda_runtime.cudaError_t.cudaErrorInvalidDevice, None),
+    )
+    r = gpu.probe()
+    assert r.gpu_why == "CUDA error in device properties: cudaErrorInvalidDevice"
+    monkeypatch.setattr(
+        ort_backend.ort,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    r = gpu.probe()
+    rows = {row["backend"]: row for row in gpu.backend_status(r)}
+    assert rows["ort (CUDAExecutionProvider)"]["why"] == r.gpu_why

@@ -34,6 +34,7 @@ def install(
     package = types.ModuleType("cuda")
     bindings = types.ModuleType("cuda.bindings")
     package.bindings, bindings.runtime = bindings, cuda_runtime
+    package.__path__, bindings.__path__ = [], []  # packages, as the real ones are
     monkeypatch.setitem(sys.modules, "cuda", package)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cuda_runtime)
