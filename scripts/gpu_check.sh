@@ -15,7 +15,7 @@
 set -u
 
 PY=${PYTHON:-python3}
-BUNDLE=${1:-}
+BUNDLE=${1:-$("$PY" -c 'from ddpm_rt.cli.generate import default_model; print(default_model())' 2>/dev/null)}
 REPORT=${REPORT:-$PWD/ddpm-rt-gpu-report.txt}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ddpm-rt-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -26,7 +26,6 @@ PASSED=0
 FAILED=0
 
 ddpm() { "$PY" -m ddpm_rt.cli "$@"; }
-bundle_args() { if [ -n "$BUNDLE" ]; then echo "$BUNDLE"; fi; }
 
 : >"$REPORT"
 log() { echo "$*" >>"$REPORT"; }
@@ -53,6 +52,7 @@ check() {
 }
 
 log "ddpm-rt GPU check, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+log "bundle: ${BUNDLE:-(ddpm-rt does not import: $PY -c 'import ddpm_rt')}"
 log "host: $(uname -srm)"
 [ -f /etc/nv_tegra_release ] && log "jetson: $(head -n 1 /etc/nv_tegra_release)"
 command -v nvidia-smi >/dev/null && log "nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 4 | tr '\n' ';')"
@@ -75,7 +75,7 @@ log ""
 
 # -- TensorRT engines ---------------------------------------------------------------------------
 build() {
-    ddpm build-engines $(bundle_args) --engine-cache "$CACHE" --unet-precision fp32,fp16,int8 "$@"
+    ddpm build-engines "$BUNDLE" --engine-cache "$CACHE" --unet-precision fp32,fp16,int8 "$@"
 }
 check "build every engine (fp32, fp16, int8)" build
 check "rebuild every engine from the timing cache" build --force
@@ -85,7 +85,7 @@ damaged_timing_cache() {
     found=$(find "$CACHE" -name timing.cache | head -n 1)
     [ -n "$found" ] || { echo "no timing.cache under $CACHE"; return 1; }
     printf 'not a timing cache' >"$found"
-    out=$(ddpm build-engines $(bundle_args) --engine-cache "$CACHE" --unet-precision fp32 --force 2>&1)
+    out=$(ddpm build-engines "$BUNDLE" --engine-cache "$CACHE" --unet-precision fp32 --force 2>&1)
     rc=$?
     echo "$out"
     [ "$rc" -eq 0 ] || return 1
@@ -93,7 +93,7 @@ damaged_timing_cache() {
     [ "$(head -c 18 "$found")" != "not a timing cache" ] || { echo "timing cache not replaced"; return 1; }
 }
 check "survive a damaged timing cache" damaged_timing_cache
-check "ddpm-rt doctor" ddpm doctor $(bundle_args) --engine-cache "$CACHE"
+check "ddpm-rt doctor" ddpm doctor "$BUNDLE" --engine-cache "$CACHE"
 
 gpu_tests() {
     [ -f "$HERE/tests/test_gpu_path.py" ] || { echo "no tests/ here (not a source checkout)"; return 77; }
@@ -177,7 +177,7 @@ EOF
 # engines for 2 images (4 rows) only, so that 3 guided images (6 rows) run in slices
 SMALL="$WORK/engines-small"
 pycheck() { "$PY" "$WORK/checks.py" "$1" "$BUNDLE" "$SMALL"; }
-ddpm build-engines $(bundle_args) --engine-cache "$SMALL" --max-batch 2 >/dev/null 2>&1
+ddpm build-engines "$BUNDLE" --engine-cache "$SMALL" --max-batch 2 >/dev/null 2>&1
 check "CUDA graphs on and off give the same images" pycheck graphs
 check "two threads on one Generator (trt)" pycheck threads
 
