@@ -6,7 +6,7 @@ bindings, NVIDIA/TensorRT ``python/src/infer/pyCore.cpp`` (cited as "10.3 L<n>" 
 v10.3.0 and "11.0 L<n>" for tag v11.0) and ``pyCoreDoc.h``, and ``python/packaging/
 bindings_wheel/tensorrt/__init__.py`` (``nptype``). Where the two majors differ, the double
 plays the one it was made for (``make(version)``): TensorRT 11 has no ``BuilderFlag.FP16``/
-``INT8`` (11.0 L1661-1684: the enum starts at DEBUG) and no ``EXPLICIT_BATCH``; every 11.x
+``INT8`` (11.0 L1592-1616: the enum starts at DEBUG) and no ``EXPLICIT_BATCH``; every 11.x
 network is strongly typed (11.0 L1764 "Deprecated: always enabled").
 
 The engine is real arithmetic: a "plan" carries the ONNX graph, and ``execute_async_v3``
@@ -63,7 +63,7 @@ def nptype(trt_type):
     raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
 
 
-class TensorIOMode(enum.IntEnum):  # 10.3 L1330-1333
+class TensorIOMode(enum.IntEnum):  # 10.3 L1149-1152
     NONE = 0
     INPUT = 1
     OUTPUT = 2
@@ -88,7 +88,7 @@ class IHostMemory(bytes):
         return len(self)
 
 
-class _Severity(enum.IntEnum):  # 10.3 L687-692
+class _Severity(enum.IntEnum):  # 10.3 L686-692
     INTERNAL_ERROR = 0
     ERROR = 1
     WARNING = 2
@@ -202,7 +202,8 @@ class IOptimizationProfile:
         self.shapes: dict[str, tuple] = {}
 
     def set_shape(self, input, min, opt, max):
-        """opt_profile_set_shape (10.3 L44-52): RuntimeError on inconsistent shapes."""
+        """opt_profile_set_shape (10.3 L35-43, bound at L801): RuntimeError on inconsistent
+        shapes."""
         dims = [tuple(int(v) for v in s) for s in (min, opt, max)]
         if len({len(d) for d in dims}) != 1:
             raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
