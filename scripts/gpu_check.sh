@@ -68,8 +68,15 @@ for name in ("ddpm_rt", "onnxruntime", "tensorrt", "cuda.bindings", "numpy"):
 try:
     import onnxruntime as ort
     print("onnxruntime providers:", ", ".join(ort.get_available_providers()))
-except Exception:
-    pass
+    from ddpm_rt.backends.gpu import probe
+    r = probe()
+    print(f"CUDA driver {r.driver_version}, runtime {r.runtime_version}")
+    for d in r.devices:
+        print(f"GPU: {d['name']}, compute capability {d['compute_capability']}, {d['memory_gib']} GiB")
+    if not r.gpu:
+        print("GPU: none usable:", r.gpu_why)
+except Exception as e:
+    print("probe failed:", e)
 EOF
 log ""
 

@@ -439,3 +439,48 @@ def test_a_failing_cuda_call_and_a_gpu_provider_without_a_gpu(monkeypatch):
     r = gpu.probe()
     rows = {row["backend"]: row for row in gpu.backend_status(r)}
     assert rows["ort (CUDAExecutionProvider)"]["why"] == r.gpu_why
+
+
+@pytest.mark.slow
+def test_gpu_check_script_through_the_doubles(tmp_path):
+    """scripts/gpu_check.sh, run as a user runs it, with every process it starts on the
+    doubles (tests/doubles/site/sitecustomize.py): each TensorRT check passes, ONNX
+    Runtime's GPU providers are skipped (this onnxruntime has none), the verdict is PASS
+    and the report holds versions, GPU and every check."""
+    import os
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.txt"
+    env = {
+        **os.environ,
+        "DDPM_RT_DOUBLES": "10.3.0",
+        "PYTHONPATH": str(ROOT / "tests" / "doubles" / "site"),
+        "PYTHON": sys.executable,
+        "REPORT": str(report),
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for check in (
+        "build every engine",
+        "rebuild every engine from the timing cache",
+        "survive a damaged timing cache",
+        "ddpm-rt doctor",
+        "gpu/trt tests",
+        "CUDA graphs on and off give the same images",
+        "two threads on one Generator",
+    ):
+        assert any(ln.startswith("PASS") and check in ln for ln in lines), (check, proc.stdout)
+    assert sum(ln.startswith("SKIP ort ") for ln in lines) == 6
+    assert "VERDICT: PASS" in proc.stdout
+    text = report.read_text()
+    assert "tensorrt: 10.3.0" in text and "NVIDIA H200" in text and "VERDICT: PASS" in text
+    assert not any(p.name.startswith("ddpm-rt-gpu-check") for p in tmp_path.iterdir())

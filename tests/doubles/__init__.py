@@ -24,7 +24,10 @@ def install(
 ):
     """Make ``import tensorrt`` (unless ``tensorrt`` is None) and ``import
     cuda.bindings.runtime`` give the doubles, playing these versions and this machine.
-    Returns the CUDA double's machine state (devices, memory, streams, switches)."""
+    Returns the CUDA double's machine state (devices, memory, streams, switches).
+    ``monkeypatch`` None: for good, in this process (tests/doubles/site/sitecustomize.py)."""
+    if monkeypatch is None:
+        monkeypatch = _ForGood()
     state = cuda_runtime.reset(
         version=tuple(int(v) for v in cuda.split(".")[:2]),
         devices=[tuple(d) for d in devices],
@@ -48,6 +51,14 @@ def install(
     else:
         monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_double.make(tensorrt))
     return state
+
+
+class _ForGood:
+    """monkeypatch.setitem without the undo, for a process that only runs the doubles."""
+
+    @staticmethod
+    def setitem(mapping, key, value):
+        mapping[key] = value
 
 
 def use_device(state, index: int) -> None:
