@@ -6,6 +6,7 @@ import os
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -210,7 +211,15 @@ class OrtBackend:
             for _, o in (p for p in providers if isinstance(p, tuple)):
                 # the TensorRT provider's engine folder must exist before it writes there
                 Path(o["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-            sess = ort.InferenceSession(source, sess_options=opts, providers=providers)
+            with warnings.catch_warnings():
+                # ORT warns of a provider it cannot load and goes on without it; that is
+                # checked below and is an error, with one line, and nothing printed before
+                warnings.simplefilter("ignore", UserWarning)
+                # enable_fallback=0: no retry on the next provider when creation fails (ORT
+                # would print the error to stdout and go on; the C ABI prints nothing)
+                sess = ort.InferenceSession(
+                    source, sess_options=opts, providers=providers, enable_fallback=0
+                )
         except Exception as e:  # ORT raises its own untyped errors
             msg = first_line(e)
             if "xternal data" in msg:
