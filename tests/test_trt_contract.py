@@ -484,3 +484,12 @@ def test_gpu_check_script_through_the_doubles(tmp_path):
     text = report.read_text()
     assert "tensorrt: 10.3.0" in text and "NVIDIA H200" in text and "VERDICT: PASS" in text
     assert not any(p.name.startswith("ddpm-rt-gpu-check") for p in tmp_path.iterdir())
+
+
+def test_trt_backend_on_tensorrt_11(monkeypatch, tmp_path):
+    """TensorRT 11: no STRONGLY_TYPED flag passed (always on), the same engines and images."""
+    doubles.install(monkeypatch, tensorrt="11.0.0")
+    cache = EngineCache(tmp_path)
+    _build(cache, ("fp32", "int8"), max_images=2)
+    for precision in ("fp32", "int8"):
+        _same(_trt_images(cache, precision, num=3, **KW), _cpu_images(precision, num=3, **KW))
