@@ -28,7 +28,7 @@ from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig, timestep_input
 from ddpm_rt.errors import InputError
 from ddpm_rt.images import save_png
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_settings, save_checkpoint
 from .data import Dataset, load_dataset
 from .model import (
     ContextUnet,
@@ -90,6 +90,15 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA GPU is available")
     return torch.device(name)
+
+
+def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
+    """The rows of step ``step``: epoch e is the permutation ``PCG64([seed, e])`` of the n
+    rows, cut into ``max(1, n // batch)`` batches (a short last batch is dropped)."""
+    epoch, pos = divmod(step, max(1, n // batch))
+    perm = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+    idx = perm[pos * batch : (pos + 1) * batch]
+    return idx if len(idx) else perm[:batch]
 
 
 def _dist_env() -> tuple[int, int]:
@@ -156,13 +165,7 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------
     def _batch_indices(self, step: int) -> np.ndarray:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = np.random.Generator(np.random.PCG64([self.cfg.seed, epoch])).permutation(
-            len(self.data)
-        )
-        b = self.cfg.batch_size
-        idx = perm[pos * b : (pos + 1) * b]
-        return idx if len(idx) else perm[:b]
+        return batch_indices(self.cfg.seed, step, len(self.data), self.cfg.batch_size)
 
     def train_step(self) -> float:
         cfg = self.cfg
@@ -308,20 +311,9 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Load data, train (or resume), checkpoint into ``cfg.out``; returns a summary."""
     out = Path(cfg.out)
-    exists = (out / "config.json").exists()
-    if exists and not resume:
-        raise InputError(
-            f"{out} already holds a checkpoint; pass --resume to continue it or "
-            "choose another --out"
-        )
-    if resume and not exists:
-        raise InputError(f"nothing to resume in {out} (no config.json)")
-    if resume:
-        stored = read_checkpoint_config(out)["train"]
-        # Training settings come from the checkpoint; --steps may extend the run.
-        stored.update(
-            {k: getattr(cfg, k) for k in ("steps", "device") if getattr(cfg, k) is not None}
-        )
+    # Training settings come from the checkpoint; --steps may extend the run.
+    stored = resume_settings(cfg, resume, read_checkpoint_config)
+    if stored is not None:
         if cfg.steps is not None:
             stored["epochs"] = None
         cfg = TrainConfig(**stored)

@@ -23,6 +23,8 @@ SUBCOMMANDS = (
     "info",
     "bench",
     "train",
+    "train-autoencoder",
+    "encode-latents",
     "export",
     "quantize",
     "eval",
@@ -128,4 +130,3 @@ def _interrupted(signum: int) -> int:
         signal.signal(s, signal.SIG_IGN)
     print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
     return 128 + signum
-
