@@ -186,6 +186,32 @@ def load_autoencoder(ckpt_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), meta
 
 
+def latent_decoder(info: dict, device="cpu"):
+    """For latent data's ``latent`` record: a function scaled latents (N, C, h, w) ->
+    pixels (N, 3, H, W) in [-1, 1] (NumPy), or None (with a note on stderr) when the
+    autoencoder that made them is not at its recorded path or has other weights."""
+    import hashlib
+    import sys
+
+    ae = info.get("autoencoder", {})
+    weights = Path(ae.get("path", "")) / "model.safetensors"
+    if not weights.is_file():
+        print(f"note: autoencoder {ae.get('path')} not found; no sample grids", file=sys.stderr)
+        return None
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != ae.get("sha256"):
+        print(f"note: autoencoder in {ae['path']} has changed; no sample grids", file=sys.stderr)
+        return None
+    model = load_autoencoder(ae["path"])[0].to(device)
+    scale = float(info["scale_factor"])
+
+    @torch.no_grad()
+    def to_pixels_np(latents: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(device) / scale
+        return decode(model, z).clamp(-1, 1).cpu().numpy()
+
+    return to_pixels_np
+
+
 def encode_latents(ae_dir: str | Path, data: str | Path, out: str | Path, log=print) -> Path:
     """``ddpm-rt encode-latents``: an emoji/pixel ``.npz`` -> the same file with ``latents``
     (N, C, h, w) float32 = encoder latents * scale_factor in place of ``images``, plus

@@ -35,6 +35,8 @@ def save_checkpoint(self) -> None:  # self: a training.train.Trainer
         "unet": self.unet_config.to_dict(),
         "schedule": self.schedule.config.to_dict(),
         "conditioning": self.data.conditioning,
+        # latent data: scale factor, latent shape and the autoencoder (sha256) to decode with
+        **({"latent": self.data.latent} if self.data.latent is not None else {}),
         "train": asdict(self.cfg),
         "step": self.step,
         "total_steps": self.total_steps,

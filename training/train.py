@@ -131,6 +131,7 @@ class Trainer:
         self.unet_config = UNetConfig(
             n_feat=cfg.n_feat,
             context_dim=data.context_dim,
+            in_channels=data.channels,
             height=h,
             width=w,
             context_gate=cfg.context_gate,
@@ -156,7 +157,9 @@ class Trainer:
         else:
             self.total_steps = max(1, round((cfg.epochs or 32) * self.steps_per_epoch))
         self.step = 0
-        self.images = torch.from_numpy(data.images).to(self.device)  # (N, H, W, 3) uint8
+        # (N, H, W, 3) uint8 pixels, or (N, C, h, w) float32 scaled latents
+        self.images = torch.from_numpy(data.images).to(self.device)
+        self.decoder = None  # latent data: the autoencoder that draws the sample grids
         self.table = torch.from_numpy(data.table).to(self.device)  # (U, D)
         self.choices = torch.from_numpy(data.choices).to(self.device)  # (N, K)
         self.num_choices = torch.from_numpy(data.num_choices).to(self.device)  # (N,)
@@ -171,7 +174,10 @@ class Trainer:
         cfg = self.cfg
         idx = torch.from_numpy(self._batch_indices(self.step)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step)
-        x0 = self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+        if self.data.latent is not None:
+            x0 = self.images[idx]  # (B, C, h, w), unit variance
+        else:
+            x0 = self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
         b = x0.shape[0]
         # One of each image's captions (or its one label/context), at random.
         pick = (torch.rand(b, generator=gen, device=self.device) * self.num_choices[idx]).long()
@@ -274,8 +280,15 @@ class Trainer:
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
     # -- samples and checkpoints --------------------------------------------------------
-    def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path:
-        """A grid from the EMA weights: one row per label (or per data context), DDIM-25."""
+    def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path | None:
+        """A grid from the EMA weights: one row per label (or per data context), DDIM-25;
+        latents are decoded by the data's autoencoder (no grid when it is not at hand)."""
+        if self.data.latent is not None and self.decoder is None:
+            from .autoencoder import latent_decoder
+
+            self.decoder = latent_decoder(self.data.latent, self.device)
+            if self.decoder is None:
+                return None
         ctx, _ = self.data.sample_contexts(rows)
         ctx = np.repeat(ctx, per_context, axis=0)
         c = torch.from_numpy(ctx).to(self.device)
@@ -291,9 +304,11 @@ class Trainer:
         x = sample_loop(
             eps_fn,
             sampler,
-            (len(ctx), 3, *self.data.image_size),
+            (len(ctx), self.data.channels, *self.data.image_size),
             np.random.Generator(np.random.PCG64(0)),
         )
+        if self.decoder is not None:
+            x = self.decoder(x)
         return save_png(
             self.out / "samples" / f"step_{self.step:07d}.png",
             to_uint8(x),
