@@ -195,6 +195,7 @@ class AETrainer:
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self, log=None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
         self.last_eval = ev = self.evaluate()
         if log is not None:
             log.write(json.dumps({"step": self.step, **ev}) + "\n")
