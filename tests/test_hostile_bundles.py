@@ -559,3 +559,29 @@ def test_optimised_graph_cache_is_keyed_checked_and_exact(good, tmp_path, monkey
     (good / "unet.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         Generator(good)
+
+
+def test_optimised_graph_cache_entry_replaced_by_another_graph(good, tmp_path, monkeypatch):
+    """A cached optimised graph replaced by another *valid* graph (the optimised form of a
+    U-Net that computes something else, written over the entry: same inode, same size, new
+    mtime) is never what runs: the verified graph's images come out. (Corrupting the entry
+    into invalid protobuf would only test the load fallback, not the entry's check.)"""
+    from ddpm_rt.backends import ort_cache
+
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path / "cache"))
+    cpu = ["CPUExecutionProvider"]
+    first = Generator(good).generate("thing 1", **GEN)
+    other = write_bundle(tmp_path / "other", unet=unet_graph(4, scale=0.5))
+    theirs = Generator(other).generate("thing 1", **GEN)
+    assert not np.array_equal(first, theirs)
+    mine, _ = ort_cache.entry(read_manifest(good)["files"]["unet.onnx"]["sha256"], cpu)
+    swap, _ = ort_cache.entry(read_manifest(other)["files"]["unet.onnx"]["sha256"], cpu)
+    assert mine.is_file() and swap.is_file() and mine != swap
+    data = swap.read_bytes()
+    assert data != mine.read_bytes()
+    with open(mine, "r+b") as f:  # in place: the inode stays
+        f.truncate(0)
+        f.write(data)
+    np.testing.assert_array_equal(Generator(good).generate("thing 1", **GEN), first)
+    # and the entry was rewritten from the verified graph
+    np.testing.assert_array_equal(Generator(good).generate("thing 1", **GEN), first)
