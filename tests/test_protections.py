@@ -7,7 +7,10 @@ scripts/mutation_check.py breaks each of these in turn and checks that these tes
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import operator
 import re
 import subprocess
 from pathlib import Path
@@ -16,6 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from craft import write_bundle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from ddpm_rt import Generator
@@ -207,3 +212,50 @@ def test_reports_and_docs_use_repo_relative_paths():
             if ABSOLUTE.search(line) or str(ROOT) in line:
                 found.append(f"{name}:{n}: {line.strip()[:100]}")
     assert not found, "\n".join(found)
+
+
+# -- the manifest validator against an oracle (a validator accepting or rejecting everything
+# would pass a test that only asks "a BundleError or a valid result") ---------------------------
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+# field -> whether a value is valid, from README's limits and docs/bundle-format.md (the base
+# manifest's other fields held fixed: beta_start 1e-4, beta_end 0.02)
+ORACLE = {
+    ("schema_version",): lambda v: type(v) is int and v == 1,  # newer: "upgrade ddpm-rt"
+    ("schedule", "timesteps"): lambda v: type(v) is int and 1 <= v <= 10_000,
+    ("schedule", "beta_start"): lambda v: _number(v) and 0 < v < 1 and v <= 0.02,
+    ("schedule", "beta_end"): lambda v: _number(v) and 0 < v < 1 and v >= 1e-4,
+    ("files", "unet.onnx", "bytes"): lambda v: type(v) is int and 1 <= v <= 2**31 - 1,
+}
+VALUES = (
+    st.integers(-3, 12_000)
+    | st.integers(2**31 - 3, 2**31 + 3)
+    | st.floats(-1.5, 1.5)
+    | st.floats()
+    | st.booleans()
+    | st.none()
+    | st.text(max_size=3)
+    | st.sampled_from([1, 1.0, 1e-4, 0.02, 0.0200001, 10_000, 10_001, 0, 2**31 - 1])
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(field=st.sampled_from(sorted(ORACLE)), value=VALUES)
+def test_manifest_validator_agrees_with_the_documented_limits(field, value):
+    from ddpm_rt.bundle.manifest import validate_manifest
+    from ddpm_rt.errors import BundleError
+
+    m = json.loads(BASE_MANIFEST)
+    functools.reduce(operator.getitem, field[:-1], m)[field[-1]] = value
+    try:
+        validate_manifest(m)
+        accepted = True
+    except BundleError as e:
+        accepted = False
+        assert "\n" not in str(e) and (field[-1] in str(e) or "upgrade" in str(e)), str(e)
+    assert accepted == ORACLE[field](value), (field, value)
+
+
+BASE_MANIFEST = (ROOT / "tests" / "golden" / "manifest_2026-11-29.json").read_text()
