@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ddpm_rt.bundle.manifest import MAX_TIMESTEPS
-from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
+from ddpm_rt.core.samplers import SAMPLERS, SPACINGS, Sampler, make_sampler, resolve_settings
+from ddpm_rt.core.schedule import NoiseSchedule
 from ddpm_rt.errors import InputError
 
 MAX_NUM = 100_000  # images per call; memory is checked separately, against this machine
@@ -79,6 +80,18 @@ class GenerateConfig:
             raise InputError(
                 f"unknown spacing {self.spacing!r:.40} (choose from: {', '.join(SPACINGS)})"
             )
+
+    def make_sampler(self, schedule: NoiseSchedule) -> Sampler:
+        """The sampler these settings ask for (the one place one is made from settings)."""
+        return make_sampler(self.sampler, schedule, self.steps, self.eta, self.spacing)
+
+    def resolved(self, schedule: NoiseSchedule) -> GenerateConfig:
+        """These settings with the sampler's defaults filled in (steps, eta, spacing), as
+        a run uses them and provenance records them."""
+        steps, eta, spacing = resolve_settings(
+            self.sampler, schedule, self.steps, self.eta, self.spacing
+        )
+        return replace(self, steps=steps, eta=eta, spacing=spacing)
 
 
 def memory_limit() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -18,14 +17,14 @@ from ddpm_rt.config import (
     check_memory,
     estimate_bytes,
 )
-from ddpm_rt.core.guidance import UNetStep
-from ddpm_rt.core.noise import ImageNoise
-from ddpm_rt.core.samplers import make_sampler, sample_loop, to_uint8
+from ddpm_rt.core.guidance import GuidedUNet
+from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.core.schedule import NoiseSchedule, timestep_input
-from ddpm_rt.errors import BundleError, Cancelled, InputError, NumericalError
+from ddpm_rt.errors import BundleError, InputError
 from ddpm_rt.progress import StepInfo, progress_bar
+from ddpm_rt.run import Job, run_jobs
 from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
-from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, STEP_ABS_MAX
+from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL
 
 __all__ = ["GenerateConfig", "Generator", "StepInfo"]
 MAX_THREADS = 256
@@ -205,10 +204,8 @@ class Generator:
         return arr
 
     # -- sampling -----------------------------------------------------------------------
-    def _x0_preview(self, x: np.ndarray, eps: np.ndarray, t: int) -> np.ndarray:
-        """uint8 images of x̂0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) (DDIM eq. 12)."""
-        ab = self.schedule.alpha_bar64[t]
-        x0 = (x - np.float32(np.sqrt(1.0 - ab)) * eps) / np.float32(np.sqrt(ab))
+    def to_pixels(self, x0: np.ndarray) -> np.ndarray:
+        """The final stage: x_0 (B, C, H, W) in model space -> images (B, H, W, 3) uint8."""
         return to_uint8(x0)
 
     def eps(
@@ -226,42 +223,31 @@ class Generator:
         ``uncond`` (B,D) replaces the null context (a negative prompt); default zeros.
         """
         b = x.shape[0]
-        guided = guidance != 1.0
-        if guided:
-            c = np.concatenate([c, np.zeros_like(c) if uncond is None else uncond])
-        step = UNetStep(self, b, c, guided, np.float32(guidance))
-        return step(x, timestep_input(t, self.schedule.timesteps))
+        unet = GuidedUNet(
+            self.backend,
+            self.unet_graph,
+            x.shape[1:],
+            c,
+            np.full(b, guidance, np.float32),
+            np.zeros_like(c) if uncond is None else uncond,
+        )
+        return unet(x, timestep_input(t, self.schedule.timesteps))[0]
 
-    def generate(
+    def prepare(
         self,
         prompt: str | list[str] | None = None,
         *,
         context: np.ndarray | None = None,
         negative_prompt: str | None = None,
         config: GenerateConfig | None = None,
-        progress: bool = False,
         callback: Callable[[StepInfo], bool | None] | None = None,
         preview_every: int = 0,
         **overrides,
-    ) -> np.ndarray:
-        """Generate ``num`` images per prompt (or for a raw context). Returns (N, H, W, 3) uint8.
-
-        ``prompt`` may be a list: ``num`` images for each prompt, in one batch, prompt-major
-        (rows of ``num``); row j is exactly what ``generate(prompt[j], ...)`` gives with the
-        same seed, because image i of every prompt draws its noise from the stream of
-        (seed, i) (see :mod:`ddpm_rt.core.noise`). Keyword overrides are :class:`GenerateConfig`
-        fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
-        ``batch_size``, ``spacing``). ``negative_prompt`` replaces the null context of
-        classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
-        before any work; a step whose predicted noise or result is not finite (or absurdly
-        large) raises :class:`NumericalError` and nothing is returned.
-
-        ``callback(info)`` is called after every step with a :class:`StepInfo` (step and total
-        across the call, the chunk's images, and every ``preview_every`` steps and at each
-        chunk's last step a uint8 preview of the current clean-image estimate x̂0). Returning
-        ``False`` stops the call cleanly: it raises :class:`Cancelled`. The callback runs in
-        the calling thread; what it holds is a copy.
-        """
+    ) -> Job:
+        """Check a request and resolve it to rows (contexts, seeds, image indices, guidance,
+        negative context) without running anything: arguments as :meth:`generate`. Run it
+        with :meth:`run_jobs`, alone or beside other jobs with the same
+        :attr:`Job.batch_key`."""
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable, got {type(callback).__name__}")
         check_int("preview_every", preview_every, 0, 1_000_000)
@@ -295,8 +281,8 @@ class Generator:
             check_prompt(negative_prompt, "negative prompt")
             if cfg.guidance == 1.0:
                 raise InputError("a negative prompt only acts through guidance: set guidance != 1")
-        # made (and checked) once; each chunk runs a fresh copy (multistep history is per run)
-        template = make_sampler(cfg.sampler, self.schedule, cfg.steps, cfg.eta, cfg.spacing)
+        sampler = cfg.make_sampler(self.schedule)  # made (and checked) once per request
+        cfg = cfg.resolved(self.schedule)
         rows = len(prompts) if prompts else 1
         check_memory(
             f"generating {rows * cfg.num} images",
@@ -312,78 +298,70 @@ class Generator:
             if ctx.shape != (cfg.num, d):
                 raise InputError(f"context must be ({d},) or ({cfg.num}, {d}), got {ctx.shape}")
         neg = None if negative_prompt is None else self.context(negative_prompt)
-        ctx = np.ascontiguousarray(ctx, dtype=np.float32)
-        image_index = np.tile(np.arange(cfg.num), rows)  # i of (prompt j, image i)
-        total = len(ctx)
-        chunks = range(0, total, cfg.batch_size)
-        n_steps = len(template.timesteps)
-        bar = progress_bar(progress, len(chunks) * n_steps, f"{cfg.sampler} x{total}")
-        user_callback = callback
-        if progress:  # the progress bar is one more client of the step hook
+        return Job(
+            config=cfg,
+            sampler=sampler,
+            contexts=np.ascontiguousarray(ctx, dtype=np.float32),
+            image_index=np.tile(np.arange(cfg.num), rows),  # i of (prompt j, image i)
+            negative=neg,
+            callback=callback,
+            preview_every=preview_every,
+        )
 
-            def callback(info, _user=user_callback):
-                bar.update()
-                return True if _user is None else _user(info)
+    def run_jobs(self, jobs: list[Job], batch_size: int | None = None) -> None:
+        """Run jobs that share a :attr:`Job.batch_key` as one batch: each step is one U-Net
+        call over the rows of all of them (in runs of at most ``batch_size`` rows; None: all
+        in one), guidance and negative prompt per row. Sets each job's ``images``, or its
+        ``error`` when it was cancelled or its rows turned non-finite (the others go on)."""
+        run_jobs(self, jobs, batch_size)
 
-        def check_step(i: int, t: int, eps: np.ndarray, x: np.ndarray) -> None:
-            # One pass per step: NaN, Inf and overflow in eps all reach x_t; only when x_t
-            # fails is eps looked at, to name the culprit. (NaN fails every comparison.)
-            if float(np.abs(x).max()) <= STEP_ABS_MAX:
-                return
-            for what, arr in (("predicted noise", eps), ("x_t", x)):
-                peak = float(np.abs(arr).max())
-                if not peak <= STEP_ABS_MAX:
-                    value = (
-                        "NaN" if math.isnan(peak) else "Inf" if math.isinf(peak) else f"{peak:.3g}"
-                    )
-                    raise NumericalError(
-                        f"{what} at step {i + 1}/{n_steps} (t={t}) is {value} "
-                        f"(limit {STEP_ABS_MAX:g}; backend {self.backend.name}, U-Net precision "
-                        f"{self.unet_precision}): the graph is broken or overflowed; no image "
-                        "was produced"
-                    )
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        context: np.ndarray | None = None,
+        negative_prompt: str | None = None,
+        config: GenerateConfig | None = None,
+        progress: bool = False,
+        callback: Callable[[StepInfo], bool | None] | None = None,
+        preview_every: int = 0,
+        **overrides,
+    ) -> np.ndarray:
+        """Generate ``num`` images per prompt (or for a raw context). Returns (N, H, W, 3) uint8.
 
-        guided = cfg.guidance != 1.0
-        T = self.schedule.timesteps
-        out = []
-        done = [0]
-        total_steps = len(chunks) * n_steps
-        with bar:
-            for chunk, start in enumerate(chunks):
-                c = ctx[start : start + cfg.batch_size]
-                b = len(c)
-                if guided:  # fixed for the run: the context rows of the one U-Net call
-                    u = np.zeros_like(c) if neg is None else np.broadcast_to(neg, c.shape)
-                    c = np.concatenate([c, u])
-                unet = UNetStep(self, b, c, guided, np.float32(cfg.guidance))
-                t_in = {}  # t / T per timestep, made once
+        ``prompt`` may be a list: ``num`` images for each prompt, in one batch, prompt-major
+        (rows of ``num``); row j is exactly what ``generate(prompt[j], ...)`` gives with the
+        same seed, because image i of every prompt draws its noise from the stream of
+        (seed, i) (see :mod:`ddpm_rt.core.noise`). Keyword overrides are :class:`GenerateConfig`
+        fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
+        ``batch_size``, ``spacing``). ``negative_prompt`` replaces the null context of
+        classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
+        before any work; a step whose predicted noise or result is not finite (or absurdly
+        large) raises :class:`NumericalError` and nothing is returned.
 
-                def eps_fn(x, t, unet=unet, t_in=t_in, start=start, chunk=chunk):
-                    if t not in t_in:
-                        t_in[t] = timestep_input(t, T)
-                    eps = unet(x, t_in[t])
-                    done[0] += 1
-                    if callback is not None:
-                        k = done[0] - chunk * n_steps  # step within this chunk, 1-based
-                        want = user_callback is not None and (
-                            (preview_every and k % preview_every == 0) or k == n_steps
-                        )
-                        preview = self._x0_preview(x, eps, t) if want else None
-                        info = StepInfo(
-                            done[0], total_steps, k, n_steps, int(t), start, len(x), preview
-                        )
-                        if callback(info) is False:
-                            raise Cancelled(f"cancelled by the callback at step {done[0]}")
-                    return eps
-
-                # a sampler per chunk: multistep solvers keep per-run history
-                sampler = template.fresh()
-                # initial noise + at most one draw per step
-                noise = ImageNoise(cfg.seed, image_index[start : start + b], draws=n_steps + 1)
-                shape = (b, *self.bundle.image_shape)
-                # Non-finite values are caught by check_step with a clear error; NumPy's own
-                # warnings about them would only add noise before it.
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    x = sample_loop(eps_fn, sampler, shape, noise, on_step=check_step)
-                out.append(to_uint8(x))
-        return np.concatenate(out)
+        ``callback(info)`` is called after every step with a :class:`StepInfo` (step and total
+        across the call, the chunk's images, and every ``preview_every`` steps and at each
+        chunk's last step a uint8 preview of the current clean-image estimate x̂0). Returning
+        ``False`` stops the call cleanly: it raises :class:`Cancelled`. The callback runs in
+        the calling thread; what it holds is a copy.
+        """
+        job = self.prepare(
+            prompt,
+            context=context,
+            negative_prompt=negative_prompt,
+            config=config,
+            callback=callback,
+            preview_every=preview_every,
+            **overrides,
+        )
+        cfg = job.config
+        total = job.rows
+        chunks = -(-total // cfg.batch_size)
+        with progress_bar(
+            progress, chunks * len(job.sampler.timesteps), f"{cfg.sampler} x{total}"
+        ) as bar:
+            job.progress = bar if progress else None
+            self.run_jobs([job], batch_size=cfg.batch_size)
+        if job.error is not None:
+            raise job.error
+        return job.images

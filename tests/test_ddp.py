@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddpm_rt.training.data import load_dataset
-from ddpm_rt.training.shapes import make_shapes
+from ddpm_rt.training.shapes_dataset import make_shapes
 from ddpm_rt.training.train import TrainConfig, Trainer, train
 
 ARGS = [

@@ -13,7 +13,7 @@ from ddpm_rt.errors import BundleError, InputError
 from ddpm_rt.export.text_encoder import BertConfig, SentenceEncoder
 from ddpm_rt.text import load_tokenizer, open_text_folder, parse_blend, read_text_folder, tokenize
 from ddpm_rt.training.data import load_dataset
-from ddpm_rt.training.shapes import make_shapes
+from ddpm_rt.training.shapes_dataset import make_shapes
 
 from conftest import CountingBackend
 

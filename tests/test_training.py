@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ddpm_rt.errors import InputError
 from ddpm_rt.training.data import load_dataset
-from ddpm_rt.training.shapes import LABEL_NAMES, make_shapes
+from ddpm_rt.training.shapes_dataset import LABEL_NAMES, make_shapes
 from ddpm_rt.training.train import TrainConfig, Trainer, train
 
 

@@ -128,4 +128,3 @@ def _interrupted(signum: int) -> int:
         signal.signal(s, signal.SIG_IGN)
     print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
     return 128 + signum
-

@@ -99,11 +99,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _, h, w = bundle.image_shape
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
     if args.preview_every:
-        from ddpm_rt.core.samplers import make_sampler
         from ddpm_rt.core.schedule import NoiseSchedule
 
-        schedule = NoiseSchedule(bundle.schedule)
-        n = len(make_sampler(cfg.sampler, schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
+        n = len(cfg.make_sampler(NoiseSchedule(bundle.schedule)).timesteps)
         for k in range(args.preview_every, n + 1, args.preview_every):
             check_writable(out.with_name(f"{out.stem}.step{k:04d}.png"), force=args.force)
     check_png(cfg.num * len(prompts), h, w, args.scale, ncols)
@@ -142,15 +140,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from ddpm_rt import __version__
 
+    used = cfg.resolved(gen.schedule)  # the settings as the run used them, defaults filled in
     provenance = {
         "prompts": prompts,
         "negative_prompt": args.negative_prompt,
         "num": cfg.num,
         "seed": cfg.seed,
         "sampler": cfg.sampler,
-        "steps": len(make_sampler_for(cfg, gen).timesteps),
-        "eta": cfg.eta,
-        "spacing": cfg.spacing,
+        "steps": used.steps,
+        "eta": used.eta,
+        "spacing": used.spacing,
         "guidance": cfg.guidance,
         "unet_precision": gen.unet_precision,
         "text_precision": getattr(gen, "text_precision", None),
@@ -191,12 +190,6 @@ def _read_prompts(path: Path) -> list[str]:
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise InputError(f"--prompts file {path} must hold 1-{MAX_PROMPTS} non-empty lines")
     return prompts
-
-
-def make_sampler_for(cfg, gen):
-    from ddpm_rt.core.samplers import make_sampler
-
-    return make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -13,23 +13,11 @@ from pathlib import Path
 
 from ddpm_rt.cli.generate import default_model, fields_of
 from ddpm_rt.errors import InputError
-
-
-def _need(extra: str, module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "safetensors", "onnx"):
-            raise InputError(
-                f"this command needs {e.name}: pip install 'ddpm-rt[{extra}]'"
-            ) from None
-        raise
+from ddpm_rt.extras import require
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    train_mod = _need("train", "ddpm_rt.training.train")
+    train_mod = require("ddpm_rt.training.train", "train")
     from ddpm_rt.training.data import parse_label_names
 
     cfg = train_mod.TrainConfig(
@@ -51,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    exp = _need("export", "ddpm_rt.export.onnx_export")
+    exp = require("ddpm_rt.export.onnx_export", "export")
     extra = {}
     if args.text_precisions:
         extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
@@ -61,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    ev = _need("train", "ddpm_rt.training.evaluate")
+    ev = require("ddpm_rt.training.evaluate", "train")
     from ddpm_rt.bundle.fileio import check_writable
 
     for out in (args.json, args.grid):
@@ -100,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    q = _need("export", "ddpm_rt.export.quantize")
+    q = require("ddpm_rt.export.quantize", "export")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if args.precision == "fp16":
         q.fp16_bundle(args.bundle, force=args.force, log=log)
@@ -110,7 +98,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_text_export(args: argparse.Namespace) -> int:
-    tx = _need("export", "ddpm_rt.export.text_export")
+    tx = require("ddpm_rt.export.text_export", "export")
     tx.export_text_encoder(
         args.out,
         model_dir=args.model_dir,
@@ -133,7 +121,7 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
-    from ddpm_rt.training.shapes import write_shapes
+    from ddpm_rt.training.shapes_dataset import write_shapes
 
     out = write_shapes(args.out, args.num, args.size, args.seed)
     print(f"wrote {out} ({args.num} images, {args.size}x{args.size})", file=sys.stderr)

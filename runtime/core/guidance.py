@@ -1,36 +1,84 @@
-"""The guided U-Net step: one U-Net call per sampler step with classifier-free guidance
-(conditional and unconditional rows batched into one call, then combined)."""
+"""The guided U-Net step: one U-Net call per sampler step with classifier-free guidance, per
+row (Ho & Salimans 2022, eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond).
+
+Rows of one call may belong to different requests, each with its own guidance scale ``w``
+and its own unconditional context (the null context, or a negative prompt's). Every row
+goes through the call conditionally; the guided rows (``w != 1``) go through it a second
+time with their unconditional context, in the same call. The combination is float32
+elementwise arithmetic per row, so a row's result does not depend on which other rows share
+its call.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-class UNetStep:
-    """One chunk's U-Net call, with everything fixed for the run made once: the context rows
-    (conditional, then unconditional), the input buffers, the time input's array."""
+class GuidedUNet:
+    """One run's U-Net call, with everything fixed for the run made once: the context rows
+    (conditional rows, then the guided rows' unconditional ones), the input buffers and the
+    per-row scales.
 
-    def __init__(self, gen, b: int, c: np.ndarray, guided: bool, guidance):
-        """``gen``: the Generator (its backend, U-Net graph and image shape)."""
-        self.backend = gen.backend
-        self.graph = gen.unet_graph
-        self.b, self.guided, self.guidance = b, guided, guidance
-        self.c = np.ascontiguousarray(c, dtype=np.float32)
-        rows = len(self.c)
-        self.x = np.empty((rows, *gen.bundle.image_shape), dtype=np.float32)
-        self.t = np.empty((rows, 1), dtype=np.float32)
+    ``contexts`` (R, D); ``guidance`` (R,) per-row scales; ``uncond`` (R, D) each row's
+    unconditional context (only the guided rows' are used)."""
 
-    def __call__(self, x: np.ndarray, t_value: float) -> np.ndarray:
-        b = self.b
-        self.x[:b] = x
-        if self.guided:
-            self.x[b:] = x
+    def __init__(
+        self,
+        backend,
+        graph: str,
+        image_shape: tuple[int, ...],
+        contexts: np.ndarray,
+        guidance: np.ndarray,
+        uncond: np.ndarray,
+    ):
+        self.backend, self.graph, self.image_shape = backend, graph, tuple(image_shape)
+        self._contexts = np.ascontiguousarray(contexts, dtype=np.float32)
+        self._scales = np.asarray(guidance, dtype=np.float32).reshape(-1)
+        self._uncond = np.asarray(uncond, dtype=np.float32)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        rows = len(self._contexts)
+        self.rows = rows
+        self.guided = np.flatnonzero(self._scales != 1.0)  # rows with a second, uncond pass
+        self.all_guided = len(self.guided) == rows
+        self.scale = self._scales[self.guided].reshape(-1, *([1] * len(self.image_shape)))
+        self.c = np.ascontiguousarray(
+            np.concatenate([self._contexts, self._uncond[self.guided]]), dtype=np.float32
+        )
+        self.x = np.empty((len(self.c), *self.image_shape), dtype=np.float32)
+        self.t = np.empty((len(self.c), 1), dtype=np.float32)
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop the rows outside a boolean mask (a request that ended early)."""
+        self._contexts, self._scales = self._contexts[rows], self._scales[rows]
+        self._uncond = self._uncond[rows]
+        self._prepare()
+
+    def __call__(self, x: np.ndarray, t_value: float) -> tuple[np.ndarray, np.ndarray]:
+        """eps (R, C, H, W) for x at time input ``t_value``, and the graph's raw output
+        ((R + G) rows: conditional, then the guided rows' unconditional) for naming what
+        went wrong when a row turns non-finite."""
+        r = self.rows
+        self.x[:r] = x
+        if len(self.guided):
+            self.x[r:] = x if self.all_guided else x[self.guided]
         self.t.fill(t_value)
         out = self.backend.run(self.graph, {"x": self.x, "t": self.t, "c": self.c})["eps"]
-        if not self.guided:
-            return out
-        cond, uncond = out[:b], out[b:]
-        if not np.isfinite(out).all():
-            # Hand the loop's check what the graph produced (Inf - Inf would read as NaN).
-            return cond if not np.isfinite(cond).all() else uncond
-        return uncond + self.guidance * (cond - uncond)
+        if not len(self.guided):
+            return out, out
+        cond, uncond = out[:r], out[r:]
+        if self.all_guided:
+            return uncond + self.scale * (cond - uncond), out
+        eps = cond.copy()
+        eps[self.guided] = uncond + self.scale * (cond[self.guided] - uncond)
+        return eps, out
+
+    def raw_rows(self, out: np.ndarray, row: int) -> list[np.ndarray]:
+        """The graph's own outputs for ``row`` of the call: its conditional row, and its
+        unconditional row when guided."""
+        parts = [out[row]]
+        hit = np.flatnonzero(self.guided == row)
+        if len(hit):
+            parts.append(out[self.rows + int(hit[0])])
+        return parts

@@ -49,7 +49,8 @@ def box_muller(words: np.ndarray) -> np.ndarray:
 
 class ImageNoise:
     """The sampler's noise source for a batch of images: row k of every draw comes from the
-    stream of image ``indices[k]``. Implements ``standard_normal(shape, dtype)`` as the
+    stream of image ``indices[k]`` of ``seed`` (an int, or one seed per row: rows of
+    different requests run in one batch). Implements ``standard_normal(shape, dtype)`` as the
     samplers' contract expects; per-call state, never shared between calls or threads.
 
     Normals are made ahead in blocks of several draws (at most ``draws`` -- the run's count,
@@ -58,7 +59,11 @@ class ImageNoise:
     same, and a few-step run pays for its transcendental functions once, not per step."""
 
     def __init__(self, seed: int, indices, draws: int = 64, block_bytes: int = 1 << 20):
-        self._streams = [np.random.Philox(key=[int(seed), int(i)]) for i in indices]
+        indices = list(indices)
+        seeds = np.broadcast_to(np.asarray(seed, dtype=object), (len(indices),))
+        self._streams = [
+            np.random.Philox(key=[int(s), int(i)]) for s, i in zip(seeds, indices, strict=True)
+        ]
         self._draws, self._block_bytes = max(1, draws), block_bytes
         self._ready = np.empty((len(self._streams), 0), dtype=np.float32)
         self._used = 0
@@ -78,3 +83,9 @@ class ImageNoise:
         out = self._ready[:, self._used : self._used + n]
         self._used += n
         return out.reshape(shape)
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop the rows outside a boolean mask: the other rows' streams go on unchanged."""
+        rows = np.asarray(rows, dtype=bool)
+        self._streams = [s for s, k in zip(self._streams, rows, strict=True) if k]
+        self._ready = self._ready[rows]

@@ -8,7 +8,9 @@ A sampler is a small object with a documented contract (as in diffusers' schedul
 * ``step(x, eps, i, rng) -> x`` -- one update from ``x`` at ``timesteps[i]`` given the
   predicted noise ``eps``; any fresh noise is drawn from ``rng`` inside the step, as
   ``rng.standard_normal(x.shape, dtype=float32)``, and a step that adds no noise draws
-  nothing.
+  nothing;
+* ``fresh()`` -- a sampler for a new run; ``keep(rows)`` -- drop the rows outside a boolean
+  mask from the run's state (a run whose request ended early goes on without its rows).
 
 Every coefficient a run needs is computed once, when the sampler is made, in float64 from
 the schedule's float64 tables, and stored as float32: a step is only float32 array
@@ -33,7 +35,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ddpm_rt.core.schedule import NoiseSchedule
+from ddpm_rt.core.schedule import NoiseSchedule, predict_x0
 from ddpm_rt.errors import InputError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
@@ -89,6 +91,9 @@ class DDPMSampler:
         """A sampler for a new run (this one keeps no state between steps)."""
         return self
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop the rows not in ``rows`` (a boolean mask) from per-run state: none here."""
+
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         mean = (x - self._eps_coef[i] * eps) * self._inv_sqrt_alpha[i]
         if self._noise[i] > 0:
@@ -117,8 +122,7 @@ class DDIMSampler:
         ab = schedule.alpha_bar64[self.timesteps]
         ab_prev = schedule.alpha_bar64[np.append(self.timesteps[1:], 0)]
         # (1) x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)  (eq. 12, "predicted x0")
-        self._x_coef = (1.0 / np.sqrt(ab)).astype(_f32)
-        self._x0_eps = (np.sqrt(1.0 - ab) / np.sqrt(ab)).astype(_f32)
+        self._x_coef, self._x0_eps = schedule.x0_coefficients(self.timesteps)
         # (2) sigma_t = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)  (eq. 16)
         sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
         # (3) x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
@@ -130,8 +134,11 @@ class DDIMSampler:
         """A sampler for a new run (this one keeps no state between steps)."""
         return self
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop the rows not in ``rows`` (a boolean mask) from per-run state: none here."""
+
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
-        x0 = self._x_coef[i] * x - self._x0_eps[i] * eps
+        x0 = predict_x0(x, eps, self._x_coef[i], self._x0_eps[i])
         x_prev = self._x0_coef[i] * x0 + self._dir_coef[i] * eps
         if self._noise[i] > 0:
             x_prev = x_prev + self._noise[i] * rng.standard_normal(x.shape, dtype=_f32)
@@ -178,8 +185,7 @@ class DPMSolverPP2M:
         h = lam_t - lam_s
         e = np.exp(-2.0 * h) if stochastic else np.exp(-h)  # 0 at t = 0
         # x0_i = x_s / alpha_s - (sigma_s / alpha_s) eps
-        self._x0_x = (1.0 / alpha_s).astype(_f32)
-        self._x0_eps = (sigma_s / alpha_s).astype(_f32)
+        self._x0_x, self._x0_eps = schedule.x0_coefficients(s)
         # x_t = ratio x_s + coef D (+ noise z)
         ratio = sigma_t / sigma_s * (np.exp(-h) if stochastic else 1.0)
         self._ratio = ratio.astype(_f32)
@@ -202,10 +208,15 @@ class DPMSolverPP2M:
         new._prev_x0, new._next = None, 0
         return new
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop the rows not in ``rows`` (a boolean mask) from the multistep history."""
+        if self._prev_x0 is not None:
+            self._prev_x0 = self._prev_x0[rows]
+
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         if i != self._next and i != 0:
             raise ValueError(f"multistep sampler: step {i} after step {self._next - 1}")
-        x0 = self._x0_x[i] * x - self._x0_eps[i] * eps
+        x0 = predict_x0(x, eps, self._x0_x[i], self._x0_eps[i])
         d = x0
         if self._second[i]:
             d = x0 + self._half_inv_r[i] * (x0 - self._prev_x0)
@@ -239,15 +250,18 @@ EVAL_GRID: tuple[tuple[str, int | None, float | None], ...] = (
 )
 
 
-def make_sampler(
+def resolve_settings(
     name: str,
     schedule: NoiseSchedule,
     steps: int | None = None,
     eta: float | None = None,
     spacing: str | None = None,
-) -> Sampler:
-    """Build a sampler by name. ``steps=None``: all T for ddpm, :data:`DEFAULT_STEPS`
-    otherwise; ``eta=None``: :data:`DEFAULT_DDIM_ETA` for ddim; ``spacing=None``: ``time``."""
+) -> tuple[int, float | None, str | None]:
+    """``(steps, eta, spacing)`` with the defaults filled in, as :func:`make_sampler` uses
+    them: ``steps=None``: all T for ddpm, :data:`DEFAULT_STEPS` otherwise; ``eta=None``:
+    :data:`DEFAULT_DDIM_ETA` for ddim (None for the others, which take none);
+    ``spacing=None``: ``time`` (None for ddpm, which runs every step). Settings a sampler
+    does not take are refused."""
     if name == "ddpm":
         if steps is not None and steps != schedule.timesteps:
             raise InputError(
@@ -257,16 +271,30 @@ def make_sampler(
             raise InputError("eta applies to ddim only")
         if spacing is not None:
             raise InputError("spacing applies to the few-step samplers, not ddpm")
-        return DDPMSampler(schedule)
+        return schedule.timesteps, None, None
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r} (choose from: {', '.join(SAMPLERS)})")
     steps = min(DEFAULT_STEPS[name], schedule.timesteps) if steps is None else steps
-    spacing = spacing or "time"
     if name == "ddim":
         eta = DEFAULT_DDIM_ETA if eta is None else eta
-        return DDIMSampler(schedule, steps=steps, eta=eta, spacing=spacing)
-    if eta is not None:
+    elif eta is not None:
         raise InputError("eta applies to ddim only")
+    return steps, eta, spacing or "time"
+
+
+def make_sampler(
+    name: str,
+    schedule: NoiseSchedule,
+    steps: int | None = None,
+    eta: float | None = None,
+    spacing: str | None = None,
+) -> Sampler:
+    """Build a sampler by name, defaults as :func:`resolve_settings` fills them."""
+    steps, eta, spacing = resolve_settings(name, schedule, steps, eta, spacing)
+    if name == "ddpm":
+        return DDPMSampler(schedule)
+    if name == "ddim":
+        return DDIMSampler(schedule, steps=steps, eta=eta, spacing=spacing)
     return DPMSolverPP2M(schedule, steps, stochastic=name.endswith("-sde"), spacing=spacing)
 
 

@@ -23,6 +23,15 @@ def timestep_input(t, timesteps: int):
     return t / timesteps
 
 
+def predict_x0(x: np.ndarray, eps: np.ndarray, x_coef, eps_coef) -> np.ndarray:
+    """The clean-image estimate x̂0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) (Ho et al. 2020,
+    eq. 15; DDIM's "predicted x0", Song et al. 2021, eq. 12), in the precomputed form
+    ``x_coef * x - eps_coef * eps`` with the coefficients of
+    :meth:`NoiseSchedule.x0_coefficients`. The one place it is written: the samplers and the
+    step previews call it."""
+    return x_coef * x - eps_coef * eps
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     timesteps: int = 500
@@ -67,6 +76,14 @@ class NoiseSchedule:
     @property
     def timesteps(self) -> int:
         return self.config.timesteps
+
+    def x0_coefficients(self, t) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(1 / sqrt(ab_t), sqrt(1 - ab_t) / sqrt(ab_t))`` at timesteps ``t``, computed
+        in float64: the coefficients of :func:`predict_x0`."""
+        ab = self.alpha_bar64[np.asarray(t)]
+        return (1.0 / np.sqrt(ab)).astype(np.float32), (np.sqrt(1.0 - ab) / np.sqrt(ab)).astype(
+            np.float32
+        )
 
     def add_noise(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Forward process q(x_t | x_0): sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps."""

@@ -29,10 +29,11 @@ import numpy as np
 import onnxruntime as ort
 
 from ddpm_rt.config import GenerateConfig
-from ddpm_rt.core.samplers import EVAL_GRID, make_sampler
+from ddpm_rt.core.samplers import EVAL_GRID
 from ddpm_rt.errors import first_line
+from ddpm_rt.extras import optional
 from ddpm_rt.generator import Generator
-from ddpm_rt.tools.bench_probe import cpu_name, need, peak_gflops, run_measured, time_it, unet_flops
+from ddpm_rt.tools.bench_probe import cpu_name, peak_gflops, run_measured, time_it, unet_flops
 from ddpm_rt.tools.bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 
 PROMPT = "red apple"
@@ -47,10 +48,10 @@ def _prompt(gen: Generator) -> str:
 
 def _torch_model(gen: Generator, checkpoint):
     """(torch module, torch_reference module, None) or (None, None, why not)."""
-    torch, why = need("torch", "train")
+    torch, why = optional("torch", "train")
     if torch is None:
         return None, None, why
-    ref, why = need("ddpm_rt.training.torch_reference", "train,export")
+    ref, why = optional("ddpm_rt.training.torch_reference", "train,export")
     if ref is None:
         return None, None, why
     try:
@@ -164,7 +165,7 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     """Per step at batch 1: the whole step vs the U-Net call alone."""
     ctx = gen.context(_prompt(gen))
 
-    n = len(make_sampler(cfg.sampler, gen.schedule, cfg.steps, cfg.eta, cfg.spacing).timesteps)
+    n = len(cfg.make_sampler(gen.schedule).timesteps)
     total = float(np.median(time_it(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
     c, h, w = gen.bundle.image_shape
     x = np.zeros((1, c, h, w), np.float32)
@@ -273,11 +274,7 @@ def run_bench(
         "unet_flops_per_image_step": flops if flops else {"skipped": flops_why},
         "default": {
             "sampler": default.sampler,
-            "steps": len(
-                make_sampler(
-                    default.sampler, gen.schedule, default.steps, default.eta, default.spacing
-                ).timesteps
-            ),
+            "steps": len(default.make_sampler(gen.schedule).timesteps),
             "guidance": default.guidance,
             "unet_precision": gen.unet_precision,
         },

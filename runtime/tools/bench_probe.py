@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ddpm_rt.extras import optional
+
 
 def time_it(fn, repeats: int, warmup: int = 3) -> np.ndarray:
     for _ in range(warmup):
@@ -25,18 +27,9 @@ def time_it(fn, repeats: int, warmup: int = 3) -> np.ndarray:
     return out
 
 
-def need(module: str, extra: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module), None
-    except ImportError as e:
-        return None, f"needs {e.name} (pip install 'ddpm-rt[{extra}]')"
-
-
 def peak_gflops(threads: int | None, n: int = 1024) -> tuple[float | None, str | None]:
     """fp32 GFLOP/s of an n x n x n MatMul in ONNX Runtime (the machine's practical peak)."""
-    onnx, why = need("onnx", "export")
+    onnx, why = optional("onnx", "export")
     if onnx is None:
         return None, why
     from onnx import TensorProto, helper
@@ -62,7 +55,7 @@ def unet_flops(onnx_bytes: bytes, feeds: dict) -> tuple[float | None, str | None
     """FLOPs per image-step: 2 x the multiply-adds of Conv, ConvTranspose, Gemm and MatMul,
     from the real tensor shapes of one run at batch 1 (the graph's own shape inference loses
     dimensions after GroupNorm's reshapes)."""
-    onnx, why = need("onnx", "export")
+    onnx, why = optional("onnx", "export")
     if onnx is None:
         return None, why
     from onnx import helper, numpy_helper

@@ -1,0 +1,249 @@
+"""Per run, per row: a request resolved to rows (:class:`Job`), and one sampling loop over the
+rows of one or more requests (:class:`Run`).
+
+A job's rows carry everything that is theirs: context, seed and image index (so its own
+noise stream, :mod:`ddpm_rt.core.noise`), guidance scale and unconditional context, step
+callback. Jobs that share a sampler's settings (:attr:`Job.batch_key`) can run as one batch:
+every step is one U-Net call over all their rows, and each row's arithmetic is its own, so an
+image is the same whether its request ran alone or beside others. A job that is cancelled or
+whose rows turn non-finite ends with its own error; the other rows go on without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ddpm_rt.config import GenerateConfig
+from ddpm_rt.core.guidance import GuidedUNet
+from ddpm_rt.core.noise import ImageNoise
+from ddpm_rt.core.samplers import Sampler
+from ddpm_rt.core.schedule import predict_x0, timestep_input
+from ddpm_rt.errors import Cancelled, InputError, NumericalError
+from ddpm_rt.progress import StepInfo
+from ddpm_rt.tolerances import STEP_ABS_MAX
+
+
+@dataclass(eq=False)
+class Job:
+    """One request, checked and resolved to rows; made by :meth:`Generator.prepare`.
+
+    After :meth:`Generator.run_jobs` either ``images`` (N, H, W, 3) uint8 is set or ``error``
+    (what ended it: :class:`Cancelled`, :class:`NumericalError`, or the callback's exception).
+    """
+
+    config: GenerateConfig  # as resolved: steps, eta and spacing filled in
+    sampler: Sampler  # the run's template; each run steps a fresh copy
+    contexts: np.ndarray  # (N, D) float32, one row per image
+    image_index: np.ndarray  # (N,) the image's index i in its seed's streams
+    negative: np.ndarray | None = None  # (D,) unconditional context (negative prompt)
+    callback: Callable[[StepInfo], bool | None] | None = None
+    preview_every: int = 0
+    progress: object | None = None  # a progress bar (``update()``), or None
+    images: np.ndarray | None = None
+    error: BaseException | None = None
+    steps_done: int = 0
+    steps_total: int = 0
+    _pixels: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.contexts)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys may share a batch: the same sampler, steps, eta, spacing."""
+        c = self.config
+        return (c.sampler, c.steps, c.eta, c.spacing)
+
+    @property
+    def settings(self) -> dict:
+        """The settings that made these images, as resolved (for provenance)."""
+        c = self.config
+        return {
+            "sampler": c.sampler,
+            "steps": c.steps,
+            "eta": c.eta,
+            "spacing": c.spacing,
+            "guidance": c.guidance,
+            "seed": c.seed,
+        }
+
+
+def plan_runs(jobs: list[Job], batch_size: int | None) -> list[list[tuple[Job, int, int]]]:
+    """Split the jobs' rows, in order, into runs of at most ``batch_size`` rows (None: one
+    run); each run is a list of parts ``(job, start, stop)``, rows ``start:stop`` of a job."""
+    runs: list[list[tuple[Job, int, int]]] = [[]]
+    room = batch_size
+    for job in jobs:
+        start = 0
+        while start < job.rows:
+            if room == 0:
+                runs.append([])
+                room = batch_size
+            take = job.rows - start if room is None else min(room, job.rows - start)
+            runs[-1].append((job, start, start + take))
+            start += take
+            room = None if room is None else room - take
+    return [r for r in runs if r]
+
+
+class Run:
+    """One sampling loop, from Gaussian noise to x_0, over the rows of some jobs' parts."""
+
+    def __init__(self, gen, parts: list[tuple[Job, int, int]]):
+        self.gen = gen
+        self.parts = [p for p in parts if p[0].error is None]
+
+    def __call__(self) -> None:
+        if not self.parts:
+            return
+        gen = self.gen
+        d = gen.bundle.context_dim
+        sizes = [stop - start for _, start, stop in self.parts]
+        # part number of every row; rows of ended parts are dropped as the run goes
+        self.owner = np.repeat(np.arange(len(self.parts)), sizes)
+        contexts = np.concatenate([j.contexts[a:b] for j, a, b in self.parts])
+        scales = np.concatenate(
+            [
+                np.full(n, j.config.guidance, np.float32)
+                for (j, _, _), n in zip(self.parts, sizes, strict=True)
+            ]
+        )
+        uncond = np.concatenate(
+            [
+                np.broadcast_to(
+                    np.zeros(d, np.float32) if j.negative is None else j.negative, (n, d)
+                )
+                for (j, _, _), n in zip(self.parts, sizes, strict=True)
+            ]
+        )
+        seeds = np.concatenate(
+            [
+                np.full(n, j.config.seed, dtype=object)
+                for (j, _, _), n in zip(self.parts, sizes, strict=True)
+            ]
+        )
+        index = np.concatenate([j.image_index[a:b] for j, a, b in self.parts])
+        sampler = self.parts[0][0].sampler.fresh()  # multistep solvers keep per-run history
+        n_steps = len(sampler.timesteps)
+        self.unet = GuidedUNet(
+            gen.backend, gen.unet_graph, gen.bundle.image_shape, contexts, scales, uncond
+        )
+        noise = ImageNoise(seeds, index, draws=n_steps + 1)  # initial + at most one per step
+        T = gen.schedule.timesteps
+        # Non-finite values are caught by the per-row check with a clear error; NumPy's own
+        # warnings about them would only add noise before it.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            x = noise.standard_normal((len(contexts), *gen.bundle.image_shape), np.float32)
+            for i in range(n_steps):
+                t = int(sampler.timesteps[i])
+                eps, raw = self.unet(x, timestep_input(t, T))
+                ended = self._report(i, n_steps, t, x, eps)
+                x = sampler.step(x, eps, i, noise)
+                ended |= self._check(i, n_steps, t, x, eps, raw)
+                if ended:
+                    keep = ~np.isin(self.owner, list(ended))
+                    if not keep.any():
+                        return
+                    x = x[keep]
+                    self.owner = self.owner[keep]
+                    for state in (self.unet, noise, sampler):
+                        state.keep(keep)
+        pixels = gen.to_pixels(x)
+        for k, (job, _, _) in enumerate(self.parts):
+            if job.error is None:
+                job._pixels.append(pixels[self.owner == k])
+
+    def _rows(self, k: int) -> np.ndarray:
+        return np.flatnonzero(self.owner == k)
+
+    def _report(self, i: int, n_steps: int, t: int, x: np.ndarray, eps: np.ndarray) -> set[int]:
+        """Progress and callbacks of each live part after step ``i``'s U-Net call; returns
+        the parts whose callback cancelled (or raised)."""
+        ended = set()
+        for k in np.unique(self.owner):
+            job, start, stop = self.parts[k]
+            job.steps_done += 1
+            if job.progress is not None:
+                job.progress.update()
+            if job.callback is None:
+                continue
+            step = i + 1
+            want = (job.preview_every and step % job.preview_every == 0) or step == n_steps
+            preview = None
+            if want:
+                rows = self._rows(k)
+                x0 = predict_x0(x[rows], eps[rows], *self.gen.schedule.x0_coefficients(t))
+                preview = self.gen.to_pixels(x0)
+            info = StepInfo(
+                job.steps_done, job.steps_total, step, n_steps, t, start, stop - start, preview
+            )
+            try:
+                if job.callback(info) is False:
+                    job.error = Cancelled(f"cancelled by the callback at step {job.steps_done}")
+            except Exception as e:  # the callback's own failure ends its job only
+                job.error = e
+            if job.error is not None:
+                ended.add(int(k))
+        return ended
+
+    def _check(
+        self, i: int, n_steps: int, t: int, x: np.ndarray, eps: np.ndarray, raw: np.ndarray
+    ) -> set[int]:
+        """Per row, one pass: NaN, Inf and overflow in eps all reach x_t; only a failing row's
+        eps is looked at, to name the culprit. (NaN fails every comparison.)"""
+        peak = np.abs(x.reshape(len(x), -1)).max(axis=1)
+        bad = ~(peak <= STEP_ABS_MAX)
+        if not bad.any():
+            return set()
+        ended = set()
+        for k in np.unique(self.owner[bad]):
+            job = self.parts[k][0]
+            if job.error is not None:
+                continue
+            r = int(np.flatnonzero(bad & (self.owner == k))[0])
+            # the graph's own output where it is not finite (a guided Inf - Inf reads as NaN)
+            noise_rows = [a for a in self.unet.raw_rows(raw, r) if not np.isfinite(a).all()]
+            for what, arr in (("predicted noise", (noise_rows or [eps[r]])[0]), ("x_t", x[r])):
+                value = float(np.abs(arr).max())
+                if not value <= STEP_ABS_MAX:
+                    shown = (
+                        "NaN"
+                        if math.isnan(value)
+                        else "Inf"
+                        if math.isinf(value)
+                        else f"{value:.3g}"
+                    )
+                    job.error = NumericalError(
+                        f"{what} at step {i + 1}/{n_steps} (t={t}) is {shown} "
+                        f"(limit {STEP_ABS_MAX:g}; backend {self.gen.backend.name}, U-Net "
+                        f"precision {self.gen.unet_precision}): the graph is broken or "
+                        "overflowed; no image was produced"
+                    )
+                    break
+            ended.add(int(k))
+        return ended
+
+
+def run_jobs(gen, jobs: list[Job], batch_size: int | None = None) -> None:
+    """Run jobs that share a batch key: their rows, in order, in runs of at most
+    ``batch_size`` rows (None: all in one). Sets each job's ``images`` or ``error``."""
+    if not jobs:
+        return
+    keys = {job.batch_key for job in jobs}
+    if len(keys) > 1:
+        raise InputError(f"jobs with different sampler settings cannot share a batch: {keys}")
+    runs = plan_runs(jobs, batch_size)
+    n_steps = len(jobs[0].sampler.timesteps)
+    for job in jobs:
+        job.steps_total = n_steps * sum(1 for parts in runs for j, _, _ in parts if j is job)
+    for parts in runs:
+        Run(gen, parts)()
+    for job in jobs:
+        if job.error is None:
+            job.images = np.concatenate(job._pixels)
+        job._pixels = []

@@ -1,0 +1,71 @@
+"""The runtime's layers import only downward (DESIGN's layout table; README's "Layout")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
+
+# Bottom up. A module may import its own layer and the layers below it.
+LAYERS = [
+    {"ddpm_rt", "errors", "tolerances", "extras"},
+    {"core"},
+    {"bundle"},
+    {"backends"},
+    {"config", "text", "images", "progress", "run", "generator"},
+    {"tools"},
+    {"cli", "capi"},
+]
+# Upward imports made lazily on purpose, each commented where it is made:
+# (importing module, imported module).
+ALLOWED_UP: set[tuple[str, str]] = set()
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    head = parts[1] if len(parts) > 1 and parts[0] == "ddpm_rt" else parts[0]
+    if parts == ["ddpm_rt"]:
+        head = "ddpm_rt"
+    for i, names in enumerate(LAYERS):
+        if head in names:
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to DESIGN's table)")
+
+
+def _imports(path: Path, module: str):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "ddpm_rt":  # from ddpm_rt import __version__ / a submodule
+                for alias in node.names:
+                    sub = f"ddpm_rt.{alias.name}"
+                    yield (
+                        sub
+                        if (RUNTIME / alias.name).exists()
+                        or (RUNTIME / f"{alias.name}.py").exists()
+                        else "ddpm_rt",
+                        node.lineno,
+                    )
+            elif node.module.startswith("ddpm_rt."):
+                yield node.module, node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("ddpm_rt."):
+                    yield alias.name, node.lineno
+
+
+def test_runtime_imports_only_downward():
+    bad = []
+    for path in sorted(RUNTIME.rglob("*.py")):
+        rel = path.relative_to(RUNTIME).with_suffix("")
+        module = ".".join(["ddpm_rt", *rel.parts]).removesuffix(".__init__")
+        if module == "ddpm_rt":
+            continue  # the public API's lazy names
+        mine = _layer(module)
+        for target, line in _imports(path, module):
+            if target.startswith(("ddpm_rt.training", "ddpm_rt.export", "ddpm_rt.models")):
+                continue  # torch-side packages, imported lazily by the commands that need them
+            if _layer(target) > mine and (module, target) not in ALLOWED_UP:
+                bad.append(f"{path.relative_to(RUNTIME.parent)}:{line} imports {target}")
+    assert not bad, "imports running up the layers:\n" + "\n".join(bad)
