@@ -64,6 +64,7 @@ class Mutation:
 T = "tests/"
 SAMP = "runtime/core/samplers.py"
 GEN = "runtime/generator.py"
+RUN = "runtime/run.py"
 CLI_GEN = "runtime/cli/generate.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -140,9 +141,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "step-nan-check",
         "per-step NaN/Inf check",
-        GEN,
-        "if float(np.abs(x).max()) <= STEP_ABS_MAX:",
-        "if True:",
+        RUN,
+        "        if not bad.any():\n            return set()",
+        "        if True:\n            return set()",
         (T + "test_hostile_bundles.py::test_non_finite_unet_output_is_an_error_naming_the_step",),
     ),
     Mutation(
@@ -228,16 +229,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         "cfg-formula",
         "classifier-free guidance eps_u + g (eps_c - eps_u)",
         "runtime/core/guidance.py",
-        "return uncond + self.guidance * (cond - uncond)",
-        "return cond + self.guidance * (cond - uncond)",
+        "return uncond + self.scale * (cond - uncond), out",
+        "return cond + self.scale * (cond - uncond), out",
         (T + "test_goldens.py::test_classifier_free_guidance_formula",),
+    ),
+    Mutation(
+        "cfg-formula-mixed-rows",
+        "classifier-free guidance per row (guided and plain rows in one call)",
+        "runtime/core/guidance.py",
+        "eps[self.guided] = uncond + self.scale * (cond[self.guided] - uncond)",
+        "eps[self.guided] = cond[self.guided]",
+        (T + "test_run.py::test_jobs_run_together_give_what_they_give_alone",),
     ),
     Mutation(
         "cfg-null-context",
         "classifier-free guidance: the null context is zero",
-        GEN,
-        "u = np.zeros_like(c) if neg is None else np.broadcast_to(neg, c.shape)",
-        "u = c if neg is None else np.broadcast_to(neg, c.shape)",
+        RUN,
+        "np.zeros(d, np.float32) if j.negative is None else j.negative, (n, d)",
+        "np.full(d, d**-0.5, np.float32) if j.negative is None else j.negative, (n, d)",
         (T + "test_goldens.py::test_negative_prompt_replaces_the_null_context",),
     ),
     # -- samplers' coefficients -------------------------------------------------------------------
@@ -321,8 +330,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "noise-key-order",
         "noise spec: Philox key (seed, i), seed first",
         "runtime/core/noise.py",
-        "np.random.Philox(key=[int(seed), int(i)])",
-        "np.random.Philox(key=[int(i), int(seed)])",
+        "np.random.Philox(key=[int(s), int(i)])",
+        "np.random.Philox(key=[int(i), int(s)])",
         (T + "test_bundle_format.py::test_noise_from_the_spec_text_alone",),
     ),
     Mutation(
@@ -354,9 +363,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "preview-x0-formula",
         "step previews: x̂0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)",
-        GEN,
-        "x0 = (x - np.float32(np.sqrt(1.0 - ab)) * eps) / np.float32(np.sqrt(ab))",
-        "x0 = x",
+        RUN,
+        "x0 = predict_x0(x[rows], eps[rows], *self.gen.schedule.x0_coefficients(t))",
+        "x0 = x[rows]",
+        (T + "test_goldens.py::test_callback_progress_preview_and_cancel",),
+    ),
+    Mutation(
+        "preview-x0-timestep",
+        "step previews: x̂0 with the step's own timestep's coefficients",
+        RUN,
+        "*self.gen.schedule.x0_coefficients(t))",
+        "*self.gen.schedule.x0_coefficients(t - 1))",
         (T + "test_goldens.py::test_callback_progress_preview_and_cancel",),
     ),
 )
