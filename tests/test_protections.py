@@ -1,6 +1,7 @@
 """Protections the README promises, each tested so that the test fails without it: every file
 the CLI writes needs --force to be replaced (reached one file at a time), settings out of
-range are refused before work, and the U-Net precision asked for is the graph that runs.
+range are refused before work, the U-Net precision asked for is the graph that runs, and the
+manifest validator accepts exactly what the documented limits allow.
 
 scripts/mutation_check.py breaks each of these in turn and checks that these tests notice.
 """
