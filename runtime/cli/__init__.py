@@ -45,6 +45,7 @@ def build_parser():
     from ddpm_rt import __version__
     from ddpm_rt.cli.generate import add_generate_parsers
     from ddpm_rt.cli.gpu import add_gpu_parsers
+    from ddpm_rt.cli.serve import add_serve_parser
     from ddpm_rt.cli.train import add_train_parsers
 
     p = argparse.ArgumentParser(prog="ddpm-rt", description=__doc__.splitlines()[0])
@@ -57,6 +58,7 @@ def build_parser():
     add_generate_parsers(sub, common)
     add_train_parsers(sub, common)
     add_gpu_parsers(sub, common)
+    add_serve_parser(sub, common)
     return p
 
 
