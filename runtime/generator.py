@@ -28,7 +28,6 @@ from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
 from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL
 
 __all__ = ["GenerateConfig", "Generator", "StepInfo"]
-MAX_THREADS = 256
 # The U-Net precision used when a bundle offers it and the caller does not choose; set by
 # the evaluation (models/default/MODEL_CARD.md): fp32 unless int8 is no worse there.
 DEFAULT_UNET_PRECISION = "fp32"
