@@ -24,7 +24,7 @@ from ddpm_rt.training.autoencoder import (
     load_autoencoder,
 )
 from ddpm_rt.training.autoencoder_train import AETrainConfig, AETrainer, train_autoencoder
-from ddpm_rt.training.shapes import make_shapes
+from ddpm_rt.training.shapes_dataset import make_shapes
 
 from conftest import run_cli
 
