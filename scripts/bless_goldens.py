@@ -7,12 +7,20 @@
   survives a new noise derivation). Re-bless only when a sampler's formula changes on purpose.
 - ``shipped_unet_eps.npz``: the shipped U-Net's eps on fixed inputs, keyed by the graph's
   sha256. Re-bless when the shipped model changes.
-- ``e2e_default.npz``: seeded images from the shipped model through ``Generator.generate``.
-  Re-bless when the model, a sampler or the seed -> noise contract changes.
+- ``e2e_default.npz``: seeded images from the shipped model through ``Generator.generate``,
+  with every setting pinned here (:data:`E2E`, :data:`E2E_GENERATOR`: nothing comes from a
+  default that may be re-chosen), and the machine that blessed them (:func:`machine`: CPU
+  model, instruction set, ONNX Runtime and NumPy versions) stored beside them. On that
+  machine the test demands identical bytes; elsewhere the tolerance in
+  ``tests/test_goldens.py``. Re-bless when the model, a sampler or the seed -> noise contract
+  changes -- never for a change of defaults.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
 import sys
 from pathlib import Path
 
@@ -22,12 +30,47 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 DEFAULT = ROOT / "models" / "default"
 
-# Fixed settings of the seeded end-to-end golden (explicit: defaults may change).
-E2E = {"prompt": "red apple", "num": 4, "seed": 0, "sampler": "ddim", "steps": 25}
+# Every setting of the seeded end-to-end golden, pinned (defaults are re-chosen by the
+# evaluation rule and must not move the golden).
+E2E = {
+    "prompt": "red apple",
+    "num": 4,
+    "seed": 0,
+    "sampler": "ddim",
+    "steps": 25,
+    "eta": 1.0,
+    "guidance": 2.0,
+    "spacing": "time",
+    "batch_size": 16,
+}
+E2E_GENERATOR = {
+    "backend": "ort",
+    "providers": ["CPUExecutionProvider"],
+    "unet_precision": "fp32",
+    "text_precision": "int8",
+    "threads": 1,
+}
+# (sampler, steps, eta, spacing, step indices) of the sampler-step golden
 SAMPLER_CASES = (
-    ("ddpm", None, None, (0, 250, 499)),
-    ("ddim", 50, 0.0, (0, 25, 49)),
-    ("ddim", 50, 1.0, (0, 25, 49)),
+    ("ddpm", None, None, None, (0, 250, 499)),
+    ("ddim", 50, 0.0, "time", (0, 25, 49)),
+    ("ddim", 50, 1.0, "time", (0, 25, 49)),
+)
+# CPU features that change which kernels ONNX Runtime and NumPy run (and so the last bits)
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "asimd",
+    "sve",
+    "sve2",
 )
 SHAPE = (2, 3, 16, 16)
 
@@ -56,8 +99,8 @@ def sampler_steps() -> dict[str, np.ndarray]:
 
     s = NoiseSchedule()
     out = {}
-    for name, steps, eta, indices in SAMPLER_CASES:
-        sampler = make_sampler(name, s, steps, eta)
+    for name, steps, eta, spacing, indices in SAMPLER_CASES:
+        sampler = make_sampler(name, s, steps, eta, spacing)
         for i in indices:
             x, eps, z = step_inputs(i)
             out[f"{name}-{steps}-{eta}-{i}"] = sampler.step(x, eps, i, InjectedNoise(z))
@@ -77,7 +120,7 @@ def unet_inputs(context_dim: int, timesteps: int):
 def shipped_unet_eps() -> dict[str, np.ndarray]:
     from ddpm_rt import Generator
 
-    gen = Generator(DEFAULT)
+    gen = Generator(DEFAULT, unet_precision="fp32", threads=1)
     x, c, ts = unet_inputs(gen.bundle.context_dim, gen.schedule.timesteps)
     out = {"unet_sha256": np.array(gen.bundle.manifest["files"]["unet.onnx"]["sha256"])}
     for t in ts:
@@ -85,14 +128,40 @@ def shipped_unet_eps() -> dict[str, np.ndarray]:
     return out
 
 
+def machine() -> dict:
+    """What decides the last bits of a run: CPU model and instruction set, ONNX Runtime and
+    NumPy versions, architecture."""
+    import onnxruntime
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first CPU's lines
+    except OSError:
+        pass
+    cpu = info.get("model name") or info.get("Hardware") or platform.processor()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return {
+        "cpu": cpu,
+        "arch": platform.machine(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def e2e() -> dict[str, np.ndarray]:
     from ddpm_rt import Generator
 
-    gen = Generator(DEFAULT)
+    gen = Generator(DEFAULT, **E2E_GENERATOR)
     kw = {k: v for k, v in E2E.items() if k != "prompt"}
     return {
         "images": gen.generate(E2E["prompt"], **kw),
         "bundle_digest": np.array(gen.bundle.digest),
+        "settings": np.array(json.dumps({**E2E, **E2E_GENERATOR}, sort_keys=True)),
+        "machine": np.array(json.dumps(machine(), sort_keys=True)),
     }
 
 

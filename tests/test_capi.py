@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +65,9 @@ def test_cpp_example_matches_the_python_api(built):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # the library prints nothing to the host's stdout
-    from ddpm_rt.config import GenerateConfig
-    from ddpm_rt.core.samplers import DEFAULT_STEPS
+    from ddpm_rt.bundle.bundle import Bundle
 
-    n = DEFAULT_STEPS[GenerateConfig.sampler]  # the runtime's defaults, as the C call asked
+    n = Bundle.load(DEFAULT).recommended["steps"]  # the model's own settings, as the C call asked
     assert f"step {n}/{n}" in proc.stderr
     header, pixels = out.read_bytes().split(b"\n255\n", 1)
     assert header == b"P6\n16 48"
@@ -141,4 +139,24 @@ def test_header_matches_the_library_contract():
         "ddpm_rt_image_shape",
     ):
         assert name + "(" in text
-    assert np.dtype(np.uint8).itemsize == 1
+    # the pixel buffer's C type, as a C parser reads the header (pycparser, what cffi uses):
+    # one byte per channel value -- what test_cpp_example_matches_the_python_api compares
+    # with the Python API's uint8 images byte for byte
+    pycparser = pytest.importorskip("pycparser")
+    from pycparser import c_ast, c_generator
+
+    from ddpm_rt.capi import _declarations
+
+    std = "typedef unsigned char uint8_t; typedef unsigned long size_t, uint64_t;\n"
+    ast = pycparser.c_parser.CParser().parse(std + _declarations())
+    params = {
+        d.name: [c_generator.CGenerator().visit(p) for p in d.type.args.params]
+        for d in ast.ext
+        if isinstance(d, c_ast.Decl) and isinstance(d.type, c_ast.FuncDecl)
+    }
+    assert params["ddpm_rt_generate"][-3:] == [
+        "uint8_t *out_rgb",
+        "size_t out_capacity",
+        "size_t *written",
+    ]
+    assert params["ddpm_rt_image_shape"][1:] == ["int *height", "int *width", "int *channels"]

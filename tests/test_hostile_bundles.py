@@ -559,3 +559,69 @@ def test_optimised_graph_cache_is_keyed_checked_and_exact(good, tmp_path, monkey
     (good / "unet.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         Generator(good)
+
+
+def test_optimised_graph_cache_entry_replaced_by_another_graph(good, tmp_path, monkeypatch):
+    """A cached optimised graph replaced by another *valid* graph (the optimised form of a
+    U-Net that computes something else, written over the entry: same inode, same size, new
+    mtime) is never what runs: the verified graph's images come out. (Corrupting the entry
+    into invalid protobuf would only test the load fallback, not the entry's check.)"""
+    from ddpm_rt.backends import ort_cache
+
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path / "cache"))
+    cpu = ["CPUExecutionProvider"]
+    first = Generator(good).generate("thing 1", **GEN)
+    other = write_bundle(tmp_path / "other", unet=unet_graph(4, scale=0.5))
+    theirs = Generator(other).generate("thing 1", **GEN)
+    assert not np.array_equal(first, theirs)
+    mine, _ = ort_cache.entry(read_manifest(good)["files"]["unet.onnx"]["sha256"], cpu)
+    swap, _ = ort_cache.entry(read_manifest(other)["files"]["unet.onnx"]["sha256"], cpu)
+    assert mine.is_file() and swap.is_file() and mine != swap
+    data = swap.read_bytes()
+    assert data != mine.read_bytes()
+    with open(mine, "r+b") as f:  # in place: the inode stays
+        f.truncate(0)
+        f.write(data)
+    np.testing.assert_array_equal(Generator(good).generate("thing 1", **GEN), first)
+    # and the entry was rewritten from the verified graph
+    np.testing.assert_array_equal(Generator(good).generate("thing 1", **GEN), first)
+
+
+def test_file_grown_after_load_is_refused_before_hashing(good):
+    """Between loading the manifest (sizes checked) and opening a graph, the file grows (a
+    256 MiB sparse file): refused on the open descriptor's size, before a byte is hashed --
+    the error is the size, not the sha256 a hash over the grown file would give."""
+    b = Bundle.load(good, hash_all=False)
+    with open(good / "unet.onnx", "r+b") as f:
+        f.truncate(256 * 2**20)
+    with pytest.raises(BundleError, match="bytes, the manifest says"):
+        Generator(b)
+
+
+def test_graph_outputs_checked_on_every_run_of_a_real_session(good):
+    """A graph whose declared outputs match the spec (so the session is accepted) but whose
+    run-time output has twice the batch: refused by the run's output check, naming it."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Concat", ["x", "x"], ["eps"], axis=0),  # (2B, 3, 8, 8) at run time
+        helper.make_node("ReduceSum", ["c"], ["c_used"], keepdims=1),
+        helper.make_node("ReduceSum", ["t"], ["t_used"], keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unet",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+            helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 4]),
+        ],
+        [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (good / "unet.onnx").write_bytes(model.SerializeToString())
+    rehash(good, "unet.onnx")
+    gen = Generator(good)  # the declared I/O agrees with the spec
+    with pytest.raises(BackendError, match=r"returned output 'eps' of shape \(4, 3, 8, 8\)"):
+        gen.generate("thing 1", **{**GEN, "guidance": 1.0})

@@ -20,15 +20,13 @@ def minilm(tmp_path_factory):
     return export_text_encoder(tmp_path_factory.mktemp("minilm"), log=print)
 
 
-def test_checks_meet_the_thresholds(minilm):
+def test_export_describes_the_model(minilm):
+    """What the folder says about the model. (Its recorded parity figures are the exporter's
+    own; the tests below check the encoder against published figures instead.)"""
     from ddpm_rt.text import read_text_folder
 
     meta = read_text_folder(minilm)
-    c = meta["checks"]
-    assert c["torch_alone_vs_padded_batch_min_cos"] >= 0.9999
-    assert c["onnx_vs_torch_min_cos"] >= 0.9999
-    assert c["onnx_padded_batch_vs_torch_min_cos"] >= 0.9999
-    assert c["int8_vs_fp32_min_cos"] >= 0.99 and c["captions"] >= 300
+    assert meta["checks"]["captions"] >= 300
     assert meta["max_tokens"] == 256 and meta["embedding_dim"] == 384
     assert (minilm / "text_encoder.int8.onnx").stat().st_size < 40e6
 

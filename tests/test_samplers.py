@@ -168,16 +168,24 @@ def test_dpm_solver_matches_diffusers(name, steps):
         lower_order_final=True,
     )
     ref.set_timesteps(steps)
+    _step_along(ours, ref, T, steps)
+
+
+def _step_along(ours, ref, T, seed, **ref_kw):
+    """Run our sampler and a diffusers scheduler side by side from the same x with the same
+    eps model and the same injected noise, comparing after every step."""
     # diffusers counts timesteps 0..T-1: its index k is our t = k + 1
     np.testing.assert_array_equal(ref.timesteps.numpy() + 1, ours.timesteps)
-    rng = np.random.default_rng(steps)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     xr = torch.from_numpy(x.copy())
     for i, t in enumerate(ours.timesteps):
         z = rng.standard_normal(x.shape).astype(np.float32)
         x = ours.step(x, _eps_model(x, t, T), i, _Noise(z))
         eps_r = torch.from_numpy(_eps_model(xr.numpy(), t, T))
-        xr = ref.step(eps_r, int(t) - 1, xr, variance_noise=torch.from_numpy(z)).prev_sample
+        xr = ref.step(
+            eps_r, int(t) - 1, xr, variance_noise=torch.from_numpy(z), **ref_kw
+        ).prev_sample
         np.testing.assert_allclose(x, xr.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"step {i}")
 
 
@@ -218,3 +226,63 @@ def test_logsnr_spacing_is_uniform_in_lambda():
     # integer timesteps only approximate the ideal points; the spacing is close to even
     assert gaps.std() / gaps.mean() < 0.1, gaps
     assert spaced_timesteps(s, 500, "logsnr").tolist() == list(range(500, 0, -1))
+
+
+# -- DDPM and DDIM against diffusers' schedulers (an independent implementation), with an eps
+# model that is *not* the exact noise of a known image: with an exact-noise oracle DDIM's
+# direction term and eps cancel out and only the last step decides the result.
+@pytest.mark.parametrize(
+    "T,steps", [(500, 1), (500, 5), (500, 10), (500, 25), (400, 8), (100, 100)]
+)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_matches_diffusers(T, steps, eta):
+    from diffusers import DDIMScheduler
+
+    s = NoiseSchedule(ScheduleConfig(timesteps=T))
+    ours = make_sampler("ddim", s, steps, eta)
+    ref = DDIMScheduler(
+        num_train_timesteps=T,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,  # after the last step the image is at t = 0 (alpha-bar 1)
+        timestep_spacing="trailing",
+    )
+    ref.set_timesteps(steps)
+    # steps divide T here, so diffusers' prev_timestep = k - T // steps is our next timestep
+    # (or -1: our t = 0)
+    _step_along(ours, ref, T, steps, eta=eta)
+
+
+def test_ddpm_matches_diffusers():
+    """Ho et al. 2020 Algorithm 2 with sigma_t^2 = beta_t is diffusers' DDPMScheduler with
+    variance_type="fixed_large" over all T steps (no noise at its t = 0, our t = 1)."""
+    from diffusers import DDPMScheduler
+
+    T = 100
+    s = NoiseSchedule(ScheduleConfig(timesteps=T))
+    ours = make_sampler("ddpm", s)
+    ref = DDPMScheduler(
+        num_train_timesteps=T,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        variance_type="fixed_large",
+        clip_sample=False,
+    )
+    ref.set_timesteps(T)
+    np.testing.assert_array_equal(ref.timesteps.numpy() + 1, ours.timesteps)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    xr = torch.from_numpy(x.copy())
+    for i, t in enumerate(ours.timesteps):
+        # diffusers draws its noise from a torch generator: hand ours the same values
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float32)
+        noise = _Noise(z.numpy())
+        x = ours.step(x, _eps_model(x, t, T), i, noise)
+        assert noise.draws == (1 if t > 1 else 0), f"t={t}"
+        eps_r = torch.from_numpy(_eps_model(xr.numpy(), t, T))
+        g = torch.Generator().manual_seed(i)
+        xr = ref.step(eps_r, int(t) - 1, xr, generator=g).prev_sample
+        np.testing.assert_allclose(x, xr.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"t={t}")

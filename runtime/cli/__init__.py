@@ -18,20 +18,6 @@ import sys
 
 from ddpm_rt.errors import DdpmRtError, first_line
 
-SUBCOMMANDS = (
-    "generate",
-    "info",
-    "bench",
-    "train",
-    "export",
-    "quantize",
-    "eval",
-    "text",
-    "data",
-    "build-engines",
-    "doctor",
-    "serve",
-)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -76,6 +62,14 @@ def build_parser():
     return p
 
 
+def _commands(parser) -> list[str]:
+    """The subcommands the parser knows (whoever added them)."""
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
     _finishing.clear()
     for s in _SIGNALS:
@@ -86,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in argv
-        if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
-            argv.insert(0, "generate")
         parser = build_parser()
+        commands = _commands(parser)
+        if argv and argv[0] not in commands and argv[0] not in ("-h", "--help", "--version"):
+            if not argv[0].startswith("-"):  # a word that names no command is a usage error
+                print(
+                    f"error: unknown command {argv[0]!r:.40} (commands: {', '.join(commands)}; "
+                    "generate's flags may come first: ddpm-rt --prompt TEXT)",
+                    file=sys.stderr,
+                )
+                return 2
+            argv.insert(0, "generate")  # ddpm-rt --prompt TEXT: short for ddpm-rt generate
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)

@@ -72,7 +72,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "negative_prompt": ("string", "what to steer away from (needs guidance != 1)"),
     "num": ("integer", "images per prompt (default 1)"),
     "seed": ("integer", "noise seed; absent: a random one, returned in the response"),
-    "sampler": ("string", f"one of {', '.join(SAMPLERS)} (default {GenerateConfig.sampler})"),
+    "sampler": ("string", f"one of {', '.join(SAMPLERS)} (default: the model's recommended)"),
     "steps": ("integer", "sampling steps (default: the sampler's)"),
     "eta": ("number", "ddim stochasticity in [0, 1]"),
     "spacing": ("string", f"few-step samplers' timesteps: {', '.join(SPACINGS)}"),
@@ -144,8 +144,8 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     seed = body.get("seed")
     seed_was_random = seed is None
     seed = _random_seed() if seed is None else _checked("seed", check_int, seed, 0, MAX_SEED)
-    sampler = body.get("sampler", GenerateConfig.sampler)
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+    sampler = body.get("sampler")  # None: the model's recommended (Generator.prepare fills it)
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
         raise RequestError(
             422, f"unknown sampler {sampler!r:.40} (choose from: {', '.join(SAMPLERS)})", "sampler"
         )
@@ -164,9 +164,9 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
         raise RequestError(
             422, f"unknown spacing {spacing!r:.40} (choose from: {', '.join(SPACINGS)})", "spacing"
         )
-    guidance = _checked(
-        "guidance", check_real, body.get("guidance", GenerateConfig.guidance), 0.0, MAX_GUIDANCE
-    )
+    guidance = body.get("guidance")  # None: the model's recommended
+    if guidance is not None:
+        guidance = _checked("guidance", check_real, guidance, 0.0, MAX_GUIDANCE)
     if neg is not None and guidance == 1.0:
         raise RequestError(
             422,

@@ -193,7 +193,9 @@ class Service:
     def info(self) -> dict:
         b = self.gen.bundle
         c, h, w = b.image_shape
-        d = GenerateConfig()
+        d = GenerateConfig().with_defaults(b.recommended)  # the model's own settings
+        steps = {s: DEFAULT_STEPS.get(s) for s in SAMPLERS}
+        steps[d.sampler] = d.steps or steps[d.sampler]
         text = b.conditioning.get("text") or {}
         return {
             "bundle_digest": b.digest,
@@ -204,9 +206,9 @@ class Service:
                 "sampler": d.sampler,
                 "guidance": d.guidance,
                 "num": d.num,
-                "eta": DEFAULT_DDIM_ETA,
-                "spacing": "time",
-                "steps": {s: DEFAULT_STEPS.get(s) for s in SAMPLERS},
+                "eta": DEFAULT_DDIM_ETA if d.eta is None else d.eta,
+                "spacing": d.spacing or "time",
+                "steps": steps,
             },
             "samplers": list(SAMPLERS),
             "spacings": list(SPACINGS),
