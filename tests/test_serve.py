@@ -227,6 +227,17 @@ def test_a_bad_field_is_named(client, body, status, param):
     assert after["done"] == before["done"] and after["batches"] == before["batches"]  # no work
 
 
+def test_a_default_step_count_over_the_limit_is_refused(gen):
+    """Steps a request leaves out come from the model (8 for its DDIM); a server limited to
+    5 refuses them, naming the field, before any work."""
+    with TestClient(create_app(gen, Limits(max_steps=5))) as c:
+        r = c.post("/api/generate", json={"prompt": "x"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "steps"
+        assert "default of 8 steps" in r.json()["error"]["message"]
+        assert c.get("/api/health").json()["batches"] == {}
+        assert c.post("/api/generate", json={"prompt": "x", "steps": 5}).status_code == 200
+
+
 def test_nan_and_not_json_and_wrong_type_are_refused(client):
     r = client.post("/api/generate", content=b'{"prompt": "x", "guidance": NaN}', headers=JSON)
     assert r.status_code == 422 and r.json()["error"]["param"] == "guidance"

@@ -22,7 +22,7 @@ import numpy as np
 
 from ddpm_rt.errors import Cancelled
 from ddpm_rt.progress import StepInfo
-from ddpm_rt.tools.serve.api import GenerateRequest, Limits
+from ddpm_rt.tools.serve.api import GenerateRequest, Limits, RequestError
 
 
 class QueueFull(Exception):
@@ -149,6 +149,14 @@ class Batcher:
         finally:
             with self._cond:
                 self._preparing -= 1
+        steps = ticket.job.config.steps
+        if steps is not None and steps > self.limits.max_steps:  # a default from the bundle
+            raise RequestError(
+                422,
+                f"the model's default of {steps} steps for {ticket.job.config.sampler} is over "
+                f"this server's limit of {self.limits.max_steps}: give steps",
+                "steps",
+            )
         with self._cond:
             if self._closing:
                 raise Stopping("the server is shutting down")
