@@ -503,6 +503,22 @@ def test_serve_refuses_a_public_address_without_a_token():
     assert p.returncode == 1 and "at least 16" in p.stderr
 
 
+def test_a_taken_port_is_one_line_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [sys.executable, "-m", "ddpm_rt.cli", "serve", "--port", str(port),
+             "--model", str(tmp_path / "no-such-bundle")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    # the port is refused first: the (missing) bundle is never looked at
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
 @pytest.mark.slow
 def test_static_files_are_in_the_wheel(tmp_path):
     """The page is package data: build the wheel (pip, isolated build) from a clean copy of
