@@ -503,6 +503,40 @@ def test_serve_refuses_a_public_address_without_a_token():
     assert p.returncode == 1 and "at least 16" in p.stderr
 
 
+def local_address() -> str | None:
+    """A non-loopback IPv4 address of this machine, or None (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_another_address_needs_a_token_or_insecure_with_a_warning():
+    ip = local_address()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    with serve_process("--host", ip, "--insecure", "--threads", "1") as (proc, url):
+        assert url.startswith(f"http://{ip}:")
+        assert httpx.get(f"{url}/api/health").json()["auth"] is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    log = "".join(proc.log)
+    assert "warning: serving" in log and "without a token (--insecure)" in log
+    token = "another-address-token-0123"
+    with serve_process("--host", ip, "--token", token, "--threads", "1") as (proc, url):
+        assert httpx.post(f"{url}/api/generate", json={"prompt": "x"}).status_code == 401
+        ok = httpx.post(
+            f"{url}/api/generate",
+            json={"prompt": "x"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert ok.status_code == 200
+
+
 def test_a_taken_port_is_one_line_before_the_model_loads(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
