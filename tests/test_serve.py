@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
 
 from PIL import Image  # noqa: E402
