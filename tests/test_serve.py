@@ -538,6 +538,19 @@ def test_another_address_needs_a_token_or_insecure_with_a_warning():
         assert ok.status_code == 200
 
 
+def test_without_the_serve_extra_the_command_says_how_to_get_it():
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"  # as if it were not installed
+        "from ddpm_rt.cli import main; sys.exit(main(['serve']))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "error: ddpm-rt serve needs the serve extra (uvicorn is missing): "
+        "pip install 'ddpm-rt[serve]'"
+    ]
+
+
 def test_a_taken_port_is_one_line_before_the_model_loads(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

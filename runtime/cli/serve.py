@@ -32,6 +32,9 @@ def check_args(args: argparse.Namespace):
     from ddpm_rt.config import check_int, check_real
 
     try:
+        import starlette  # noqa: F401  (the serve extra: checked before any work)
+        import uvicorn  # noqa: F401
+
         from ddpm_rt.tools.serve.api import Limits
     except ImportError as e:  # the extra is not installed
         raise InputError(
