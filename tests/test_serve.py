@@ -546,8 +546,7 @@ def test_without_the_serve_extra_the_command_says_how_to_get_it():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
-        "error: ddpm-rt serve needs the serve extra (uvicorn is missing): "
-        "pip install 'ddpm-rt[serve]'"
+        "error: this command needs uvicorn (pip install 'ddpm-rt[serve]')"
     ]
 
 

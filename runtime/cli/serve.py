@@ -30,17 +30,12 @@ def _is_loopback(host: str) -> bool:
 def check_args(args: argparse.Namespace):
     """Every flag checked before the model loads; returns the Limits."""
     from ddpm_rt.config import check_int, check_real
+    from ddpm_rt.extras import require
 
-    try:
-        import starlette  # noqa: F401  (the serve extra: checked before any work)
-        import uvicorn  # noqa: F401
+    for module in ("starlette", "uvicorn"):  # the serve extra, checked before any work
+        require(module, "serve")
+    from ddpm_rt.tools.serve.api import Limits
 
-        from ddpm_rt.tools.serve.api import Limits
-    except ImportError as e:  # the extra is not installed
-        raise InputError(
-            f"ddpm-rt serve needs the serve extra ({e.name} is missing): "
-            "pip install 'ddpm-rt[serve]'"
-        ) from None
     check_int("--port", args.port, 0, 65535)
     token = args.token if args.token is not None else os.environ.get("DDPM_RT_TOKEN")
     if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
