@@ -403,7 +403,7 @@ def test_batched_requests_are_byte_identical_to_each_alone(gen):
     # is long enough that a slow thread still joins them
     limits = Limits(batch_window_s=1.0)
     with live_app(gen, limits) as (url, _):
-        blocker = threading.Thread(target=post_all, args=(url, [{**LONG, "steps": 20}]))
+        blocker = threading.Thread(target=post_all, args=(url, [LONG]))
         blocker.start()
         wait_health(url, lambda h: h["running"] == 1)
         rs = post_all(url, bodies)
@@ -435,7 +435,7 @@ def test_a_cancelled_request_ends_alone_and_its_batch_finishes(gen):
     its image is what it gives alone."""
     other = {"prompt": "a blue ball", "num": 2, "seed": 4, "steps": 40}
     with live_app(gen, Limits(batch_window_s=1.0)) as (url, _), httpx.Client(timeout=60) as c:
-        blocker = threading.Thread(target=post_all, args=(url, [{**LONG, "steps": 20}]))
+        blocker = threading.Thread(target=post_all, args=(url, [LONG]))
         blocker.start()
         wait_health(url, lambda h: h["running"] == 1)
         result = {}
