@@ -94,6 +94,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         (T + "test_hostile_bundles.py::test_path_symlink_leading_out_is_refused",),
     ),
     Mutation(
+        "confinement-plain-name",
+        "confinement (every manifest path a plain file name)",
+        "runtime/bundle/manifest.py",
+        "if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):",
+        "if not isinstance(name, str):",
+        (T + "test_hostile_bundles.py::test_manifest_paths_must_be_plain_names",),
+    ),
+    Mutation(
+        "manifest-requires",
+        "manifest validation (a required feature this runtime lacks)",
+        "runtime/bundle/manifest.py",
+        "    if missing:\n        raise BundleError(",
+        "    if False:\n        raise BundleError(",
+        (T + "test_hostile_bundles.py::test_mistyped_or_out_of_range_field",),
+    ),
+    Mutation(
         "hash-equals-load",
         "hash = load (the sha256 of the bytes the loader reads)",
         "runtime/bundle/bundle.py",
@@ -161,6 +177,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         'check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)',
         "pass",
         (T + "test_protections.py::test_settings_out_of_range_are_refused_before_work",),
+    ),
+    Mutation(
+        "memory-up-front",
+        "bounds: a run over half the machine's memory refused up front",
+        "runtime/config.py",
+        "    if need > limit:",
+        "    if False:",
+        (T + "test_hostile_inputs.py::test_api_memory_is_refused_up_front_with_the_estimate",),
+    ),
+    Mutation(
+        "png-size",
+        "bounds: a PNG over Pillow's 89 M-pixel limit refused up front",
+        "runtime/images.py",
+        "    if ph * pw > MAX_PNG_PIXELS:",
+        "    if False:",
+        (T + "test_protections.py::test_png_over_the_pixel_limit_is_refused_before_work",),
     ),
     # -- --force for every file written ---------------------------------------------------------
     Mutation(
