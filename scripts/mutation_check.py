@@ -318,6 +318,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "ddim-last-step-t1-golden",
+        "DDIM's last step lands at t = 0 (the end-to-end golden alone)",
+        SAMP,
+        "ab_prev = schedule.alpha_bar64[np.append(self.timesteps[1:], 0)]",
+        "ab_prev = schedule.alpha_bar64[np.append(self.timesteps[1:], 1)]",
+        (T + "test_goldens.py::test_seeded_end_to_end_golden",),
+    ),
+    Mutation(
         "ddim-sigma",
         "DDIM sigma_t(eta) (Song et al. eq. 16)",
         SAMP,
@@ -535,6 +543,14 @@ def _write_docs(rows, caught: int, wall: float, command: str) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the mutant was already restored on the way out
+        print("error: interrupted; the working tree is restored", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="comma-separated mutation ids")
     p.add_argument("--list", action="store_true", help="print the table and exit")
