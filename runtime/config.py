@@ -8,14 +8,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ddpm_rt.bundle.manifest import MAX_TIMESTEPS
+from ddpm_rt.bundle.manifest import MAX_GUIDANCE, MAX_TIMESTEPS
 from ddpm_rt.core.samplers import SAMPLERS, SPACINGS, Sampler, make_sampler, resolve_settings
 from ddpm_rt.core.schedule import NoiseSchedule
 from ddpm_rt.errors import InputError
 
 MAX_NUM = 100_000  # images per call; memory is checked separately, against this machine
 MAX_BATCH_SIZE = 4096
-MAX_GUIDANCE = 50.0  # beyond this guided noise leaves the model's range (and is useless)
 MAX_SEED = 2**63 - 1
 
 
@@ -48,15 +47,13 @@ class GenerateConfig:
     """Sampling settings; CLI flags map one to one onto these fields."""
 
     num: int = 1  # images per prompt
-    # Defaults chosen by the rule in ddpm_rt.training.evaluate.choose_default (the cheapest
-    # setting within one standard error of the best on held-out recognition@5, Fréchet within
-    # 1.1x of DDPM-500), applied to the shipped model's evaluation grid: DDIM, 8 steps, eta 1,
-    # guidance 2 (models/default/MODEL_CARD.md).
-    sampler: str = "ddim"
-    steps: int | None = None  # None: the sampler's default (samplers.DEFAULT_STEPS; ddpm: T)
-    eta: float | None = None  # ddim only, in [0, 1]; None: DEFAULT_DDIM_ETA (1.0)
+    # None: the bundle's recommended setting (its manifest's ``recommended``, written by
+    # ``ddpm-rt eval --write-recommended``), else FALLBACK (steps, eta: the sampler's own).
+    sampler: str | None = None
+    steps: int | None = None  # None: the bundle's for its sampler, else the sampler's default
+    eta: float | None = None  # ddim only, in [0, 1]; None: the bundle's, else 1.0
     seed: int = 0
-    guidance: float = 2.0  # classifier-free guidance scale in [0, 50]; 1 = plain conditional
+    guidance: float | None = None  # classifier-free guidance scale in [0, 50]; 1 = plain
     batch_size: int = 16
     spacing: str | None = None  # few-step samplers: "time" (default) or "logsnr"
 
@@ -64,7 +61,9 @@ class GenerateConfig:
         """Types and ranges of every field; raises :class:`InputError` naming the field."""
         check_int("num", self.num, 1, MAX_NUM)
         check_int("batch size", self.batch_size, 1, MAX_BATCH_SIZE)
-        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+        if self.sampler is not None and (
+            not isinstance(self.sampler, str) or self.sampler not in SAMPLERS
+        ):
             raise InputError(
                 f"unknown sampler {self.sampler!r:.40} (choose from: {', '.join(SAMPLERS)})"
             )
@@ -72,7 +71,8 @@ class GenerateConfig:
             check_int("steps", self.steps, 1, MAX_TIMESTEPS)
         if self.eta is not None:
             check_real("eta", self.eta, 0.0, 1.0)
-        check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)
+        if self.guidance is not None:
+            check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)
         check_int("seed", self.seed, 0, MAX_SEED)
         if self.spacing is not None and (
             not isinstance(self.spacing, str) or self.spacing not in SPACINGS
@@ -80,6 +80,25 @@ class GenerateConfig:
             raise InputError(
                 f"unknown spacing {self.spacing!r:.40} (choose from: {', '.join(SPACINGS)})"
             )
+
+    def with_defaults(self, recommended: dict | None = None) -> GenerateConfig:
+        """These settings with each None the caller left filled in: from a bundle's
+        ``recommended`` settings when it names a sampler, else from :data:`FALLBACK` (a
+        recommended guidance alone still counts). Steps, eta and spacing come from there only
+        for the sampler they were recommended for; another sampler keeps its own defaults."""
+        rec = dict(recommended or {})
+        if not rec.get("sampler"):
+            rec = {**FALLBACK, **({"guidance": rec["guidance"]} if "guidance" in rec else {})}
+        sampler = self.sampler or rec["sampler"]
+        mine = rec if rec["sampler"] == sampler else {}
+        filled = {
+            k: getattr(self, k) if getattr(self, k) is not None else mine.get(k)
+            for k in ("steps", "eta", "spacing")
+        }
+        guidance = self.guidance if self.guidance is not None else rec.get("guidance")
+        if guidance is None:
+            guidance = FALLBACK["guidance"]
+        return replace(self, sampler=sampler, guidance=float(guidance), **filled)
 
     def make_sampler(self, schedule: NoiseSchedule) -> Sampler:
         """The sampler these settings ask for (the one place one is made from settings)."""
@@ -94,6 +113,39 @@ class GenerateConfig:
         return replace(self, steps=steps, eta=eta, spacing=spacing)
 
 
+# The settings for a bundle that recommends none: the rule in
+# ddpm_rt.training.evaluate.choose_default (the cheapest setting within one standard error of
+# the best on held-out recognition@5, Fréchet within 1.1x of DDPM-500) applied to the
+# 16x16 model's evaluation grid: DDIM, 8 steps, eta 1, guidance 2 (its MODEL_CARD.md).
+FALLBACK = {"sampler": "ddim", "steps": 8, "eta": 1.0, "guidance": 2.0}
+
+
+def cpus_available() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset
+    narrow; os.cpu_count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int | None:
+    """ONNX Runtime's intra-op threads: None (its default) or 1 to :func:`cpus_available`.
+    More threads than CPUs only contend, and each one reserves a stack: ``--threads 256``
+    under a memory limit once deadlocked ONNX Runtime's thread pool, silently and deaf to
+    SIGTERM."""
+    if threads is None:
+        return None
+    n = cpus_available()
+    if not _is_int(threads):
+        raise InputError(f"threads must be an integer, got {type(threads).__name__}")
+    if not 1 <= threads <= n:
+        raise InputError(
+            f"threads must be between 1 and {n} (the CPUs this process may use), got {threads}"
+        )
+    return int(threads)
+
+
 def memory_limit() -> int:
     """Bytes one generation may plan to use: half of this machine's physical memory."""
     try:
@@ -102,14 +154,27 @@ def memory_limit() -> int:
         return 2 * 2**30
 
 
-def estimate_bytes(cfg: GenerateConfig, image_shape: tuple[int, int, int], prompts: int = 1) -> int:
+def estimate_bytes(
+    cfg: GenerateConfig,
+    image_shape: tuple[int, int, int],
+    prompts: int = 1,
+    frames: int = 0,
+    scale: int = 1,
+    gif: bool = False,
+) -> int:
     """What a call will allocate, roughly: the uint8 results plus, for the rows of one U-Net
     call, x_t, eps, noise and their copies, and the U-Net's activations (about 64 image-sized
-    float32 tensors per row at this project's widths)."""
+    float32 tensors per row at this project's widths); plus ``frames`` kept x̂0 previews
+    (``--trajectory``, ``--preview-every``), each a uint8 copy of every image, and their
+    grids upscaled by ``scale``: one at a time for preview PNGs, all at once (as RGB and as
+    palette images) for a ``gif``."""
     c, h, w = image_shape
     total = cfg.num * prompts
     rows = min(cfg.batch_size, total) * (1 if cfg.guidance == 1.0 else 2)
-    return total * h * w * c + rows * c * h * w * 4 * (8 + 64)
+    ncols = math.isqrt(total - 1) + 1  # a square-ish grid, as images.grid_size lays it out
+    grid = (-(-total // ncols) * (h + 1) + 1) * (ncols * (w + 1) + 1) * scale * scale
+    grids = (frames if gif else min(frames, 1)) * grid * (c + 1)
+    return total * h * w * c + rows * c * h * w * 4 * (8 + 64) + frames * total * h * w * c + grids
 
 
 def _size(n: int) -> str:

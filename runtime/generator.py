@@ -15,6 +15,7 @@ from ddpm_rt.config import (
     GenerateConfig,
     check_int,
     check_memory,
+    check_threads,
     estimate_bytes,
 )
 from ddpm_rt.core.guidance import GuidedUNet
@@ -27,7 +28,6 @@ from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
 from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL
 
 __all__ = ["GenerateConfig", "Generator", "StepInfo"]
-MAX_THREADS = 256
 # The U-Net precision used when a bundle offers it and the caller does not choose; set by
 # the evaluation (models/default/MODEL_CARD.md): fp32 unless int8 is no worse there.
 DEFAULT_UNET_PRECISION = "fp32"
@@ -66,7 +66,7 @@ class Generator:
         ``ddpm-rt build-engines`` into ``engine_cache`` (default: the per-user cache); its
         ``int8`` is the bundle's symmetric Q/DQ graph (``int8-qdq``)."""
         if threads is not None:
-            check_int("threads", threads, 1, MAX_THREADS)
+            check_threads(threads)
         if isinstance(bundle, Bundle):
             if expected_digest is not None and bundle.digest != expected_digest:
                 raise BundleError(
@@ -261,6 +261,7 @@ class Generator:
             )
         cfg = replace(config or GenerateConfig(), **overrides)
         cfg.validate()
+        cfg = cfg.with_defaults(self.bundle.recommended)  # what the caller left to the model
         if (prompt is None) == (context is None):
             raise InputError("give exactly one of prompt or context")
         prompts = None
@@ -334,7 +335,8 @@ class Generator:
         same seed, because image i of every prompt draws its noise from the stream of
         (seed, i) (see :mod:`ddpm_rt.core.noise`). Keyword overrides are :class:`GenerateConfig`
         fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
-        ``batch_size``, ``spacing``). ``negative_prompt`` replaces the null context of
+        ``batch_size``, ``spacing``); a setting left None is the bundle's recommended one
+        (:meth:`GenerateConfig.with_defaults`). ``negative_prompt`` replaces the null context of
         classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
         before any work; a step whose predicted noise or result is not finite (or absurdly
         large) raises :class:`NumericalError` and nothing is returned.

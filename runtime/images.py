@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,19 +87,81 @@ def save_png(
     return atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
 
 
+# What read_provenance reads at most: the settings of 1000 10k-character prompts, with room
+# for JSON escapes. A chunk claiming more (a header can claim 2 GiB) is refused unread.
+MAX_PROVENANCE_BYTES = 16 << 20
+_MAX_CHUNKS = 10_000  # chunks before the image data; Pillow writes a handful
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def read_provenance(path: str | Path) -> dict:
-    """The settings recorded in a PNG written by ``ddpm-rt``."""
+    """The settings recorded in a PNG written by ``ddpm-rt``.
+
+    The file's chunks are walked directly up to the first image data (``IDAT``): no pixel
+    is decoded (an animated PNG with a huge canvas and many frames once made this hang:
+    Pillow's ``text`` decodes every frame to find late text chunks), and the ``ddpm-rt``
+    chunk is read only if its length is within :data:`MAX_PROVENANCE_BYTES`. Pillow writes
+    a ``pnginfo``'s chunks before the image data, so that is where ours is."""
     try:
-        with Image.open(path) as img:
-            text = img.text.get(PROVENANCE_KEY) if hasattr(img, "text") else None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                raise InputError(f"{path} is not a PNG file")
+            text = _provenance_text(f, path)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     if text is None:
         raise InputError(f"{path} has no ddpm-rt settings (not written by ddpm-rt)")
     try:
         return json.loads(text)
     except ValueError:
         raise InputError(f"{path}: its ddpm-rt settings are not valid JSON") from None
+
+
+def _provenance_text(f, path) -> str | None:
+    """The ``ddpm-rt`` iTXt (or tEXt) chunk's text, looked for before the first IDAT."""
+    key = PROVENANCE_KEY.encode() + b"\0"
+    for _ in range(_MAX_CHUNKS):
+        head = f.read(8)
+        if len(head) < 8:
+            return None  # the end of the file
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        peek = f.read(min(length, len(key))) if kind in (b"iTXt", b"tEXt") else b""
+        if peek != key:
+            f.seek(length - len(peek) + 4, 1)  # the rest of the chunk and its CRC, unread
+            continue
+        if length > MAX_PROVENANCE_BYTES:
+            raise InputError(
+                f"{path}: its ddpm-rt chunk claims {length} bytes, over the limit of "
+                f"{MAX_PROVENANCE_BYTES}"
+            )
+        data = peek + f.read(length - len(peek))
+        crc = f.read(4)
+        if len(data) != length or crc != zlib.crc32(head[4:] + data).to_bytes(4, "big"):
+            raise InputError(f"{path}: its ddpm-rt chunk is truncated or damaged")
+        body = data[len(key) :]
+        if kind == b"tEXt":
+            return body.decode("latin-1")
+        return _itxt_text(body, path)
+    raise InputError(f"{path}: over {_MAX_CHUNKS} chunks before the image data")
+
+
+def _itxt_text(body: bytes, path) -> str:
+    """iTXt after the keyword: compression flag and method, language\0, keyword\0, text."""
+    try:
+        compressed, rest = body[0], body[2:]
+        text = rest.split(b"\0", 2)[2]
+        if compressed:
+            inflate = zlib.decompressobj()
+            text = inflate.decompress(text, MAX_PROVENANCE_BYTES + 1)
+            if len(text) > MAX_PROVENANCE_BYTES:
+                raise InputError(f"{path}: its ddpm-rt chunk inflates past the limit")
+            if not inflate.eof:
+                raise zlib.error("truncated")
+        return text.decode("utf-8")
+    except (IndexError, zlib.error, UnicodeDecodeError):
+        raise InputError(f"{path}: its ddpm-rt chunk is malformed") from None
 
 
 def save_gif(

@@ -65,10 +65,9 @@ def test_cpp_example_matches_the_python_api(built):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # the library prints nothing to the host's stdout
-    from ddpm_rt.config import GenerateConfig
-    from ddpm_rt.core.samplers import DEFAULT_STEPS
+    from ddpm_rt.bundle.bundle import Bundle
 
-    n = DEFAULT_STEPS[GenerateConfig.sampler]  # the runtime's defaults, as the C call asked
+    n = Bundle.load(DEFAULT).recommended["steps"]  # the model's own settings, as the C call asked
     assert f"step {n}/{n}" in proc.stderr
     header, pixels = out.read_bytes().split(b"\n255\n", 1)
     assert header == b"P6\n16 48"

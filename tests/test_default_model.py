@@ -55,15 +55,17 @@ def test_similar_prompts_give_similar_contexts():
 def test_shipped_int8_unet_agrees_with_fp32():
     """On x_t recorded from real trajectories, under the tolerance table's int8 entry."""
     from ddpm_rt import Generator
-    from ddpm_rt.export.quantize import _parity, calibration_contexts, record
-    from ddpm_rt.tolerances import TOLERANCES
+    from ddpm_rt.export.quantize import calibration_contexts
+    from ddpm_rt.tools.parity import compare, record
 
     gen = Generator(DEFAULT)
+    int8 = Generator(DEFAULT, unet_precision="int8")
     _, contexts = calibration_contexts(gen, limit=8)
     feeds = record(gen, contexts, every=25)
-    b = gen.bundle
-    cos, ts = _parity(gen, b.graph_bytes(b.unet_precisions["int8"]), feeds)
-    tol = TOLERANCES[("ort", "int8")]
-    assert cos.mean() >= tol["min_mean_cosine"], cos.mean()
-    assert cos[ts > 50].min() >= tol["min_cosine_late"], cos[ts > 50].min()
+    T = gen.schedule.timesteps
+    ts = np.concatenate([np.rint(f["t"][:, 0] * T).astype(int) for f in feeds])
+    ref = [gen.backend.run("unet", f)["eps"] for f in feeds]
+    got = [int8.backend.run(int8.unet_graph, f)["eps"] for f in feeds]
+    ok, figures = compare(("ort", "int8"), got, ref, ts, T)
+    assert ok, figures
     # its images: test_gpu_path.py::test_doctor_image_check_passes_int8_and_fails_another_picture

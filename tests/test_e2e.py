@@ -67,17 +67,17 @@ def test_guidance_batches_conditional_and_unconditional_rows(trained):
     from ddpm_rt import Generator
 
     gen = Generator(trained["bundle"])
-    from ddpm_rt.config import GenerateConfig
+    from ddpm_rt.config import FALLBACK
 
     kw = {"num": 2, "sampler": "ddim", "steps": 5, "seed": 3}
     default = gen.generate("green triangle", **kw)
     plain = gen.generate("green triangle", guidance=1.0, **kw)
     guided = gen.generate("green triangle", guidance=3.0, **kw)
-    # the default guidance (2, chosen by the evaluation rule) is a guided run
+    # a bundle with no recommended settings gets the fallback guidance (2): a guided run
     np.testing.assert_array_equal(
-        default, gen.generate("green triangle", guidance=GenerateConfig.guidance, **kw)
+        default, gen.generate("green triangle", guidance=FALLBACK["guidance"], **kw)
     )
-    assert GenerateConfig.guidance != 1.0 and not np.array_equal(default, plain)
+    assert FALLBACK["guidance"] != 1.0 and not np.array_equal(default, plain)
     assert not np.array_equal(plain, guided)
     # guidance 0 is the unconditional model: the same as the empty prompt.
     np.testing.assert_array_equal(

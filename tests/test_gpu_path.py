@@ -102,7 +102,8 @@ def test_cache_layout_record_roundtrip_and_lookup(tmp_path):
     assert cache.lookup(HERE, SHA, _flags()) == rec
     assert cache.read_plan(HERE, rec) == b"PLAN" * 100
     assert cache.lookup(HERE, SHA, _flags("fp16")) is None  # other flags: another engine
-    assert cache.timing_cache_path(HERE) == tmp_path / "10.13.3.9" / "timing.cache"
+    # one timing cache per GPU: TensorRT refuses another device's
+    assert cache.timing_cache_path(HERE) == plan.parent / "timing.cache"
     assert gpu_slug("NVIDIA GeForce RTX 4090", (8, 9)) == "nvidia-geforce-rtx-4090-sm89"
 
 
@@ -150,14 +151,33 @@ def test_select_picks_the_largest_profile_and_explains_absence(tmp_path):
         cache.select(jetson, SHA, "fp32")
 
 
-def test_clear_removes_everything(tmp_path):
+def test_clear_removes_what_the_cache_wrote(tmp_path):
     cache = EngineCache(tmp_path / "engines")
     assert cache.clear() == 0  # no folder yet
-    cache.store(HERE, _record(), b"x")
+    rec = cache.store(HERE, _record(), b"x")
     cache.store(Platform("10.3.0", "Orin", (8, 7)), _record(), b"y")
     cache.timing_cache_path(HERE).write_bytes(b"timing")
+    (tmp_path / "engines" / "10.3.0" / "timing.cache").write_bytes(b"old layout")
+    with cache.lock(HERE, rec.key):
+        pass  # leaves its .lock file
     assert cache.clear() == 2
     assert list((tmp_path / "engines").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "foreign", ["notes.txt", "10.3.0/readme.md", "10.3.0/orin-sm87/photo.jpg", "src/main.c"]
+)
+def test_clear_refuses_a_folder_that_is_not_an_engine_cache(tmp_path, foreign):
+    """--engine-cache pointed at the wrong folder must not empty it (it once deleted every
+    file in the folder given)."""
+    cache = EngineCache(tmp_path)
+    cache.store(HERE, _record(), b"x")
+    (tmp_path / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / foreign).write_text("keep me")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=r"is not a ddpm-rt engine cache .* nothing was removed"):
+        cache.clear()
+    assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
 def _build_once(root: str, log: str) -> None:
@@ -228,6 +248,11 @@ def test_build_engines_clear(tmp_path):
     EngineCache(tmp_path).store(HERE, _record(), b"x")
     proc = run_cli("build-engines", "--clear", "--engine-cache", str(tmp_path))
     assert "removed 1 engine(s)" in proc.stderr and not any(tmp_path.iterdir())
+    (tmp_path / "thesis.tex").write_text("years of work")
+    proc = run_cli("build-engines", "--clear", "--engine-cache", str(tmp_path), check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: ") and "is not a ddpm-rt engine cache" in proc.stderr
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
 
 
 @pytest.mark.skipif(not _no_tensorrt(), reason="TensorRT is installed here")

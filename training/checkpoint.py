@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
@@ -26,9 +27,7 @@ def save_checkpoint(self) -> None:  # self: a training.train.Trainer
     state = {
         f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
     }
-    for i, s in self.opt.state_dict()["state"].items():
-        for k, v in s.items():
-            state[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+    state.update(optimizer_tensors(self.opt))
     ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -36,6 +35,8 @@ def save_checkpoint(self) -> None:  # self: a training.train.Trainer
         "unet": self.unet_config.to_dict(),
         "schedule": self.schedule.config.to_dict(),
         "conditioning": self.data.conditioning,
+        # latent data: scale factor, latent shape and the autoencoder (sha256) to decode with
+        **({"latent": self.data.latent} if self.data.latent is not None else {}),
         "train": asdict(self.cfg),
         "step": self.step,
         "total_steps": self.total_steps,
@@ -62,21 +63,59 @@ def load_checkpoint(self) -> None:  # self: a training.train.Trainer
         raise CheckpointError(f"cannot read checkpoint in {self.out}: {e}") from None
     self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     self.ema.load_state_dict(ema)
-    opt_state = self.opt.state_dict()
+    load_optimizer_tensors(self.opt, state, self.device)
+    self.step = int(meta["step"])
+    if self.rank == 0:
+        trim_metrics(self.out / "metrics.jsonl", self.step)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as flat ``opt.<param>.<name>`` tensors."""
+    out = {}
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            out[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, state: dict, device) -> None:
+    """Restore what :func:`optimizer_tensors` wrote (other keys in ``state`` are ignored)."""
+    opt_state = opt.state_dict()
     for key, v in state.items():
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[name] = (
-                v.to(self.device) if name != "step" else v
-            )
-    self.opt.load_state_dict(opt_state)
-    self.step = int(meta["step"])
-    # Forget the log lines of steps after the checkpoint (an interrupted run's tail).
-    log = self.out / "metrics.jsonl"
-    if self.rank == 0 and log.is_file():
-        keep = [x for x in log.read_text().splitlines() if json.loads(x)["step"] <= self.step]
+            opt_state["state"].setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
+    opt.load_state_dict(opt_state)
+
+
+def trim_metrics(log: Path, step: int) -> None:
+    """Forget the log lines of steps after the checkpoint (an interrupted run's tail)."""
+    if log.is_file():
+        keep = [x for x in log.read_text().splitlines() if json.loads(x)["step"] <= step]
         atomic_write(log, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
 
 
 def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
+
+
+def resume_settings(cfg, resume: bool, read_config) -> dict | None:
+    """Refuse to overwrite a checkpoint without ``resume`` or to resume nothing; when
+    resuming, the stored training settings with ``steps`` (may extend the run) and
+    ``device`` taken from ``cfg`` where given. None when not resuming."""
+    from ddpm_rt.errors import InputError
+
+    out = Path(cfg.out)
+    exists = (out / "config.json").exists()
+    if exists and not resume:
+        raise InputError(
+            f"{out} already holds a checkpoint; pass --resume to continue it or "
+            "choose another --out"
+        )
+    if resume and not exists:
+        raise InputError(f"nothing to resume in {out} (no config.json)")
+    if not resume:
+        return None
+    stored = read_config(out)["train"]
+    stored.update({k: getattr(cfg, k) for k in ("steps", "device") if getattr(cfg, k) is not None})
+    return stored

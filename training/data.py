@@ -10,6 +10,10 @@ picked at random each step. Accepted inputs (a file that does not fit gets a one
   ``captions`` ((N,) strings);
 * ``.npy`` images plus a separate ``.npy`` of labels or contexts -- the course's format
   (sprites ``(N, 16, 16, 3)`` uint8 + one-hot labels ``(N, 5)``) loads as is;
+* a *latent* ``.npz`` from ``ddpm-rt encode-latents``: ``latents`` (N, C, h, w) float32
+  (already multiplied by the autoencoder's scale factor) in place of ``images``, with the
+  same labels/captions and ``latent`` (JSON: scale factor, shape, autoencoder); the U-Net
+  then trains on the latents (``Dataset.latent`` is that JSON, decoded);
 * a folder in the Hugging Face *imagefolder* layout: images plus ``metadata.jsonl`` lines
   ``{"file_name": "x.png", "text": "a caption"}`` (``text`` may be a list; a file may
   appear on several lines).
@@ -34,12 +38,13 @@ from ddpm_rt.errors import InputError
 
 @dataclass
 class Dataset:
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray  # (N, H, W, 3) uint8 pixels, or (N, C, h, w) float32 latents
     table: np.ndarray  # (U, D) float32 context vectors
     choices: np.ndarray  # (N, K) int64 rows of `table` per image, -1 padded
     label_names: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)  # aligned with `table` for text data
     text_encoder: dict | None = None  # {"path", "sha256"} of the encoder that made `table`
+    latent: dict | None = None  # latent data: scale factor, shape, autoencoder (encode-latents)
 
     @property
     def conditioning(self) -> dict:
@@ -63,7 +68,14 @@ class Dataset:
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(H, W) of what the U-Net sees: the pixels, or the latents."""
+        if self.latent is not None:
+            return int(self.images.shape[2]), int(self.images.shape[3])
         return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1]) if self.latent is not None else 3
 
     @property
     def num_choices(self) -> np.ndarray:
@@ -250,12 +262,16 @@ def load_dataset(
         raise InputError("give labels or contexts, not both")
     per_image: list[list[str]] | None = None
     names: list[str] = []
+    latent = None
     table = choices = None
     if data.is_dir():
         images, per_image = load_imagefolder(data, image_size)
     else:
         arrays = _load_array(data, "data")
         if isinstance(arrays, dict):
+            if "latents" in arrays and "images" not in arrays:
+                latent = _latent_info(arrays, data)
+                arrays["images"] = arrays["latents"]
             if "images" not in arrays:
                 raise InputError(f"{data} has no 'images' array (found: {', '.join(arrays)})")
             images = arrays["images"]
@@ -300,7 +316,9 @@ def load_dataset(
             )
         table, choices, uniq, sha = _embed_captions(per_image, str(text_encoder), cache)
         enc = {"path": str(Path(text_encoder).resolve()), "sha256": sha}
-        return _checked(Dataset(images, table, choices, captions=uniq, text_encoder=enc))
+        return _checked(
+            Dataset(images, table, choices, captions=uniq, text_encoder=enc, latent=latent)
+        )
     if table is None:
         if per_image is not None:
             raise InputError(
@@ -308,16 +326,34 @@ def load_dataset(
                 "'ddpm-rt text export --out DIR')"
             )
         raise InputError(f"{data} has neither labels nor contexts: give --labels or --contexts")
-    return _checked(Dataset(images, table, choices, label_names=names))
+    return _checked(Dataset(images, table, choices, label_names=names, latent=latent))
+
+
+def _latent_info(arrays: dict, path: Path) -> dict:
+    """The ``latent`` JSON of a file from ``ddpm-rt encode-latents``."""
+    try:
+        info = json.loads(str(arrays["latent"]))
+        float(info["scale_factor"])
+    except (KeyError, ValueError, TypeError):
+        raise InputError(
+            f"{path} has latents but no valid 'latent' record (make it with "
+            "'ddpm-rt encode-latents')"
+        ) from None
+    return info
 
 
 def _checked(ds: Dataset) -> Dataset:
     im = ds.images
-    if im.dtype != np.uint8 or im.ndim != 4 or im.shape[-1] != 3:
+    if ds.latent is not None:
+        if im.dtype != np.float32 or im.ndim != 4:
+            raise InputError(f"latents must be float32 (N, C, h, w), got {im.dtype} {im.shape}")
+        if not np.isfinite(im).all():
+            raise InputError("latents contain NaN or infinity")
+    elif im.dtype != np.uint8 or im.ndim != 4 or im.shape[-1] != 3:
         raise InputError(f"images must be uint8 (N, H, W, 3), got {im.dtype} {im.shape}")
     if len(im) == 0:
         raise InputError("the data set is empty")
-    h, w = im.shape[1:3]
+    h, w = ds.image_size
     if h % 4 or w % 4:
         raise InputError(f"image size must be divisible by 4, got {h}x{w}")
     if ds.table.ndim != 2 or len(ds.choices) != len(im):

@@ -202,22 +202,25 @@ CHECKPOINT_FORMAT = "ddpm-rt-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def read_checkpoint_config(ckpt_dir) -> dict:
-    """The checkpoint's ``config.json`` (model, schedule, conditioning, training state)."""
+def read_checkpoint_config(
+    ckpt_dir, fmt: str = CHECKPOINT_FORMAT, version: int = CHECKPOINT_VERSION, what="checkpoint"
+) -> dict:
+    """The checkpoint's ``config.json`` (model, schedule, conditioning, training state);
+    ``fmt``/``version``/``what`` let other checkpoint kinds (the autoencoder's) share it."""
     from pathlib import Path
 
     from ddpm_rt.errors import CheckpointError
 
     path = Path(ckpt_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"not a checkpoint (no config.json): {ckpt_dir}")
+        raise CheckpointError(f"not a {what} (no config.json): {ckpt_dir}")
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt {path}: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a ddpm-rt checkpoint config")
-    if cfg.get("version", 0) > CHECKPOINT_VERSION:
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a ddpm-rt {what} config")
+    if cfg.get("version", 0) > version:
         raise CheckpointError(f"{path} is from a newer ddpm-rt; upgrade to read it")
     return cfg
 

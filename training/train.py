@@ -28,7 +28,7 @@ from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig, timestep_input
 from ddpm_rt.errors import InputError
 from ddpm_rt.images import save_png
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_settings, save_checkpoint
 from .data import Dataset, load_dataset
 from .model import (
     ContextUnet,
@@ -92,6 +92,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
+    """The rows of step ``step``: epoch e is the permutation ``PCG64([seed, e])`` of the n
+    rows, cut into ``max(1, n // batch)`` batches (a short last batch is dropped)."""
+    epoch, pos = divmod(step, max(1, n // batch))
+    perm = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+    idx = perm[pos * batch : (pos + 1) * batch]
+    return idx if len(idx) else perm[:batch]
+
+
 def _dist_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
     import os
@@ -122,6 +131,7 @@ class Trainer:
         self.unet_config = UNetConfig(
             n_feat=cfg.n_feat,
             context_dim=data.context_dim,
+            in_channels=data.channels,
             height=h,
             width=w,
             context_gate=cfg.context_gate,
@@ -147,7 +157,9 @@ class Trainer:
         else:
             self.total_steps = max(1, round((cfg.epochs or 32) * self.steps_per_epoch))
         self.step = 0
-        self.images = torch.from_numpy(data.images).to(self.device)  # (N, H, W, 3) uint8
+        # (N, H, W, 3) uint8 pixels, or (N, C, h, w) float32 scaled latents
+        self.images = torch.from_numpy(data.images).to(self.device)
+        self.decoder = None  # latent data: the autoencoder that draws the sample grids
         self.table = torch.from_numpy(data.table).to(self.device)  # (U, D)
         self.choices = torch.from_numpy(data.choices).to(self.device)  # (N, K)
         self.num_choices = torch.from_numpy(data.num_choices).to(self.device)  # (N,)
@@ -156,19 +168,16 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------
     def _batch_indices(self, step: int) -> np.ndarray:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = np.random.Generator(np.random.PCG64([self.cfg.seed, epoch])).permutation(
-            len(self.data)
-        )
-        b = self.cfg.batch_size
-        idx = perm[pos * b : (pos + 1) * b]
-        return idx if len(idx) else perm[:b]
+        return batch_indices(self.cfg.seed, step, len(self.data), self.cfg.batch_size)
 
     def train_step(self) -> float:
         cfg = self.cfg
         idx = torch.from_numpy(self._batch_indices(self.step)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step)
-        x0 = self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+        if self.data.latent is not None:
+            x0 = self.images[idx]  # (B, C, h, w), unit variance
+        else:
+            x0 = self.images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
         b = x0.shape[0]
         # One of each image's captions (or its one label/context), at random.
         pick = (torch.rand(b, generator=gen, device=self.device) * self.num_choices[idx]).long()
@@ -271,8 +280,15 @@ class Trainer:
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
     # -- samples and checkpoints --------------------------------------------------------
-    def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path:
-        """A grid from the EMA weights: one row per label (or per data context), DDIM-25."""
+    def sample_grid(self, per_context: int = 4, rows: int = 8) -> Path | None:
+        """A grid from the EMA weights: one row per label (or per data context), DDIM-25;
+        latents are decoded by the data's autoencoder (no grid when it is not at hand)."""
+        if self.data.latent is not None and self.decoder is None:
+            from .autoencoder import latent_decoder
+
+            self.decoder = latent_decoder(self.data.latent, self.device)
+            if self.decoder is None:
+                return None
         ctx, _ = self.data.sample_contexts(rows)
         ctx = np.repeat(ctx, per_context, axis=0)
         c = torch.from_numpy(ctx).to(self.device)
@@ -288,9 +304,11 @@ class Trainer:
         x = sample_loop(
             eps_fn,
             sampler,
-            (len(ctx), 3, *self.data.image_size),
+            (len(ctx), self.data.channels, *self.data.image_size),
             np.random.Generator(np.random.PCG64(0)),
         )
+        if self.decoder is not None:
+            x = self.decoder(x)
         return save_png(
             self.out / "samples" / f"step_{self.step:07d}.png",
             to_uint8(x),
@@ -308,20 +326,9 @@ class Trainer:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Load data, train (or resume), checkpoint into ``cfg.out``; returns a summary."""
     out = Path(cfg.out)
-    exists = (out / "config.json").exists()
-    if exists and not resume:
-        raise InputError(
-            f"{out} already holds a checkpoint; pass --resume to continue it or "
-            "choose another --out"
-        )
-    if resume and not exists:
-        raise InputError(f"nothing to resume in {out} (no config.json)")
-    if resume:
-        stored = read_checkpoint_config(out)["train"]
-        # Training settings come from the checkpoint; --steps may extend the run.
-        stored.update(
-            {k: getattr(cfg, k) for k in ("steps", "device") if getattr(cfg, k) is not None}
-        )
+    # Training settings come from the checkpoint; --steps may extend the run.
+    stored = resume_settings(cfg, resume, read_checkpoint_config)
+    if stored is not None:
         if cfg.steps is not None:
             stored["epochs"] = None
         cfg = TrainConfig(**stored)

@@ -51,4 +51,27 @@ def make_backend(
         hashes={
             g: bundle.manifest["files"][spec.file]["sha256"] for g, spec in bundle.graphs.items()
         },
+        tensorrt_graphs=tensorrt_graphs(bundle),
     )
+
+
+def tensorrt_graphs(bundle: Bundle) -> dict[str, dict]:
+    """The graphs ONNX Runtime's TensorRT execution provider may take, each with its
+    optimisation profile (from the bundle's I/O spec) and whether it is the Q/DQ int8 graph:
+    every U-Net variant but the CPU's QOperator int8 one, and a latent bundle's decoder.
+    Never the text encoder: its dynamic-int8 graph (DynamicQuantizeLinear, MatMulInteger)
+    is not TensorRT's, and it runs once per prompt."""
+    from ddpm_rt.backends.trt_build import DEFAULT_MAX_IMAGES
+    from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
+
+    unets = {g: p for p, g in bundle.unet_precisions.items() if p != "int8"}
+    out = {}
+    for g, spec in bundle.graphs.items():
+        if g in unets:
+            batch = unet_batch_range(DEFAULT_MAX_IMAGES)  # guidance doubles the rows
+        elif g.startswith("decoder"):
+            batch = unet_batch_range(DEFAULT_MAX_IMAGES, guidance=False)
+        else:
+            continue
+        out[g] = {"profile": profile_shapes(spec, batch), "qdq": unets.get(g) == "int8-qdq"}
+    return out

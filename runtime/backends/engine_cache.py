@@ -7,7 +7,12 @@ bundle or from a path a bundle names. Layout, under ``--engine-cache`` (default
 
     <TensorRT version>/<GPU name>-sm<major><minor>/<key>.plan   the serialised engine
     <TensorRT version>/<GPU name>-sm<major><minor>/<key>.json   how it was built (EngineRecord)
-    <TensorRT version>/timing.cache                             TensorRT's timing cache
+    <TensorRT version>/<GPU name>-sm<major><minor>/<key>.lock   held while it is built
+    <TensorRT version>/<GPU name>-sm<major><minor>/timing.cache TensorRT's timing cache
+
+The timing cache sits beside the engines of one GPU: TensorRT refuses a timing cache made on
+another device (``IBuilderConfig.set_timing_cache`` returns False, pyCoreDoc.h at v10.3.0
+lines 1490-1502), so one file shared by every GPU would be rejected on all but one.
 
 ``key`` is the sha256 of the verified ONNX graph's sha256 and the build flags (precision,
 profile shapes, optimisation level, workspace), so a different graph or different flags
@@ -24,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.errors import BackendError, InputError
 
 RECORD_FORMAT = "ddpm-rt-engine"
+TIMING_CACHE = "timing.cache"
 RECORD_VERSION = 1
 
 
@@ -157,7 +162,7 @@ class EngineCache:
         return d / f"{key}.plan", d / f"{key}.json"
 
     def timing_cache_path(self, here: Platform) -> Path:
-        return self.folder(here).parent / "timing.cache"
+        return self.folder(here) / TIMING_CACHE
 
     def lookup(self, here: Platform, onnx_sha256: str, flags: BuildFlags) -> EngineRecord | None:
         """The record of a complete, matching cached engine, or None."""
@@ -240,15 +245,43 @@ class EngineCache:
         return out
 
     def clear(self) -> int:
-        """Remove every engine, record and timing cache; returns the number of engines."""
+        """Remove what this cache wrote (engines, records, locks, timing caches, their temp
+        files) and the folders left empty; returns the number of engines removed. A folder
+        holding anything else is not an engine cache (a mistyped ``--engine-cache``): it is
+        refused before anything is removed."""
         if not self.root.exists():
             return 0
-        if not self.root.is_dir():
+        if not self.root.is_dir() or self.root.is_symlink():
             raise InputError(f"engine cache is not a folder: {self.root}")
-        n = len(list(self.root.glob("*/*/*.plan")))
-        for child in self.root.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
+        own, folders = [], []
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root)
+            if path.is_dir() and not path.is_symlink() and len(rel.parts) <= 2:
+                folders.append(path)
+            elif _written_here(rel) and path.is_file() and not path.is_symlink():
+                own.append(path)
             else:
-                child.unlink()
-        return n
+                raise InputError(
+                    f"{self.root} is not a ddpm-rt engine cache (it holds {rel}, which "
+                    "build-engines does not write); nothing was removed"
+                )
+        for path in own:
+            path.unlink()
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        return sum(p.suffix == ".plan" for p in own)
+
+
+# what store(), lock() and the builder write, and atomic_write's temp files of those
+_OWN_NAME = re.compile(
+    r"(?:[0-9a-f]{64}\.(?:plan|json|lock)|timing\.cache)"
+    r"|\.(?:[0-9a-f]{64}\.(?:plan|json)|timing\.cache)\.\d+\.[^/]*\.tmp"
+)
+
+
+def _written_here(rel: Path) -> bool:
+    """Whether a path relative to the cache root is one this cache writes: the files of
+    ``<TensorRT version>/<gpu slug>/``, or the timing cache older releases kept one level up."""
+    if len(rel.parts) == 3:
+        return bool(re.fullmatch(r".+-sm\d+", rel.parts[1]) and _OWN_NAME.fullmatch(rel.name))
+    return len(rel.parts) == 2 and rel.name == TIMING_CACHE

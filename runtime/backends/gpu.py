@@ -49,6 +49,18 @@ def check(result, what: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def handle(obj) -> int:
+    """The address a CUDA object (a ``cudaStream_t``, say) wraps, as the int TensorRT's
+    ``execute_async_v3(stream_handle)`` takes. cuda-bindings 12.9.1/13.0 deprecated
+    ``int(obj)`` for this ("subject to future removal", 13.0.0 release notes) in favour of
+    ``cuda.bindings.utils.get_cuda_native_handle``; older releases have only ``int``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
 def device_name(prop) -> str:
     """cudaDeviceProp.name as text (cuda-python gives bytes, NUL-padded)."""
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else prop.name

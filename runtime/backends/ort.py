@@ -6,6 +6,7 @@ import os
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -37,32 +38,57 @@ def _options(threads: int | None) -> ort.SessionOptions:
 
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+TRT_EP = "TensorrtExecutionProvider"
 
 
-def provider_list(providers: list[str]) -> list:
-    """Providers with the options this runtime sets: the TensorRT execution provider keeps
-    its engines and timing cache in the per-user cache (never in a bundle), one folder per
-    ONNX Runtime version (each onnxruntime-gpu release links its own TensorRT). Precision
-    is not set here (no ``trt_fp16_enable``/``trt_int8_enable``): it comes from the graph
-    fed (``--unet-precision fp16`` or ``int8-qdq``)."""
+def _shapes(profile: dict, which: int) -> str:
+    """One end of a profile in the TensorRT EP's option syntax: 'x:1x3x16x16,t:1x1'."""
+    return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in profile.items())
+
+
+def provider_list(providers: list[str], sha256: str | None = None, trt: dict | None = None):
+    """Providers with the options this runtime sets. The TensorRT execution provider keeps
+    its engines and timing cache in the per-user cache (never in a bundle), in a folder per
+    ONNX Runtime version (each onnxruntime-gpu release links its own TensorRT) and per
+    graph sha256: the EP names engines from the model's file name, input and node-output
+    names and versions, never its weights (``TRTGenerateId``,
+    onnxruntime/core/providers/tensorrt/tensorrt_execution_provider_utils.h), and a graph
+    loaded from /proc/self/fd/N or bytes has no telling name, so a retrained bundle of the
+    same architecture would load the old model's engine. It gets explicit profile shapes
+    from the bundle's I/O spec (``trt``: {"profile": ..., "qdq": ...}), so no batch falls
+    outside what it built. Precision comes from the graph fed (``--unet-precision fp16`` or
+    ``int8-qdq``); the Q/DQ graph also needs ``trt_int8_enable`` where the EP builds weakly
+    typed networks (TensorRT refuses Q/DQ layers there without the INT8 flag: "Int8
+    precision has been set for a layer or layer output, but int8 is not configured in the
+    builder", microsoft/onnxruntime#13381); with Q/DQ nodes no calibration table is used
+    (microsoft/onnxruntime#8969)."""
     out: list = []
     for p in providers:
-        if p == "TensorrtExecutionProvider":
-            folder = ort_cache.cache_root() / "ort-trt" / ort.__version__
-            out.append(
-                (
-                    p,
-                    {
-                        "trt_engine_cache_enable": True,
-                        "trt_engine_cache_path": str(folder),
-                        "trt_timing_cache_enable": True,
-                        "trt_timing_cache_path": str(folder),
-                    },
-                )
-            )
+        if p == TRT_EP:
+            if trt is None or not sha256:
+                raise BackendError("the TensorRT execution provider runs only the U-Net/decoder")
+            folder = ort_cache.cache_root() / "ort-trt" / ort.__version__ / sha256
+            opts = {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(folder),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(folder),
+                "trt_profile_min_shapes": _shapes(trt["profile"], 0),
+                "trt_profile_opt_shapes": _shapes(trt["profile"], 1),
+                "trt_profile_max_shapes": _shapes(trt["profile"], 2),
+            }
+            if trt.get("qdq"):
+                opts["trt_int8_enable"] = True
+            out.append((p, opts))
         else:
             out.append(p)
     return out
+
+
+def fell_back(asked: list[str], used: list[str]) -> list[str]:
+    """The providers asked for that a session does not use (ONNX Runtime drops a provider
+    whose libraries fail to load with only a warning, and runs on the next one)."""
+    return [p for p in asked if p not in used]
 
 
 def live_spec(name: str, sess: ort.InferenceSession) -> GraphIO:
@@ -91,10 +117,13 @@ class OrtBackend:
         providers: list[str] | None = None,
         threads: int | None = None,
         hashes: dict[str, str] | None = None,
+        tensorrt_graphs: dict[str, dict] | None = None,
     ):
         """``graphs`` maps graph names to functions opening the verified ONNX graph (a context
         manager yielding a path to the verified open file, or the bytes);
-        ``specs`` (graph name -> I/O spec) is what each live graph must agree with."""
+        ``specs`` (graph name -> I/O spec) is what each live graph must agree with;
+        ``tensorrt_graphs`` (graph name -> profile and Q/DQ flag) the graphs the TensorRT
+        execution provider may take: the others run on the remaining providers."""
         if providers is not None and (
             isinstance(providers, str)
             or not isinstance(providers, (list, tuple))
@@ -117,13 +146,15 @@ class OrtBackend:
         self.providers = providers
         self.threads = threads
         self.hashes = dict(hashes or {})
+        self.tensorrt_graphs = dict(tensorrt_graphs or {})
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()  # sessions are created once, then shared by threads
         self._names: dict[str, list[str]] = {}
         self._accepted: dict[tuple, tuple] = {}  # (graph, input shapes) -> output shapes
         # on a GPU provider, device buffers are bound once per thread, graph and shapes
-        self._gpu = any(p in GPU_PROVIDERS for p in providers)
+        self._gpu = {g: any(p in GPU_PROVIDERS for p in self.providers_for(g)) for g in self.graphs}
         self._bindings = threading.local()
+        self._cached: dict[str, str] = {}  # graph -> the cache file its session was made from
 
     def session(self, graph: str) -> ort.InferenceSession:
         sess = self._sessions.get(graph)
@@ -149,42 +180,83 @@ class OrtBackend:
                 fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 try:
                     sess = self._session(graph, cached, fast)
+                    self._cached[graph] = str(ort_cache.entry(sha, self.providers)[0])
                 except BackendError:  # a damaged entry: drop it, load the bundle's graph
                     ort_cache.discard(sha, self.providers)
-            if sess is None:
+            fresh = sess is None
+            if fresh:
                 if cacheable:
                     opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
                 sess = self._session(graph, source, opts)
-                if cacheable and os.path.exists(opts.optimized_model_filepath):
-                    ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
-        spec = self.specs.get(graph)
-        if spec is not None:
-            why = spec.mismatch(live_spec(graph, sess))
-            if why:
-                raise BackendError(
-                    f"graph {graph!r} ({spec.file}) does not match the bundle's I/O spec: {why}"
-                )
+            spec = self.specs.get(graph)
+            if spec is not None:
+                why = spec.mismatch(live_spec(graph, sess))
+                if why:
+                    raise BackendError(
+                        f"graph {graph!r} ({spec.file}{self._origin(graph)}) does not match "
+                        f"the bundle's I/O spec: {why}"
+                    )
+            # cached only once it has passed the checks: a refused graph is never reused
+            if fresh and cacheable and os.path.exists(opts.optimized_model_filepath):
+                ort_cache.store(sha, self.providers, Path(opts.optimized_model_filepath))
         return sess
 
+    def _origin(self, graph: str) -> str:
+        """Where an error's graph came from, when it is the optimised-graph cache."""
+        path = self._cached.get(graph)
+        return f", as optimised in the cache at {path}" if path else ""
+
+    def providers_for(self, graph: str) -> list[str]:
+        """The providers ``graph`` runs on: the TensorRT EP only for graphs it can take."""
+        if graph in self.tensorrt_graphs:
+            return list(self.providers)
+        return [p for p in self.providers if p != TRT_EP] or ["CPUExecutionProvider"]
+
     def _session(self, graph: str, source, opts) -> ort.InferenceSession:
+        asked = self.providers_for(graph)
         try:
-            providers = provider_list(self.providers)
+            providers = provider_list(
+                asked, self.hashes.get(graph), self.tensorrt_graphs.get(graph)
+            )
             for _, o in (p for p in providers if isinstance(p, tuple)):
                 # the TensorRT provider's engine folder must exist before it writes there
                 Path(o["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-            return ort.InferenceSession(source, sess_options=opts, providers=providers)
+            with warnings.catch_warnings():
+                # ORT warns of a provider it cannot load and goes on without it; that is
+                # checked below and is an error, with one line, and nothing printed before
+                warnings.simplefilter("ignore", UserWarning)
+                # enable_fallback=0: no retry on the next provider when creation fails (ORT
+                # would print the error to stdout and go on; the C ABI prints nothing)
+                sess = ort.InferenceSession(
+                    source, sess_options=opts, providers=providers, enable_fallback=0
+                )
         except Exception as e:  # ORT raises its own untyped errors
             msg = first_line(e)
             if "xternal data" in msg:
                 msg = "it refers to external data files, which bundles may not use"
             raise BackendError(f"ONNX Runtime cannot load graph {graph!r}: {msg}") from None
+        missing = fell_back(asked, sess.get_providers())
+        if missing:
+            raise BackendError(
+                f"ONNX Runtime could not use {', '.join(missing)} for graph {graph!r} (it "
+                f"would have run on {', '.join(sess.get_providers())}); check the CUDA, cuDNN "
+                "and TensorRT libraries with 'ddpm-rt doctor'"
+            )
+        # no silent switch to another provider when a run fails (ORT would print and retry)
+        sess.disable_fallback()
+        return sess
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session(graph)
         try:
-            outs = self._run_bound(graph, sess, feeds) if self._gpu else sess.run(None, feeds)
+            if self._gpu[graph]:
+                outs = self._run_bound(graph, sess, feeds)
+            else:
+                outs = sess.run(None, feeds)
         except Exception as e:
-            raise BackendError(f"ONNX Runtime failed running {graph}: {first_line(e)}") from None
+            raise BackendError(
+                f"ONNX Runtime failed running {graph}{self._origin(graph)}: {first_line(e)}"
+            ) from None
         result = dict(zip(self._output_names(graph, sess), outs, strict=True))
         spec = self.specs.get(graph)
         if spec is not None:
@@ -195,7 +267,7 @@ class OrtBackend:
             if self._accepted.get((graph, seen)) != got:
                 why = check_outputs(spec, feeds, result)
                 if why:
-                    raise BackendError(f"graph {graph!r} returned {why}")
+                    raise BackendError(f"graph {graph!r} returned {why}{self._origin(graph)}")
                 self._accepted[(graph, seen)] = got
         return result
 

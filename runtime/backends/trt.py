@@ -11,7 +11,12 @@
   serve several threads.
 * Per call: ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` (TensorRT
   10/11 name-based API); the sampling loop stays NumPy on the host, x_t in and eps out.
-  Optional CUDA-graph capture replays the captured launch for a batch already seen.
+  Optional CUDA graphs (``DDPM_RT_CUDA_GRAPHS=1``): each input shape gets its own execution
+  context, captured once after a first (warm-up) run at that shape and replayed after. A
+  captured graph holds the launches of one context at one shape, and TensorRT's enqueue
+  writes shape-dependent state into its context, so graphs of two shapes never share a
+  context (a batch above the profile runs slices of two shapes). A failed capture turns
+  graphs off for that shape, with a log line, and the run goes on without them.
 * A batch larger than the engine's profile is run in slices of the profile's maximum.
 * The text encoder stays on ONNX Runtime (see :mod:`ddpm_rt.backends.trt_build`); NaN/Inf in eps is
   caught by the sampling loop's per-step check, which names the step, backend and precision.
@@ -20,6 +25,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 
 import numpy as np
@@ -28,6 +34,9 @@ from ddpm_rt.backends import gpu
 from ddpm_rt.backends.engine_cache import EngineCache
 from ddpm_rt.bundle.io_spec import GraphIO
 from ddpm_rt.errors import BackendError
+
+log = logging.getLogger(__name__)
+_NO_GRAPH = "no graph"  # capture failed at this shape: run without a graph
 
 
 class _Context:
@@ -40,7 +49,7 @@ class _Context:
             raise BackendError("TensorRT could not create an execution context (GPU memory?)")
         self.stream = gpu.check(rt.cudaStreamCreate(), "cudaStreamCreate")
         self.device, self.host = {}, {}
-        self.graphs: dict[tuple, object] = {}  # input shapes -> instantiated CUDA graph
+        self.graph = None  # the instantiated CUDA graph of this context's shape, or _NO_GRAPH
         for name in names:
             n = int(np.prod(max_shapes[name]))
             nbytes = n * dtypes[name].itemsize
@@ -52,13 +61,13 @@ class _Context:
 
     def free(self) -> None:
         rt = self.rt
-        for g in self.graphs.values():
-            rt.cudaGraphExecDestroy(g)
+        if self.graph not in (None, _NO_GRAPH):
+            rt.cudaGraphExecDestroy(self.graph)
         for name, ptr in self.device.items():
             rt.cudaFree(ptr)
             rt.cudaFreeHost(self.host[name].ctypes.data)
         rt.cudaStreamDestroy(self.stream)
-        self.device, self.host, self.graphs = {}, {}, {}
+        self.device, self.host, self.graph = {}, {}, None
 
 
 class TrtBackend:
@@ -152,17 +161,22 @@ class TrtBackend:
             "record": record,
         }
 
-    def _context(self, graph: str) -> _Context:
+    def _context(self, graph: str, shapes: tuple) -> _Context:
+        """This thread's context for ``graph``: one for every batch shape when CUDA graphs
+        are on (buffers sized for that shape), else one for all (sized for the profile)."""
         per_thread = getattr(self._local, "contexts", None)
         if per_thread is None:
             per_thread = self._local.contexts = {}
-        ctx = per_thread.get(graph)
+        key = (graph, shapes) if self.cuda_graphs else graph
+        ctx = per_thread.get(key)
         if ctx is None:
             e = self.session(graph)
-            ctx = _Context(
-                e["engine"], self.rt, e["inputs"] + e["outputs"], e["max_shapes"], e["dtypes"]
-            )
-            per_thread[graph] = ctx
+            sizes = e["max_shapes"]
+            if self.cuda_graphs:
+                batch = shapes[0][1][0]
+                sizes = {n: (batch, *s[1:]) for n, s in sizes.items()}
+            ctx = _Context(e["engine"], self.rt, e["inputs"] + e["outputs"], sizes, e["dtypes"])
+            per_thread[key] = ctx
             with self._lock:
                 self._contexts.append(ctx)
         return ctx
@@ -183,10 +197,11 @@ class TrtBackend:
         return {k: np.concatenate([p[k] for p in parts]) for k in e["outputs"]}
 
     def _run(self, graph: str, e: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rt, ctx = self.rt, self._context(graph)
+        rt = self.rt
+        shapes = tuple((k, tuple(feeds[k].shape)) for k in e["inputs"])
+        ctx = self._context(graph, shapes)
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        shapes = tuple((k, feeds[k].shape) for k in e["inputs"])
         for name in e["inputs"]:
             arr = np.ascontiguousarray(feeds[name], dtype=e["dtypes"][name])
             ctx.host[name][: arr.size] = arr.ravel()
@@ -198,14 +213,15 @@ class TrtBackend:
             )
             if not ctx.context.set_input_shape(name, arr.shape):
                 raise BackendError(f"the engine for {graph} does not take {name} of {arr.shape}")
-        graph_exec = ctx.graphs.get(shapes)
-        if graph_exec is not None:
-            gpu.check(rt.cudaGraphLaunch(graph_exec, ctx.stream), "cudaGraphLaunch")
+        if ctx.graph not in (None, _NO_GRAPH):
+            gpu.check(rt.cudaGraphLaunch(ctx.graph, ctx.stream), "cudaGraphLaunch")
         else:
-            if not ctx.context.execute_async_v3(int(ctx.stream)):
+            if not ctx.context.execute_async_v3(gpu.handle(ctx.stream)):
                 raise BackendError(f"TensorRT failed running {graph}")
-            if self.cuda_graphs:  # capture after a first run at this shape (TensorRT's advice)
-                ctx.graphs[shapes] = self._capture(ctx)
+            if self.cuda_graphs and ctx.graph is None:
+                # capture after a first run at this shape (TensorRT's advice: the first
+                # enqueue may allocate or change state, which a capture cannot hold)
+                ctx.graph = self._capture(ctx, graph, shapes)
         shapes_out = {}
         for name in e["outputs"]:
             shape = tuple(ctx.context.get_tensor_shape(name))
@@ -224,15 +240,31 @@ class TrtBackend:
             for k, shape in shapes_out.items()
         }
 
-    def _capture(self, ctx: _Context):
+    def _capture(self, ctx: _Context, graph: str, shapes: tuple):
+        """Capture this context's launch as a CUDA graph; on failure, _NO_GRAPH and a log
+        line (the run itself has already been done without a graph)."""
         rt = self.rt
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        gpu.check(rt.cudaStreamBeginCapture(ctx.stream, mode), "cudaStreamBeginCapture")
-        ctx.context.execute_async_v3(int(ctx.stream))
-        g = gpu.check(rt.cudaStreamEndCapture(ctx.stream), "cudaStreamEndCapture")
-        graph_exec = gpu.check(rt.cudaGraphInstantiate(g, 0), "cudaGraphInstantiate")
-        rt.cudaGraphDestroy(g)
-        return graph_exec
+        try:
+            gpu.check(rt.cudaStreamBeginCapture(ctx.stream, mode), "cudaStreamBeginCapture")
+            launched = ctx.context.execute_async_v3(gpu.handle(ctx.stream))
+            # end the capture whatever happened, so the stream is usable again
+            g = gpu.check(rt.cudaStreamEndCapture(ctx.stream), "cudaStreamEndCapture")
+            if not launched:
+                rt.cudaGraphDestroy(g)
+                raise BackendError("TensorRT's enqueue failed during the capture")
+            try:
+                return gpu.check(rt.cudaGraphInstantiate(g, 0), "cudaGraphInstantiate")
+            finally:
+                rt.cudaGraphDestroy(g)
+        except BackendError as e:
+            log.warning(
+                "CUDA graph capture failed for %s at %s (%s); running that shape without one",
+                graph,
+                ", ".join(f"{k}{list(v)}" for k, v in shapes),
+                e,
+            )
+            return _NO_GRAPH
 
     def close(self) -> None:
         with self._lock:

@@ -110,19 +110,40 @@ def build_plan(onnx: bytes, flags: BuildFlags, timing_cache: Path | None, log) -
     for name, (lo, opt, hi) in flags.profile.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = None
     if timing_cache is not None:
-        old = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(old)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        _use_timing_cache(config, timing_cache, log)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BackendError("TensorRT failed to build the engine (see its messages above)")
     if timing_cache is not None:
-        data = bytes(config.get_timing_cache().serialize())
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(timing_cache, lambda f: f.write(data))
+        # None when no cache could be attached (see _use_timing_cache): nothing to save
+        cache = config.get_timing_cache()
+        if cache is not None:
+            data = bytes(cache.serialize())
+            timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(timing_cache, lambda f: f.write(data))
     return bytes(plan)
+
+
+def _use_timing_cache(config, path: Path, log) -> None:
+    """Attach the timing cache at ``path`` to ``config``, or a fresh one when that file is
+    damaged or was made on another GPU. ``create_timing_cache`` wraps
+    ``IBuilderConfig::createTimingCache`` (pyCore.cpp at v10.3.0 lines 239-242, v11.0 lines
+    250-253), which gives None (nullptr) for data it cannot read; ``set_timing_cache``
+    returns False for a cache from another device when ``ignore_mismatch`` is False
+    (pyCoreDoc.h at v10.3.0 lines 1490-1502), and ``get_timing_cache`` then returns None."""
+    old = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(old)
+    except Exception:  # TensorRT's own error for unreadable data
+        cache = None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if old:
+        log(f"the timing cache {path} is damaged or from another GPU: starting a fresh one")
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        log("TensorRT gave no timing cache: building without one")
 
 
 def build_engines(

@@ -62,6 +62,12 @@ class Bundle:
         return {"fp32": "unet", **{p: e["graph"] for p, e in extra.items()}}
 
     @property
+    def recommended(self) -> dict:
+        """The model's own default settings (``sampler``, ``steps``, ``eta``, ``guidance``,
+        ``spacing``; any may be absent), validated with the manifest; {} when it has none."""
+        return {k: v for k, v in self.manifest.get("recommended", {}).items() if v is not None}
+
+    @property
     def label_names(self) -> list[str]:
         return list(self.conditioning.get("label_names", []))
 
@@ -239,3 +245,19 @@ def _read_regular(path: Path, size: int | None, what: str, limit: int | None = N
     if len(data) != expected:
         raise BundleError(f"{what} changed while it was read: {path}")
     return data
+
+
+def write_recommended(path: str | Path, settings: dict) -> str:
+    """Record a model's own default settings (``sampler``, ``steps``, ``eta``, ``guidance``,
+    ``spacing``; None values left out) in its bundle's manifest: the bundle is loaded and
+    checked first, the new manifest validated before it is written, and ``manifest.json`` is
+    replaced atomically. Returns the new digest (the sha256 of manifest.json)."""
+    from ddpm_rt.bundle.fileio import atomic_write
+
+    bundle = Bundle.load(path)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["recommended"] = {k: v for k, v in settings.items() if v is not None}
+    validate_manifest(manifest)
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    atomic_write(bundle.path / MANIFEST, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()

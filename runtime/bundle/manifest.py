@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 from ddpm_rt.bundle.io_spec import ORT_TYPES, GraphIO, text_encoder_io, unet_io
+from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
 from ddpm_rt.errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -38,6 +39,7 @@ MAX_FILES = 64
 # A single ONNX protobuf cannot exceed 2 GiB; bundles may not use external data.
 MAX_FILE_BYTES = 2**31 - 1
 MAX_MANIFEST_BYTES = 4 * 2**20
+MAX_GUIDANCE = 50.0  # beyond this guided noise leaves the model's range (and is useless)
 
 # A plain file name: no folders, no leading dot, nothing a shell or a filesystem treats
 # specially. Checked before any file named by the manifest is opened.
@@ -83,11 +85,13 @@ def _int(obj: dict, path: str, key: str, lo: int, hi: int) -> int:
     return v
 
 
-def _float(obj: dict, path: str, key: str, lo: float, hi: float) -> float:
+def _float(obj: dict, path: str, key: str, lo: float, hi: float, closed: bool = False) -> float:
     v = _get(obj, path, key)
-    ok = type(v) in (int, float) and math.isfinite(v) and lo < v < hi
+    ok = type(v) in (int, float) and math.isfinite(v)
+    ok = ok and (lo <= v <= hi if closed else lo < v < hi)
     if not ok:
-        _fail(f"{path}.{key}".lstrip("."), f"must be a number in ({lo}, {hi}), got {_show(v)}")
+        span = f"[{lo}, {hi}]" if closed else f"({lo}, {hi})"
+        _fail(f"{path}.{key}".lstrip("."), f"must be a number in {span}, got {_show(v)}")
     return float(v)
 
 
@@ -229,6 +233,8 @@ def _validate(m: Any) -> None:
         if gname not in graphs:
             _fail(f"{where}.graph", f"{gname} is not a graph of this bundle")
 
+    _recommended(m, int(sched["timesteps"]))
+
     cond = _dict(m, "", "conditioning")
     kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
     d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
@@ -261,3 +267,40 @@ def _validate(m: Any) -> None:
                 _fail(where, f"{_show(gname)} is not a graph of this bundle")
             _expect_graph(text_encoder_io(d), graphs[gname], "a text encoder")
         _str(text, "conditioning.text", "default_precision", choices=tuple(tgraphs))
+
+
+RECOMMENDED_KEYS = ("sampler", "steps", "eta", "guidance", "spacing")
+
+
+def _recommended(m: dict, timesteps: int) -> None:
+    """The optional ``recommended`` object: the model's own default settings (written by
+    ``ddpm-rt eval --write-recommended``); each key optional, each checked as the runtime
+    would check the same setting given by a caller."""
+    rec = _dict(m, "", "recommended", required=False)
+    if rec is None:
+        return
+    for key in rec:
+        if key not in RECOMMENDED_KEYS:
+            _fail(
+                "recommended",
+                f"unknown setting {_show(key)} (known: {', '.join(RECOMMENDED_KEYS)})",
+            )
+    sampler = rec.get("sampler")
+    if sampler is not None:
+        _str(rec, "recommended", "sampler", choices=SAMPLERS)
+    if rec.get("steps") is not None:
+        steps = _int(rec, "recommended", "steps", 1, timesteps)
+        if sampler == "ddpm" and steps != timesteps:
+            _fail("recommended.steps", f"ddpm runs all {timesteps} steps, got {steps}")
+    if rec.get("eta") is not None:
+        _float(rec, "recommended", "eta", 0.0, 1.0, closed=True)
+        if sampler != "ddim":
+            _fail("recommended.eta", "applies to ddim only")
+    if rec.get("guidance") is not None:
+        _float(rec, "recommended", "guidance", 0.0, MAX_GUIDANCE, closed=True)
+    if rec.get("spacing") is not None:
+        _str(rec, "recommended", "spacing", choices=SPACINGS)
+        if sampler in (None, "ddpm"):
+            _fail("recommended.spacing", "applies to a named few-step sampler only")
+    if sampler is None and any(rec.get(k) is not None for k in ("steps", "eta")):
+        _fail("recommended", "steps and eta need the sampler they are for")

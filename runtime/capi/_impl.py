@@ -155,9 +155,9 @@ def bind(ffi) -> None:
     def ddpm_rt_last_error(h):
         if h == ffi.NULL:
             return state["open_error"]
-        return state["errors"].get(
-            int(ffi.cast("uintptr_t", h)), state["open_error"] and ffi.new("char[]", b"")
-        )
+        # "" is the one long-lived empty string: a char[] made here would be freed as this
+        # returns, handing C a dangling pointer (ASan: heap-use-after-free)
+        return state["errors"].get(int(ffi.cast("uintptr_t", h)), empty)
 
     @ffi.def_extern()
     def ddpm_rt_close(h):

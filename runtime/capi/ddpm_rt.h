@@ -57,7 +57,8 @@ int ddpm_rt_image_shape(ddpm_rt_handle *handle, int *height, int *width, int *ch
 
 /* Generate `num` images for a UTF-8 prompt into out_rgb: num * height * width * 3 bytes,
  * image after image, rows top to bottom, RGB interleaved (uint8). steps <= 0 and
- * guidance <= 0 mean the runtime's defaults; the sampler is the default one. progress may
+ * guidance <= 0 mean the model's recommended settings (its manifest's, else the runtime's
+ * fallback); the sampler is the model's recommended one. progress may
  * be NULL. *written receives the bytes written (or, with DDPM_RT_BUFFER_TOO_SMALL, the
  * bytes needed). */
 int ddpm_rt_generate(ddpm_rt_handle *handle, const char *prompt, int num, uint64_t seed,

@@ -18,19 +18,6 @@ import sys
 
 from ddpm_rt.errors import DdpmRtError, first_line
 
-SUBCOMMANDS = (
-    "generate",
-    "info",
-    "bench",
-    "train",
-    "export",
-    "quantize",
-    "eval",
-    "text",
-    "data",
-    "build-engines",
-    "doctor",
-)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -58,6 +45,7 @@ def build_parser():
     from ddpm_rt import __version__
     from ddpm_rt.cli.generate import add_generate_parsers
     from ddpm_rt.cli.gpu import add_gpu_parsers
+    from ddpm_rt.cli.serve import add_serve_parser
     from ddpm_rt.cli.train import add_train_parsers
 
     p = argparse.ArgumentParser(prog="ddpm-rt", description=__doc__.splitlines()[0])
@@ -70,7 +58,16 @@ def build_parser():
     add_generate_parsers(sub, common)
     add_train_parsers(sub, common)
     add_gpu_parsers(sub, common)
+    add_serve_parser(sub, common)
     return p
+
+
+def _commands(parser) -> list[str]:
+    """The subcommands the parser knows (whoever added them)."""
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in argv
-        if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
-            argv.insert(0, "generate")
         parser = build_parser()
+        commands = _commands(parser)
+        if argv and argv[0] not in commands and argv[0] not in ("-h", "--help", "--version"):
+            if not argv[0].startswith("-"):  # a word that names no command is a usage error
+                print(
+                    f"error: unknown command {argv[0]!r:.40} (commands: {', '.join(commands)}; "
+                    "generate's flags may come first: ddpm-rt --prompt TEXT)",
+                    file=sys.stderr,
+                )
+                return 2
+            argv.insert(0, "generate")  # ddpm-rt --prompt TEXT: short for ddpm-rt generate
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
 
-from ddpm_rt.config import GenerateConfig
+from ddpm_rt.config import FALLBACK, GenerateConfig
 from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from ddpm_rt.errors import InputError
 
@@ -30,6 +32,18 @@ def default_model() -> Path:
         if (cand / "manifest.json").is_file():
             return cand
     raise InputError("no default model is installed; pass --model BUNDLE")
+
+
+def bundle_arg(value: str | None, flag: str) -> Path:
+    """The bundle a flag names: absent means the shipped model; an empty name is refused (it
+    once meant the shipped model too, silently)."""
+    if value is None:
+        return default_model()
+    if not value.strip():
+        raise InputError(
+            f"{flag} is empty: name a bundle folder, or leave it out for the shipped model"
+        )
+    return Path(value)
 
 
 def fields_of(cls, args: argparse.Namespace, **extra) -> dict:
@@ -61,12 +75,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ddpm_rt.bundle.bundle import Bundle
     from ddpm_rt.bundle.fileio import check_writable
-    from ddpm_rt.config import GenerateConfig, check_memory, estimate_bytes
+    from ddpm_rt.config import GenerateConfig, check_memory, check_threads, estimate_bytes
     from ddpm_rt.generator import Generator
     from ddpm_rt.images import check_png, save_gif, save_png
     from ddpm_rt.text import check_prompt
 
     # 1. Arguments and the output path, before anything is loaded.
+    model = bundle_arg(args.model, "--model")
+    check_threads(args.threads)
     cfg = GenerateConfig(**fields_of(GenerateConfig, args))
     cfg.validate()
     prompts = list(args.prompt or [])
@@ -78,8 +94,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_prompt(p, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
-        if cfg.guidance == 1.0:
-            raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must be a .png file, got {out}")
@@ -95,19 +109,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     digest = _digest(args)
     providers = _providers(args)
     # 2. The manifest (validated, no graph loaded yet) sizes the output.
-    bundle = Bundle.load(args.model or default_model(), hash_all=False, expected_digest=digest)
+    bundle = Bundle.load(model, hash_all=False, expected_digest=digest)
+    cfg = cfg.with_defaults(bundle.recommended)  # settings not given: the model's own
+    if args.negative_prompt is not None and cfg.guidance == 1.0:
+        raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
     _, h, w = bundle.image_shape
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
-    if args.preview_every:
+    frames_kept = 0  # x̂0 grids held until the end: every step's for --trajectory
+    if args.preview_every or trajectory is not None:
         from ddpm_rt.core.schedule import NoiseSchedule
 
         n = len(cfg.make_sampler(NoiseSchedule(bundle.schedule)).timesteps)
-        for k in range(args.preview_every, n + 1, args.preview_every):
-            check_writable(out.with_name(f"{out.stem}.step{k:04d}.png"), force=args.force)
+        if args.preview_every:
+            for k in range(args.preview_every, n + 1, args.preview_every):
+                check_writable(out.with_name(f"{out.stem}.step{k:04d}.png"), force=args.force)
+        frames_kept = n if trajectory is not None else n // args.preview_every
     check_png(cfg.num * len(prompts), h, w, args.scale, ncols)
-    check_memory(
-        f"{len(prompts)} x --num {cfg.num}", estimate_bytes(cfg, bundle.image_shape, len(prompts))
+    what = f"{len(prompts)} x --num {cfg.num}"
+    if trajectory is not None:
+        what += f" with a {frames_kept}-frame --trajectory"
+    need = estimate_bytes(
+        cfg, bundle.image_shape, len(prompts), frames_kept, args.scale, gif=trajectory is not None
     )
+    check_memory(what, need)
     # 3. The graphs, checked against the bundle; then the work.
     gen = Generator(
         bundle,
@@ -172,20 +196,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 MAX_PROMPTS = 1000
+MAX_PROMPTS_BYTES = 1 << 20
 
 
 def _read_prompts(path: Path) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file."""
+    """One prompt per non-empty line of a UTF-8 text file.
+
+    Only a regular file is read (a FIFO would block, a device like /dev/zero never ends),
+    and never more than :data:`MAX_PROMPTS_BYTES` + 1 bytes, whatever its size claims (files
+    under /proc report size 0). O_NONBLOCK: opening a FIFO to check it must not wait for a
+    writer; it changes nothing for a regular file."""
     try:
-        if path.stat().st_size > 1 << 20:
-            raise InputError(f"--prompts file {path} is over 1 MiB")
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise InputError(f"--prompts file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"--prompts file {path} is not UTF-8 text") from None
     except OSError as e:
         raise InputError(f"cannot read --prompts file {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"--prompts {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_PROMPTS_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read --prompts file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PROMPTS_BYTES:
+        raise InputError(f"--prompts file {path} is over 1 MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--prompts file {path} is not UTF-8 text") from None
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise InputError(f"--prompts file {path} must hold 1-{MAX_PROMPTS} non-empty lines")
@@ -205,7 +246,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(read_provenance(Path(args.bundle)), indent=2))
         return 0
 
-    b = Bundle.load(args.bundle or default_model(), hash_all=True, expected_digest=_digest(args))
+    b = Bundle.load(
+        bundle_arg(args.bundle, "the bundle"), hash_all=True, expected_digest=_digest(args)
+    )
     gen = Generator(b)
     for g in b.graphs:
         gen.backend.session(g)
@@ -237,6 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ddpm_rt.generator import Generator
     from ddpm_rt.tools.bench import format_bench, run_bench
 
+    model = bundle_arg(args.bundle, "the bundle")
     try:
         sizes = tuple(int(s) for s in args.batch_sizes.split(","))
     except ValueError:
@@ -259,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(Path(args.json), force=args.force)
     gen = Generator(
-        args.bundle or default_model(),
+        model,
         providers=_providers(args),
         expected_digest=_digest(args),
         threads=args.threads,
@@ -292,10 +336,12 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
     # the defaults' text comes from the config and the samplers, which the evaluation rule sets
     default = GenerateConfig()
+    fb = FALLBACK
     g.add_argument(
         "--sampler",
         choices=list(SAMPLERS),
-        help=f"sampler (default: {default.sampler}, {DEFAULT_STEPS[default.sampler]} steps)",
+        help="sampler (default: the model's recommended sampler, steps and eta; for a model "
+        f"without them {fb['sampler']}, {fb['steps']} steps, eta {fb['eta']:g})",
     )
     steps_text = "; ".join(f"{k}: {v}" for k, v in DEFAULT_STEPS.items())
     g.add_argument("--steps", type=int, help=f"sampling steps (ddpm: all T; {steps_text})")
@@ -312,7 +358,7 @@ def add_generate_parsers(sub, common) -> None:
         "--guidance",
         type=float,
         help="classifier-free guidance scale in [0, 50]; 1 = plain conditional"
-        f" (default {default.guidance:g})",
+        f" (default: the model's recommended, else {fb['guidance']:g})",
     )
     g.add_argument(
         "--batch-size", type=int, help=f"images per U-Net call (default {default.batch_size})"

@@ -38,6 +38,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    ae = require("ddpm_rt.training.autoencoder_train", "train")
+    cfg = ae.AETrainConfig(**fields_of(ae.AETrainConfig, args))
+    s = ae.train_autoencoder(cfg, resume=args.resume, progress=not args.no_progress)
+    held = "" if s["psnr_heldout"] is None else f", held-out PSNR {s['psnr_heldout']:.2f} dB"
+    print(
+        f"trained to step {s['steps']} at {s['it_per_s']:.2f} it/s, loss {s['final_loss']:.4f}"
+        f"{held}, latent scale factor {s['scale_factor']:.4f}, decoder "
+        f"{s['decoder_gflop']:.2f} GFLOP/image; checkpoint in {s['out']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_encode_latents(args: argparse.Namespace) -> int:
+    ae = require("ddpm_rt.training.autoencoder", "train")
+    from ddpm_rt.bundle.fileio import check_writable
+
+    check_writable(Path(args.out), force=args.force)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    ae.encode_latents(args.autoencoder, args.data, args.out, log=log)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     exp = require("ddpm_rt.export.onnx_export", "export")
     extra = {}
@@ -67,6 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(
             f"--guidance must be comma-separated numbers in [0, 50], got {args.guidance!r}"
         )
+    has_ref = "ddpm@g1" in settings or ("ddpm" in settings and 1.0 in guidance)
+    if args.write_recommended and not has_ref:
+        raise InputError("--write-recommended needs the rule's reference row: add ddpm@g1")
     report = ev.evaluate(
         args.bundle or default_model(),
         args.data,
@@ -79,6 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.json:
         ev.save_report(report, Path(args.json))
+    if args.write_recommended:
+        from ddpm_rt.bundle.bundle import write_recommended
+
+        rec = {k: report["default"][k] for k in ("sampler", "steps", "eta", "guidance")}
+        digest = write_recommended(args.bundle or default_model(), rec)
+        print(f"recommended settings written: {rec}; manifest digest now {digest}")
     if args.grid:
         from ddpm_rt.images import save_png
 
@@ -176,6 +209,44 @@ def add_train_parsers(sub, common) -> None:
     common(t)
     t.set_defaults(func=cmd_train)
 
+    a = sub.add_parser(
+        "train-autoencoder",
+        help="train the 64x64 <-> 16x16xC latent autoencoder (needs ddpm-rt[train])",
+    )
+    a.add_argument("--data", required=True, help="emoji.npz from 'ddpm-rt data emoji --size 64'")
+    a.add_argument("--out", required=True, help="checkpoint folder")
+    a.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    for flag, typ, what in (
+        ("latent-channels", int, "C of the latent (default 4)"),
+        ("encoder-width", int, "encoder channels (default 32)"),
+        ("decoder-width", int, "decoder channels (default 48)"),
+        ("steps", int, "total optimiser steps (default 5000)"),
+        ("batch-size", int, "images per step (default 16)"),
+        ("lr", float, "Adam learning rate, decays linearly to 0 (default 1e-3)"),
+        ("mse-weight", float, "loss = L1 + this * MSE (default 1)"),
+        ("seed", int, "weight init and batch order (default 0)"),
+        ("checkpoint-every", int, "steps between checkpoints + PSNR (default 500)"),
+    ):
+        a.add_argument(f"--{flag}", type=typ, help=what)
+    a.add_argument(
+        "--holdout-style",
+        help="art style kept out of training, for PSNR on unseen art (default twemoji; '' = none)",
+    )
+    a.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    a.add_argument("--no-progress", action="store_true")
+    common(a)
+    a.set_defaults(func=cmd_train_autoencoder)
+
+    el = sub.add_parser(
+        "encode-latents", help="pixel .npz -> latent .npz for 'ddpm-rt train' (ddpm-rt[train])"
+    )
+    el.add_argument("autoencoder", help="checkpoint folder from 'ddpm-rt train-autoencoder'")
+    el.add_argument("--data", required=True, help="emoji.npz at the autoencoder's image size")
+    el.add_argument("--out", required=True, help=".npz to write (latents + captions/labels)")
+    el.add_argument("--force", action="store_true", help="replace --out if it exists")
+    common(el)
+    el.set_defaults(func=cmd_encode_latents)
+
     e = sub.add_parser("export", help="checkpoint -> ONNX bundle (needs ddpm-rt[export])")
     e.add_argument("checkpoint", help="checkpoint folder written by ddpm-rt train")
     e.add_argument("--out", required=True, help="bundle folder to write")
@@ -220,6 +291,12 @@ def add_train_parsers(sub, common) -> None:
     ev.add_argument("--json", help="write the report here")
     ev.add_argument("--grid", help="PNG of the first setting's images")
     ev.add_argument("--force", action="store_true", help="replace --json/--grid if they exist")
+    ev.add_argument(
+        "--write-recommended",
+        action="store_true",
+        help="write the rule's choice into the bundle's manifest as its recommended settings "
+        "(needs the ddpm@g1 row; prints the new digest)",
+    )
     common(ev)
     ev.set_defaults(func=cmd_eval)
 

@@ -165,6 +165,7 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     """Per step at batch 1: the whole step vs the U-Net call alone."""
     ctx = gen.context(_prompt(gen))
 
+    cfg = cfg.with_defaults(gen.bundle.recommended)
     n = len(cfg.make_sampler(gen.schedule).timesteps)
     total = float(np.median(time_it(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
     c, h, w = gen.bundle.image_shape
@@ -248,7 +249,7 @@ def run_bench(
     """``compare``: another bundle whose fp32 U-Net is timed in the same run (rows
     ``compare fp32``; ``unet_cost_vs_compare`` gives this fp32 U-Net's per-step time over
     that one's at each batch size)."""
-    default = GenerateConfig()
+    default = GenerateConfig().with_defaults(gen.bundle.recommended)
     torch_model = (
         _torch_model(gen, checkpoint)
         if {"unet", "e2e", "cold"} & set(sections)
@@ -300,7 +301,7 @@ def run_bench(
             # spell of a shared machine falls on both sides
             again = _ort_rows(gen, batch_sizes, repeats, None, None)
             result["unet_cost_vs_compare"] = {
-                "bundle": str(other.bundle.path),
+                "bundle": str(compare),  # as the user named it: reports stay repo-relative
                 **{
                     f"batch_{a['batch']}": (a["ms_per_step"] + c["ms_per_step"])
                     / 2

@@ -1,0 +1,383 @@
+"""The HTTP API's request shapes: one table of fields drives validation, defaults and the
+OpenAPI schema, so the three cannot drift apart.
+
+Everything here runs before a request is queued: a bad field, an out-of-range value or an
+oversized prompt is refused with a 4xx body naming the field, and no work starts.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from ddpm_rt.config import MAX_GUIDANCE, MAX_SEED, GenerateConfig, check_int, check_real
+from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
+from ddpm_rt.errors import InputError
+from ddpm_rt.text import check_prompt
+
+# A seed chosen for a request that names none: below 2**53, so a browser's JSON numbers
+# (doubles) carry it exactly.
+RANDOM_SEED_BOUND = 2**53
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request and the whole server may ask for; ``ddpm-rt serve`` flags set them."""
+
+    max_images: int = 16  # images per request (prompts x num)
+    max_steps: int = 50
+    max_prompt_chars: int = 1000
+    max_body_bytes: int = 64 * 1024
+    max_queue: int = 64  # requests waiting or running; more get 503 + Retry-After
+    max_batch: int = 32  # images one batch (one U-Net call) may hold
+    batch_window_s: float = 0.005  # under concurrent load: how long to wait for company
+    shutdown_grace_s: float = 10.0  # on SIGTERM: finish what runs within this, then cancel
+    preview_every: int = 2  # streaming requests: x̂0 previews every k steps by default
+
+
+class RequestError(Exception):
+    """A refusal: HTTP status, one-line message, and the field at fault (if one is)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request: the prompts, the sampling settings, and how to answer."""
+
+    prompts: list[str]
+    negative_prompt: str | None
+    config: GenerateConfig  # num, seed, sampler, steps, eta, guidance, spacing
+    seed_was_random: bool
+    response_format: str  # "png" | "json"
+    preview_every: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.config.num
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests that may run as one batch: same sampler, steps, eta and spacing."""
+        c = self.config
+        return (c.sampler, c.steps, c.eta, c.spacing)
+
+
+# name -> (JSON type, description). Ranges come from Limits and config at check time.
+FIELDS: dict[str, tuple[str, str]] = {
+    "prompt": ("string|array", "what to draw ('' = unconditional); a list: one row per prompt"),
+    "negative_prompt": ("string", "what to steer away from (needs guidance != 1)"),
+    "num": ("integer", "images per prompt (default 1)"),
+    "seed": ("integer", "noise seed; absent: a random one, returned in the response"),
+    "sampler": ("string", f"one of {', '.join(SAMPLERS)} (default: the model's recommended)"),
+    "steps": ("integer", "sampling steps (default: the sampler's)"),
+    "eta": ("number", "ddim stochasticity in [0, 1]"),
+    "spacing": ("string", f"few-step samplers' timesteps: {', '.join(SPACINGS)}"),
+    "guidance": ("number", f"classifier-free guidance in [0, {MAX_GUIDANCE:g}]"),
+    "response_format": ("string", "png (default; several images form a grid) or json"),
+    "preview_every": ("integer", "streaming only: an x̂0 preview every k steps (0 = none)"),
+}
+
+
+def _random_seed() -> int:
+    return secrets.randbelow(RANDOM_SEED_BOUND)
+
+
+def _checked(name: str, fn, *args):
+    try:
+        return fn(name, *args)
+    except InputError as e:
+        raise RequestError(422, str(e), name) from None
+
+
+def _prompt(value, name: str, limits: Limits) -> str:
+    try:
+        check_prompt(value, name)
+    except InputError as e:
+        raise RequestError(422, str(e), name) from None
+    if len(value) > limits.max_prompt_chars:
+        raise RequestError(
+            413,
+            f"{name} has {len(value)} characters, over this server's limit of "
+            f"{limits.max_prompt_chars}",
+            name,
+        )
+    return value
+
+
+def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateRequest:
+    """A JSON object (already decoded) -> a :class:`GenerateRequest`, or a RequestError."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise RequestError(
+            422,
+            f"unknown field {unknown[0]!r:.60} (fields: {', '.join(FIELDS)})",
+            str(unknown[0])[:60],
+        )
+    if "prompt" not in body:
+        raise RequestError(422, "prompt is required ('' = unconditional)", "prompt")
+    raw = body["prompt"]
+    prompts = raw if isinstance(raw, list) else [raw]
+    if not prompts:
+        raise RequestError(422, "prompt must be a string or a non-empty list of strings", "prompt")
+    if len(prompts) > limits.max_images:
+        raise RequestError(
+            413, f"{len(prompts)} prompts is over this server's limit of {limits.max_images}"
+        )
+    prompts = [_prompt(p, "prompt", limits) for p in prompts]
+    neg = body.get("negative_prompt")
+    if neg is not None:
+        neg = _prompt(neg, "negative_prompt", limits)
+    num = _checked("num", check_int, body.get("num", 1), 1, limits.max_images)
+    if num * len(prompts) > limits.max_images:
+        raise RequestError(
+            422,
+            f"{len(prompts)} prompts x num {num} is over this server's limit of "
+            f"{limits.max_images} images per request",
+            "num",
+        )
+    seed = body.get("seed")
+    seed_was_random = seed is None
+    seed = _random_seed() if seed is None else _checked("seed", check_int, seed, 0, MAX_SEED)
+    sampler = body.get("sampler")  # None: the model's recommended (Generator.prepare fills it)
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
+        raise RequestError(
+            422, f"unknown sampler {sampler!r:.40} (choose from: {', '.join(SAMPLERS)})", "sampler"
+        )
+    steps = body.get("steps")
+    if steps is not None:
+        steps = _checked("steps", check_int, steps, 1, limits.max_steps)
+    elif sampler == "ddpm":  # ddpm's default is every timestep: over any sane server limit
+        raise RequestError(
+            422, f"sampler ddpm needs steps (at most {limits.max_steps} here)", "steps"
+        )
+    eta = body.get("eta")
+    if eta is not None:
+        eta = _checked("eta", check_real, eta, 0.0, 1.0)
+    spacing = body.get("spacing")
+    if spacing is not None and (not isinstance(spacing, str) or spacing not in SPACINGS):
+        raise RequestError(
+            422, f"unknown spacing {spacing!r:.40} (choose from: {', '.join(SPACINGS)})", "spacing"
+        )
+    guidance = body.get("guidance")  # None: the model's recommended
+    if guidance is not None:
+        guidance = _checked("guidance", check_real, guidance, 0.0, MAX_GUIDANCE)
+    if neg is not None and guidance == 1.0:
+        raise RequestError(
+            422,
+            "a negative prompt only acts through guidance: set guidance != 1",
+            "negative_prompt",
+        )
+    fmt = body.get("response_format", "png")
+    if fmt not in ("png", "json"):
+        raise RequestError(
+            422, f"response_format must be png or json, got {fmt!r:.20}", "response_format"
+        )
+    every = body.get("preview_every", limits.preview_every if stream else 0)
+    every = _checked("preview_every", check_int, every, 0, limits.max_steps)
+    cfg = GenerateConfig(
+        num=num,
+        seed=seed,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        guidance=guidance,
+        spacing=spacing,
+        batch_size=num * len(prompts),
+    )
+    try:
+        cfg.validate()
+    except InputError as e:  # every field was checked above; this is the config's own word
+        raise RequestError(422, str(e)) from None
+    return GenerateRequest(prompts, neg, cfg, seed_was_random, fmt, every)
+
+
+def parse_openai(body, limits: Limits, image_size: str) -> GenerateRequest:
+    """The OpenAI images API's request (``POST /v1/images/generations``): ``prompt``, ``n``,
+    ``response_format`` (``b64_json`` only: this server keeps no files to link to), ``size``
+    (only this model's), ``model``/``user``/``quality``/``style`` accepted and ignored, and
+    this API's own settings (``seed``, ``steps``, ...) as extensions."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    body = dict(body)
+    for ignored in ("model", "user", "quality", "style"):
+        body.pop(ignored, None)
+    fmt = body.pop("response_format", "b64_json")
+    if fmt != "b64_json":
+        raise RequestError(
+            422, f"response_format must be b64_json here, got {fmt!r:.20}", "response_format"
+        )
+    size = body.pop("size", None)
+    if size is not None and size != image_size:
+        raise RequestError(
+            422, f"size must be {image_size} (this model's), got {size!r:.20}", "size"
+        )
+    if "prompt" in body and not isinstance(body["prompt"], str):
+        raise RequestError(422, "prompt must be a string", "prompt")
+    if "n" in body:
+        body["num"] = body.pop("n")
+    elif "num" in body:
+        raise RequestError(422, "unknown field 'num' (this API calls it n)", "num")
+    if "preview_every" in body:
+        raise RequestError(422, "unknown field 'preview_every'", "preview_every")
+    body["response_format"] = "json"
+    return parse_generate(body, limits)
+
+
+def openapi_schema(title: str, version: str, limits: Limits) -> dict:
+    """The OpenAPI 3.1 document served at ``/openapi.json``."""
+    ranges = {
+        "num": {"minimum": 1, "maximum": limits.max_images},
+        "seed": {"minimum": 0, "maximum": MAX_SEED},
+        "steps": {"minimum": 1, "maximum": limits.max_steps},
+        "eta": {"minimum": 0, "maximum": 1},
+        "guidance": {"minimum": 0, "maximum": MAX_GUIDANCE},
+        "preview_every": {"minimum": 0, "maximum": limits.max_steps},
+    }
+    enums = {
+        "sampler": list(SAMPLERS),
+        "spacing": list(SPACINGS),
+        "response_format": ["png", "json"],
+    }
+    props = {}
+    for name, (kind, desc) in FIELDS.items():
+        if kind == "string|array":
+            prompt = {"type": "string", "maxLength": limits.max_prompt_chars}
+            schema = {"oneOf": [prompt, {"type": "array", "items": prompt, "minItems": 1}]}
+        else:
+            schema = {"type": kind, **ranges.get(name, {})}
+            if name in enums:
+                schema["enum"] = enums[name]
+            if name == "negative_prompt":
+                schema["maxLength"] = limits.max_prompt_chars
+        props[name] = {**schema, "description": desc}
+    generate = {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": props,
+        "additionalProperties": False,
+    }
+    error = {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                },
+            }
+        },
+    }
+    images = {
+        "type": "object",
+        "properties": {
+            "seed": {"type": "integer"},
+            "settings": {"type": "object", "description": "the provenance every PNG carries"},
+            "images": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "b64_png": {"type": "string"},
+                        "index": {"type": "integer"},
+                        "prompt": {"type": "string"},
+                    },
+                },
+            },
+        },
+    }
+    refusals = {
+        "400": "not JSON, or not an object",
+        "401": "missing or wrong bearer token",
+        "413": "body, prompt or image count over this server's limits",
+        "422": "a field is wrong: error.param names it",
+        "503": "the queue is full (Retry-After) or the server is stopping",
+    }
+    err = {
+        k: {"description": v, "content": {"application/json": {"schema": error}}}
+        for k, v in refusals.items()
+    }
+
+    def body_of(schema):
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+    openai = {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {
+            "prompt": {"type": "string", "maxLength": limits.max_prompt_chars},
+            "n": {"type": "integer", "minimum": 1, "maximum": limits.max_images},
+            "response_format": {"type": "string", "enum": ["b64_json"]},
+            "size": {"type": "string"},
+            "model": {"type": "string"},
+            **{
+                k: v
+                for k, v in props.items()
+                if k not in ("prompt", "num", "response_format", "preview_every")
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": title,
+            "version": version,
+            "description": (
+                "Text-to-image generation over one shared model. Same seed, same image: a "
+                "request's images are byte-identical whether it runs alone or batched with others."
+            ),
+        },
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/api/generate": {
+                "post": {
+                    "summary": "generate images: a PNG (grid; settings in its ddpm-rt text chunk) "
+                    "or JSON (response_format json)",
+                    "requestBody": body_of(generate),
+                    "responses": {
+                        "200": {
+                            "description": "the images",
+                            "content": {"image/png": {}, "application/json": {"schema": images}},
+                        },
+                        **err,
+                    },
+                }
+            },
+            "/api/generate/stream": {
+                "post": {
+                    "summary": "the same request as server-sent events: progress (with x̂0 "
+                    "previews every preview_every steps), then done (as the JSON response) or "
+                    "error. Closing the connection cancels the request.",
+                    "requestBody": body_of(generate),
+                    "responses": {
+                        "200": {"description": "events", "content": {"text/event-stream": {}}},
+                        **err,
+                    },
+                }
+            },
+            "/v1/images/generations": {
+                "post": {
+                    "summary": "the OpenAI images API's shape (b64_json)",
+                    "requestBody": body_of(openai),
+                    "responses": {"200": {"description": "data[].b64_json"}, **err},
+                }
+            },
+            "/api/info": {
+                "get": {
+                    "summary": "the model: digest, image shape, defaults, "
+                    "precisions, backend; this server's limits"
+                }
+            },
+            "/api/health": {
+                "get": {"summary": "liveness, queue depth, batch sizes formed (no token needed)"}
+            },
+        },
+    }

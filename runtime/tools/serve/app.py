@@ -1,0 +1,430 @@
+"""The ASGI app: the HTTP API, the page, and the refusals, over one :class:`Batcher`.
+
+Endpoints (README, "Serving"; the OpenAPI document at ``/openapi.json``): ``POST
+/api/generate`` (PNG or JSON), ``POST /api/generate/stream`` (server-sent events with x̂0
+previews), ``POST /v1/images/generations`` (the OpenAI images API's shape), ``GET
+/api/info``, ``GET /api/health``, and the page at ``/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ddpm_rt import __version__
+from ddpm_rt.config import GenerateConfig
+from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
+from ddpm_rt.errors import Cancelled, InputError, first_line
+from ddpm_rt.images import PROVENANCE_KEY, make_grid
+from ddpm_rt.tools.serve.api import (
+    GenerateRequest,
+    Limits,
+    RequestError,
+    openapi_schema,
+    parse_generate,
+    parse_openai,
+)
+from ddpm_rt.tools.serve.batcher import Batcher, QueueFull, Stopping, Ticket
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page loads nothing from elsewhere (the device may be offline) and runs no inline script.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+PUBLIC = ("/", "/api/health", "/openapi.json")  # no token needed; nothing here runs the model
+
+
+def error_response(status: int, message: str, param: str | None = None, headers=None):
+    """Every refusal has one body shape (the OpenAI API's): error.message names the problem,
+    error.param the field at fault."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def png_bytes(images: np.ndarray, provenance: dict | None = None, ncols: int | None = None):
+    """One image (H, W, 3) or several as a grid, as PNG bytes with the ``ddpm-rt`` text
+    chunk (the same one the CLI writes; ``ddpm-rt info FILE.png`` reads it)."""
+    if images.ndim == 4:
+        images = images[0] if len(images) == 1 else make_grid(images, ncols)
+    info = None
+    if provenance is not None:
+        info = PngInfo()
+        info.add_itxt(PROVENANCE_KEY, json.dumps(provenance, ensure_ascii=False))
+    buf = io.BytesIO()
+    Image.fromarray(images, "RGB").save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class Service:
+    """What the endpoints share: the generator's facts, the limits, the batcher."""
+
+    def __init__(self, generator, limits: Limits, token: str | None):
+        self.gen = generator
+        self.limits = limits
+        self.token = token
+        self.batcher = Batcher(generator, limits)
+        _, h, w = generator.bundle.image_shape
+        self.size = f"{w}x{h}"
+
+    # -- requests -----------------------------------------------------------------------
+    async def read_json(self, request: Request):
+        """The body as JSON, refused before it is read when it is too big (or not JSON)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":  # also: a cross-site form cannot post here
+            raise RequestError(415, "the body must be JSON (Content-Type: application/json)")
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise RequestError(413, f"the body is over this server's limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"the body is over this server's limit of {limit} bytes")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise RequestError(400, f"the body is not valid JSON: {first_line(e)}") from None
+
+    def provenance(self, ticket: Ticket) -> dict:
+        """The settings that made a request's images: the CLI's PNG chunk, with steps, eta
+        and spacing as the run resolved them."""
+        r, c = ticket.request, ticket.job.config
+        return {
+            "prompts": r.prompts,
+            "negative_prompt": r.negative_prompt,
+            "num": c.num,
+            "seed": c.seed,
+            "sampler": c.sampler,
+            "steps": c.steps,
+            "eta": c.eta,
+            "spacing": c.spacing,
+            "guidance": c.guidance,
+            "unet_precision": self.gen.unet_precision,
+            "text_precision": getattr(self.gen, "text_precision", None),
+            "bundle_digest": self.gen.bundle.digest,
+            "ddpm_rt": __version__,
+        }
+
+    def image_list(self, ticket: Ticket) -> list[dict]:
+        """Each image as its own PNG whose chunk also says which (prompt, image index) it is:
+        image i of a prompt is image i of ``ddpm-rt --prompt P --seed S --num i+1``."""
+        r, out = ticket.request, []
+        settings = self.provenance(ticket)
+        for k, img in enumerate(ticket.images):
+            j, i = divmod(k, r.config.num)
+            prov = {**settings, "prompt": r.prompts[j], "image_index": i}
+            out.append(
+                {
+                    "index": k,
+                    "prompt": r.prompts[j],
+                    "image_index": i,
+                    "b64_png": b64(png_bytes(img, prov)),
+                }
+            )
+        return out
+
+    def result_json(self, ticket: Ticket) -> dict:
+        r = ticket.request
+        return {
+            "seed": r.config.seed,
+            "seed_was_random": r.seed_was_random,
+            "settings": self.provenance(ticket),
+            "batch_images": ticket.batch_images,
+            "images": self.image_list(ticket),
+        }
+
+    async def run(self, request: Request, r: GenerateRequest) -> Ticket:
+        """Queue a request and wait for it; the client going away cancels it."""
+        ticket = await self.batcher.submit(r)
+        work = asyncio.ensure_future(ticket.wait())
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            ticket.cancel()
+            work.cancel()
+            raise ClientDisconnect()
+        return work.result()
+
+    def failure(self, ticket: Ticket):
+        """The response for a ticket that ended without images, or None."""
+        e = ticket.error
+        if e is None:
+            return None
+        if isinstance(e, Cancelled):
+            if self.batcher.status()["status"] == "stopping":
+                return error_response(503, "the server is stopping; the request was cancelled")
+            return error_response(499, f"cancelled: {first_line(e)}")
+        if isinstance(e, InputError):
+            return error_response(422, first_line(e))
+        return error_response(500, f"{type(e).__name__}: {first_line(e)}")
+
+    def info(self) -> dict:
+        b = self.gen.bundle
+        c, h, w = b.image_shape
+        d = GenerateConfig().with_defaults(b.recommended)  # the model's own settings
+        steps = {s: DEFAULT_STEPS.get(s) for s in SAMPLERS}
+        steps[d.sampler] = d.steps or steps[d.sampler]
+        text = b.conditioning.get("text") or {}
+        return {
+            "bundle_digest": b.digest,
+            "image": {"channels": c, "height": h, "width": w},
+            "conditioning": b.conditioning["kind"],
+            "labels": b.label_names or None,
+            "defaults": {
+                "sampler": d.sampler,
+                "guidance": d.guidance,
+                "num": d.num,
+                "eta": DEFAULT_DDIM_ETA if d.eta is None else d.eta,
+                "spacing": d.spacing or "time",
+                "steps": steps,
+            },
+            "samplers": list(SAMPLERS),
+            "spacings": list(SPACINGS),
+            "precisions": {
+                "unet": self.gen.unet_precision,
+                "unet_available": list(b.unet_precisions),
+                "text": getattr(self.gen, "text_precision", None),
+                "text_available": list(text.get("graphs", {})),
+            },
+            "backend": self.gen.backend.name,
+            "limits": {
+                "max_images": self.limits.max_images,
+                "max_steps": self.limits.max_steps,
+                "max_prompt_chars": self.limits.max_prompt_chars,
+                "max_body_bytes": self.limits.max_body_bytes,
+                "max_queue": self.limits.max_queue,
+                "max_batch": self.limits.max_batch,
+            },
+            "auth": self.token is not None,
+            "ddpm_rt": __version__,
+        }
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(event: str, data) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def create_app(
+    generator,
+    limits: Limits | None = None,
+    *,
+    token: str | None = None,
+    cors_origins: tuple[str, ...] = (),
+) -> Starlette:
+    """The server over one shared generator. ``token``: every endpoint that runs the model
+    needs ``Authorization: Bearer TOKEN``. ``cors_origins``: other origins allowed to call
+    the API from a browser (none by default)."""
+    svc = Service(generator, limits or Limits(), token)
+
+    def refusal(e: Exception):
+        if isinstance(e, RequestError):
+            return error_response(e.status, e.message, e.param)
+        if isinstance(e, QueueFull):
+            return error_response(503, str(e), headers={"Retry-After": str(e.retry_after)})
+        if isinstance(e, Stopping):
+            return error_response(503, "the server is stopping", headers={"Retry-After": "5"})
+        if isinstance(e, InputError):  # the generator's own check (e.g. a label bundle's names)
+            return error_response(422, first_line(e))
+        raise e
+
+    async def answer(request: Request, parse, respond):
+        """Parse, queue, wait; then ``respond(ticket)``, or the refusal or failure."""
+        try:
+            ticket = await svc.run(request, parse(await svc.read_json(request)))
+        except (RequestError, QueueFull, Stopping, InputError) as e:
+            return refusal(e)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        bad = svc.failure(ticket)
+        return respond(ticket) if bad is None else bad
+
+    def as_png_or_json(ticket: Ticket):
+        r = ticket.request
+        if r.response_format == "json":
+            return JSONResponse(
+                svc.result_json(ticket), headers={"Server-Timing": ticket.server_timing()}
+            )
+        ncols = r.config.num if len(r.prompts) > 1 else None  # one grid row per prompt
+        png = png_bytes(ticket.images, svc.provenance(ticket), ncols)
+        headers = {"X-Seed": str(r.config.seed), "Server-Timing": ticket.server_timing()}
+        return Response(png, media_type="image/png", headers=headers)
+
+    def as_openai(ticket: Ticket):
+        data = [
+            {"b64_json": im["b64_png"], "revised_prompt": im["prompt"]}
+            for im in svc.image_list(ticket)
+        ]
+        seed = ticket.request.config.seed
+        return JSONResponse({"created": int(time.time()), "data": data, "seed": seed})
+
+    async def generate(request: Request):
+        return await answer(request, lambda b: parse_generate(b, svc.limits), as_png_or_json)
+
+    async def openai(request: Request):
+        parse = lambda b: parse_openai(b, svc.limits, svc.size)  # noqa: E731
+        return await answer(request, parse, as_openai)
+
+    async def stream(request: Request):
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            r = parse_generate(await svc.read_json(request), svc.limits, stream=True)
+            ticket = await svc.batcher.submit(r, on_step=events.put_nowait)
+        except (RequestError, QueueFull, Stopping, InputError) as e:
+            return refusal(e)
+
+        async def body():
+            work = asyncio.ensure_future(ticket.wait())
+            try:
+                yield sse("queued", {"seed": r.config.seed, "images": r.images})
+                # every step's event is queued before the work's end is signalled (both go
+                # through call_soon_threadsafe, in order): drain them all, then finish
+                while not (work.done() and events.empty()):
+                    if events.empty():
+                        get = asyncio.ensure_future(events.get())
+                        await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
+                        if not get.done():
+                            get.cancel()
+                            continue
+                        info = get.result()
+                    else:
+                        info = events.get_nowait()
+                    msg = {"step": info.step, "total": info.total}
+                    if info.preview is not None:
+                        msg["first_image"] = info.first_image
+                        msg["previews"] = [b64(png_bytes(p)) for p in info.preview]
+                    yield sse("progress", msg)
+                await work
+                bad = svc.failure(ticket)
+                if bad is not None:
+                    yield sse("error", {**json.loads(bad.body), "status": bad.status_code})
+                else:
+                    yield sse("done", svc.result_json(ticket))
+            finally:  # the client went away (or the server stops): stop the work
+                if not work.done():
+                    ticket.cancel()
+                    work.cancel()
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    async def info(request: Request):
+        return JSONResponse(svc.info())
+
+    async def health(request: Request):
+        return JSONResponse({**svc.batcher.status(), "auth": svc.token is not None})
+
+    async def openapi_json(request: Request):
+        return JSONResponse(openapi_schema("ddpm-rt serve", __version__, svc.limits))
+
+    async def page(request: Request):
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        svc.batcher.close(svc.limits.shutdown_grace_s)
+        await run_in_threadpool(svc.batcher.join, svc.limits.shutdown_grace_s + 5)
+
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    if token is not None:
+        middleware.append(Middleware(BearerAuth, token=token))
+    routes = [
+        Route("/", page),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/generate/stream", stream, methods=["POST"]),
+        Route("/v1/images/generations", openai, methods=["POST"]),
+        Route("/api/info", info),
+        Route("/api/health", health),
+        Route("/openapi.json", openapi_json),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+
+    async def http_error(request: Request, exc: HTTPException):
+        # 404, 405 and the like in the same body shape as every other refusal
+        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+    )
+    app.state.service = svc
+    return app
+
+
+class BearerAuth:
+    """ASGI middleware: ``Authorization: Bearer TOKEN`` on everything but the page, its
+    files, health and the schema (which run no model and reveal nothing private)."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in PUBLIC or path.startswith("/static/"):
+            return await self.app(scope, receive, send)
+        if scope.get("method") == "OPTIONS":  # a CORS preflight carries no credentials
+            return await self.app(scope, receive, send)
+        given = b""
+        for k, v in scope.get("headers", []):
+            if k == b"authorization" and v[:7].lower() == b"bearer ":
+                given = v[7:].strip()
+        if not hmac.compare_digest(given, self.token):
+            response = error_response(
+                401,
+                "a bearer token is required (Authorization: Bearer TOKEN)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
