@@ -1,7 +1,8 @@
 """Mutation check: break one protection or formula at a time and run the tests that guard it.
 
 A curated table (issue 17): each mutation is a file, an exact pattern that must occur there
-exactly once, its replacement, and the tests expected to catch it. A mutation is *caught*
+exactly once (or a stated number of times, all replaced: a check written twice), its
+replacement, and the tests expected to catch it. A mutation is *caught*
 when those tests fail (pytest exit status 1); it *survives* when they pass. Only the named
 tests run for each mutation, so a mutation caught by accident elsewhere in the suite does not
 count.
@@ -59,6 +60,7 @@ class Mutation:
     pattern: str
     replacement: str
     tests: tuple[str, ...]
+    count: int = 1  # occurrences of the pattern, all replaced (a check written twice)
 
 
 T = "tests/"
@@ -238,15 +240,34 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # -- caches -----------------------------------------------------------------------------------
     Mutation(
-        "ort-cache-stamp",
-        "optimised-graph cache: a changed entry is not used",
+        "ort-cache-sha256",
+        "optimised-graph cache: the entry's own sha256 checked (what is hashed is what runs)",
         "runtime/backends/ort_cache.py",
-        'or recorded.get("stamp") != _stamp(path)',
-        "",
+        'if hashlib.sha256(data).hexdigest() != recorded.get("sha256"):',
+        "if False:",
         (
-            T
-            + "test_hostile_bundles.py::test_optimised_graph_cache_entry_replaced_by_another_graph",
+            T + "test_hostile_bundles.py::test_optimised_graph_cache_entry_replaced_by_another_"
+            "graph",
+            T + "test_hostile_residue.py::test_cached_graph_edited_in_place_does_not_run",
         ),
+    ),
+    # -- quantisation parity ----------------------------------------------------------------------
+    Mutation(
+        "quantize-parity",
+        "quantisation: the int8 graph judged against fp32 by the tolerance table",
+        "export/quantize.py",
+        "    if not ok:\n        raise QuantizeError(",
+        "    if False:\n        raise QuantizeError(",
+        (T + "test_hostile_residue.py::test_quantize_fails_a_graph_that_must_fail_its_check",),
+    ),
+    Mutation(
+        "quantize-nan",
+        "quantisation: a U-Net whose own trajectories are not finite is refused",
+        "export/quantize.py",
+        "raise QuantizeError(_NOT_FINITE.format(precision=precision))",
+        "pass",
+        (T + "test_hostile_residue.py::test_quantize_refuses_a_unet_that_outputs_nan",),
+        count=2,
     ),
     # -- precision selection, CFG -----------------------------------------------------------------
     Mutation(
@@ -448,7 +469,7 @@ class Applied:
         original = self.path.read_bytes()
         text = original.decode()
         count = text.count(self.m.pattern)
-        if count != 1:
+        if count != self.m.count:
             raise LookupError(f"{self.m.id}: pattern found {count} times in {self.m.file}")
         self.original, self.mtime = original, self.path.stat().st_mtime_ns
         self.saved.parent.mkdir(parents=True, exist_ok=True)
@@ -575,9 +596,9 @@ def _main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     _restore_leftovers()
-    for m in rows:  # every pattern present exactly once, before anything runs
+    for m in rows:  # every pattern present as often as stated, before anything runs
         n = (ROOT / m.file).read_text().count(m.pattern)
-        if n != 1:
+        if n != m.count:
             print(f"error: {m.id}: pattern found {n} times in {m.file}", file=sys.stderr)
             return 2
     t_start = time.monotonic()
