@@ -518,7 +518,8 @@ def _table(rows) -> str:
     ]
     for m, verdict, secs in rows:
         tests = "<br>".join(f"`{_short(t)}`" for t in m.tests)
-        out.append(f"| `{m.id}` | {m.guards} | `{m.file}` | {tests} | {verdict} | {secs:.0f} |")
+        where = f"`{m.file}`" + (f" (x{m.count})" if m.count > 1 else "")
+        out.append(f"| `{m.id}` | {m.guards} | {where} | {tests} | {verdict} | {secs:.0f} |")
     return "\n".join(out)
 
 
