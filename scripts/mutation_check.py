@@ -173,6 +173,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         (T + "test_hostile_bundles.py::test_text_encoder_output_must_be_unit_length",),
     ),
     Mutation(
+        "context-unit-or-zero",
+        "a text bundle's context rows unit length (within 0.01) or exactly zero",
+        GEN,
+        "bad = ~((np.abs(norms - 1.0) <= CONTEXT_NORM_ATOL) | (norms == 0.0))",
+        "bad = ~np.isfinite(norms)",
+        (T + "test_hostile_inputs.py::test_api_text_contexts_are_unit_or_zero",),
+    ),
+    Mutation(
         "bounds-guidance",
         "bounds (guidance in [0, 50], finite)",
         "runtime/config.py",
