@@ -124,6 +124,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "hash-then-load-same-file",
+        "hash = load (a write between hashing and loading is caught)",
+        "runtime/bundle/bundle.py",
+        "if any(getattr(before, f) != getattr(after, f) for f in fields):",
+        "if False:",
+        (T + "test_hostile_bundles.py::test_file_modified_while_it_is_loaded",),
+    ),
+    Mutation(
         "size-before-hash",
         "file size checked before hashing",
         "runtime/bundle/bundle.py",
