@@ -102,7 +102,7 @@ def test_empty_model_is_refused_not_the_shipped_one(tmp_path):
     one_error(cli("info", ""), 1, "the bundle is empty")
 
 
-@pytest.mark.parametrize("argv", [["serve", "--help"], ["serve"], ["prompt", "--num", "2"]])
+@pytest.mark.parametrize("argv", [["serv", "--help"], ["serv"], ["prompt", "--num", "2"]])
 def test_unknown_command_is_a_usage_error(argv):
     """An unknown word before --help fell through to generate's help, with exit 0."""
     proc = cli(*argv)

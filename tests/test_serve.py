@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
 
 from PIL import Image  # noqa: E402
@@ -227,6 +228,17 @@ def test_a_bad_field_is_named(client, body, status, param):
     assert after["done"] == before["done"] and after["batches"] == before["batches"]  # no work
 
 
+def test_a_default_step_count_over_the_limit_is_refused(gen):
+    """Steps a request leaves out come from the model (8 for its DDIM); a server limited to
+    5 refuses them, naming the field, before any work."""
+    with TestClient(create_app(gen, Limits(max_steps=5))) as c:
+        r = c.post("/api/generate", json={"prompt": "x"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "steps"
+        assert "default of 8 steps" in r.json()["error"]["message"]
+        assert c.get("/api/health").json()["batches"] == {}
+        assert c.post("/api/generate", json={"prompt": "x", "steps": 5}).status_code == 200
+
+
 def test_nan_and_not_json_and_wrong_type_are_refused(client):
     r = client.post("/api/generate", content=b'{"prompt": "x", "guidance": NaN}', headers=JSON)
     assert r.status_code == 422 and r.json()["error"]["param"] == "guidance"
@@ -325,6 +337,20 @@ def test_queue_full_is_503_with_retry_after_and_a_closed_stream_cancels(gen):
         assert c.post(f"{url}/api/generate", json={"prompt": "x"}).status_code == 200
 
 
+def test_retry_after_when_every_admitted_request_is_still_being_resolved(gen):
+    """A burst can fill the queue before any request is queued (all still in prepare):
+    the refusal is still a 503 with a Retry-After (it was a 500: max() of nothing)."""
+    from ddpm_rt.tools.serve.batcher import Batcher, QueueFull
+
+    b = Batcher(gen, Limits(max_queue=2))
+    b._preparing = 2  # two admitted requests between admission and the queue
+    with pytest.raises(QueueFull) as e:
+        b._admit()
+    assert e.value.retry_after >= 1
+    b.close(0)
+    assert b.join(10)
+
+
 def test_a_client_that_disconnects_cancels_its_work(gen):
     with live_app(gen) as (url, _):
         host, port = url.removeprefix("http://").split(":")
@@ -377,7 +403,7 @@ def test_batched_requests_are_byte_identical_to_each_alone(gen):
     # is long enough that a slow thread still joins them
     limits = Limits(batch_window_s=1.0)
     with live_app(gen, limits) as (url, _):
-        blocker = threading.Thread(target=post_all, args=(url, [{**LONG, "steps": 20}]))
+        blocker = threading.Thread(target=post_all, args=(url, [LONG]))
         blocker.start()
         wait_health(url, lambda h: h["running"] == 1)
         rs = post_all(url, bodies)
@@ -409,7 +435,7 @@ def test_a_cancelled_request_ends_alone_and_its_batch_finishes(gen):
     its image is what it gives alone."""
     other = {"prompt": "a blue ball", "num": 2, "seed": 4, "steps": 40}
     with live_app(gen, Limits(batch_window_s=1.0)) as (url, _), httpx.Client(timeout=60) as c:
-        blocker = threading.Thread(target=post_all, args=(url, [{**LONG, "steps": 20}]))
+        blocker = threading.Thread(target=post_all, args=(url, [LONG]))
         blocker.start()
         wait_health(url, lambda h: h["running"] == 1)
         result = {}
@@ -476,6 +502,68 @@ def test_serve_refuses_a_public_address_without_a_token():
         timeout=60,
     )
     assert p.returncode == 1 and "at least 16" in p.stderr
+
+
+def local_address() -> str | None:
+    """A non-loopback IPv4 address of this machine, or None (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_another_address_needs_a_token_or_insecure_with_a_warning():
+    ip = local_address()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    with serve_process("--host", ip, "--insecure", "--threads", "1") as (proc, url):
+        assert url.startswith(f"http://{ip}:")
+        assert httpx.get(f"{url}/api/health").json()["auth"] is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    log = "".join(proc.log)
+    assert "warning: serving" in log and "without a token (--insecure)" in log
+    token = "another-address-token-0123"
+    with serve_process("--host", ip, "--token", token, "--threads", "1") as (proc, url):
+        assert httpx.post(f"{url}/api/generate", json={"prompt": "x"}).status_code == 401
+        ok = httpx.post(
+            f"{url}/api/generate",
+            json={"prompt": "x"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert ok.status_code == 200
+
+
+def test_without_the_serve_extra_the_command_says_how_to_get_it():
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"  # as if it were not installed
+        "from ddpm_rt.cli import main; sys.exit(main(['serve']))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "error: this command needs uvicorn (pip install 'ddpm-rt[serve]')"
+    ]
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [sys.executable, "-m", "ddpm_rt.cli", "serve", "--port", str(port),
+             "--model", str(tmp_path / "no-such-bundle")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    # the port is refused first: the (missing) bundle is never looked at
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 @pytest.mark.slow

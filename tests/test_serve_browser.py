@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright (dev extra) is not installed"

@@ -246,6 +246,10 @@ class TrtBackend:
         rt = self.rt
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         try:
+            # as trtexec does (samples/common/sampleInference.cpp at v10.3.0 L956-989): the
+            # warm-up enqueue finished, then the capture; a failed one ends the capture and
+            # clears the CUDA error it left, and the run goes on without a graph
+            gpu.check(rt.cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize")
             gpu.check(rt.cudaStreamBeginCapture(ctx.stream, mode), "cudaStreamBeginCapture")
             launched = ctx.context.execute_async_v3(gpu.handle(ctx.stream))
             # end the capture whatever happened, so the stream is usable again
@@ -258,6 +262,7 @@ class TrtBackend:
             finally:
                 rt.cudaGraphDestroy(g)
         except BackendError as e:
+            rt.cudaGetLastError()
             log.warning(
                 "CUDA graph capture failed for %s at %s (%s); running that shape without one",
                 graph,

@@ -5,6 +5,7 @@ may raise into C or print."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class _Handle:
 
 def bind(ffi) -> None:
     """Define the extern functions on the embedding module's ffi."""
+    # The library prints nothing on the host's streams: the runtime's log lines (a CUDA-graph
+    # capture turned off, say) go nowhere unless the host configures Python logging.
+    logging.getLogger("ddpm_rt").addHandler(logging.NullHandler())
     handles: dict[int, tuple] = {}  # address -> (cdata keeping the handle alive, _Handle)
     empty = ffi.new("char[]", b"")
     state = {"open_error": empty, "errors": {}}

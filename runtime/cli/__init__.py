@@ -13,6 +13,7 @@ handlers are installed within milliseconds of the process starting.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit:
         raise
+    except BrokenPipeError:  # the reader went away (ddpm-rt info X.png | head): not an error
+        # Python would report the pipe again while flushing stdout at exit; point it nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as e:
         if _received:  # our exception, rewrapped by library code (an import, __set_name__)
             return _interrupted(_received[0])

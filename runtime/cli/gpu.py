@@ -71,7 +71,11 @@ def add_gpu_parsers(sub, common) -> None:
     b.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit")
     b.add_argument("--engine-cache", help="cache folder (default: <user cache>/ddpm-rt/engines)")
     b.add_argument("--force", action="store_true", help="rebuild even if a cached engine matches")
-    b.add_argument("--clear", action="store_true", help="remove every cached engine")
+    b.add_argument(
+        "--clear",
+        action="store_true",
+        help="remove every cached engine (only files build-engines wrote; refuses other folders)",
+    )
     common(b)
     b.set_defaults(func=cmd_build_engines)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 
 from ddpm_rt.errors import InputError
@@ -29,14 +30,12 @@ def _is_loopback(host: str) -> bool:
 def check_args(args: argparse.Namespace):
     """Every flag checked before the model loads; returns the Limits."""
     from ddpm_rt.config import check_int, check_real
+    from ddpm_rt.extras import require
 
-    try:
-        from ddpm_rt.tools.serve.api import Limits
-    except ImportError as e:  # the extra is not installed
-        raise InputError(
-            f"ddpm-rt serve needs the serve extra ({e.name} is missing): "
-            "pip install 'ddpm-rt[serve]'"
-        ) from None
+    for module in ("starlette", "uvicorn"):  # the serve extra, checked before any work
+        require(module, "serve")
+    from ddpm_rt.tools.serve.api import Limits
+
     check_int("--port", args.port, 0, 65535)
     token = args.token if args.token is not None else os.environ.get("DDPM_RT_TOKEN")
     if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
@@ -62,8 +61,28 @@ def check_args(args: argparse.Namespace):
     )
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a taken port or an address this
+    machine does not have is one line, before any work."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:  # socket.gaierror included
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     limits = check_args(args)
+    sock = listen(args.host, args.port)
     import uvicorn
 
     from ddpm_rt.cli.generate import _digest, _providers, default_model
@@ -97,9 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "reach this port can use it",
             file=sys.stderr,
         )
-    server.run()
-    if not server.started:  # the port was taken, or the app failed to start
-        raise InputError(f"could not serve on {args.host}:{args.port} (see the lines above)")
+    server.run(sockets=[sock])
+    if not server.started:  # the app failed to start (its error is logged above)
+        raise InputError(f"could not serve on {args.host}:{args.port}")
     return 0
 
 

@@ -126,6 +126,7 @@ class _State:
         self.graphs: dict[int, list] = {}  # cudaGraph_t address -> recorded ops
         self.execs: dict[int, list] = {}  # cudaGraphExec_t address -> ops
         self.fail_capture = False  # a test's switch: the next capture is invalidated
+        self.last_error = cudaError_t.cudaSuccess  # what cudaGetLastError returns and clears
         self.calls: list[str] = []
 
     def device_view(self, address: int, nbytes: int) -> memoryview | None:
@@ -308,11 +309,18 @@ def cudaStreamEndCapture(stream):
     ops, invalid = s["capturing"], s["invalid"]
     s["capturing"], s["invalid"] = None, False
     if invalid:
+        STATE.last_error = cudaError_t.cudaErrorStreamCaptureInvalidated
         return (cudaError_t.cudaErrorStreamCaptureInvalidated, None)
     with STATE.lock:
         address = next(STATE.addresses)
         STATE.graphs[address] = ops
     return (OK, cudaGraph_t(address))
+
+
+def cudaGetLastError():
+    """(err,): the last error a runtime call left, which is then reset to success."""
+    err, STATE.last_error = STATE.last_error, OK
+    return (err,)
 
 
 def invalidate_capture(stream) -> bool:

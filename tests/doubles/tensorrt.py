@@ -453,6 +453,12 @@ class IExecutionContext:
         if stream_handle != 0 and stream is None:
             LOG.append(("ERROR", "enqueueV3: invalid stream"))
             return False
+        if cudart.STATE.last_error != cudart.OK:
+            # an error a failed capture left behind fails the next enqueue: trtexec clears it
+            # ("Ensure any CUDA error has been cleaned up", samples/common/sampleInference.cpp
+            # at v10.3.0 L979-980, after endCaptureOnError)
+            LOG.append(("ERROR", f"enqueueV3: pending CUDA error {cudart.STATE.last_error.name}"))
+            return False
         handle = cudart.cudaStream_t(stream_handle) if stream_handle else 0
         e = self.engine
         inputs = [n for n in e._names if e._io[n][0] == TensorIOMode.INPUT]

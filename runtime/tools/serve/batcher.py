@@ -22,7 +22,7 @@ import numpy as np
 
 from ddpm_rt.errors import Cancelled
 from ddpm_rt.progress import StepInfo
-from ddpm_rt.tools.serve.api import GenerateRequest, Limits
+from ddpm_rt.tools.serve.api import GenerateRequest, Limits, RequestError
 
 
 class QueueFull(Exception):
@@ -115,8 +115,12 @@ class Batcher:
         self.batches: Counter[int] = Counter()  # images per batch -> batches run
         self.counts: Counter[str] = Counter()  # done / cancelled / failed
         self._step_seconds = 0.1  # a running estimate, for Retry-After
-        self._last_group = 0  # requests in the last batch
-        self._last_seconds = 0.0  # how long it ran
+        # requests expected back together: the last batch's, or half the expectation
+        # before it if larger (a small batch between two large ones must not shrink the
+        # next wait to its size)
+        self._expect = 0
+        self._last_seconds = 0.0  # how long the last batch ran (decaying like _expect)
+        self._busy_seconds = 0.0  # running batches, since the start
         self._preparing = 0  # admitted, being resolved to rows
         self._thread = threading.Thread(target=self._work, name="ddpm-rt-serve", daemon=True)
         self._thread.start()
@@ -145,6 +149,14 @@ class Batcher:
         finally:
             with self._cond:
                 self._preparing -= 1
+        steps = ticket.job.config.steps
+        if steps is not None and steps > self.limits.max_steps:  # a default from the bundle
+            raise RequestError(
+                422,
+                f"the model's default of {steps} steps for {ticket.job.config.sampler} is over "
+                f"this server's limit of {self.limits.max_steps}: give steps",
+                "steps",
+            )
         with self._cond:
             if self._closing:
                 raise Stopping("the server is shutting down")
@@ -166,6 +178,7 @@ class Batcher:
                 "queued": len(self._queue),
                 "running": len(self._running),
                 "batches": {str(k): v for k, v in sorted(self.batches.items())},
+                "busy_s": round(self._busy_seconds, 3),
                 **{k: self.counts[k] for k in ("done", "cancelled", "failed")},
             }
 
@@ -183,10 +196,12 @@ class Batcher:
         return not self._thread.is_alive()
 
     def _retry_after(self) -> int:
-        # the work ahead, over one batch's worth of images at a time
-        ahead = sum(t.request.images for t in (*self._queue, *self._running))
+        """Seconds until there is likely room: the work ahead (queued, running, and the
+        requests still being resolved, counted as one image each), a batch at a time."""
+        tickets = (*self._queue, *self._running)
+        ahead = sum(t.request.images for t in tickets) + self._preparing
         rounds = ahead / max(1, self.limits.max_batch) + 1
-        steps = max((t.request.config.steps or 10) for t in (*self._queue, *self._running))
+        steps = max((t.job.config.steps for t in tickets), default=10)
         return max(1, round(rounds * steps * self._step_seconds))
 
     # -- worker side --------------------------------------------------------------------
@@ -197,7 +212,7 @@ class Batcher:
         """Whether the queue already holds a full batch for ``key`` (caller holds the lock)."""
         same = [t for t in self._queue if t.job.batch_key == key]
         images = sum(t.request.images for t in same)
-        return images >= self.limits.max_batch or len(same) >= max(2, self._last_group)
+        return images >= self.limits.max_batch or len(same) >= max(2, self._expect)
 
     def _next_batch(self) -> list[Ticket] | None:
         """Wait for work; take the oldest request and the queued ones that may share its
@@ -212,9 +227,9 @@ class Batcher:
             # oldest request waits a moment for company: clients answered together come
             # back spread over their turnaround. The wait is the batch window, or a tenth of
             # the last batch's time if longer (so at most ~10 % more latency), and ends
-            # early once as many requests wait as the last batch held or the batch is full.
+            # early once as many requests wait as are expected back or the batch is full.
             # A lone client never waits.
-            if self._last_group > 1 or len(self._queue) > 1:
+            if self._expect > 1 or len(self._queue) > 1:
                 window = max(self.limits.batch_window_s, 0.1 * self._last_seconds)
                 until = first.arrived + window
                 while (
@@ -239,7 +254,7 @@ class Batcher:
                     rest.append(t)
             self._queue = rest
             self._running = group
-            self._last_group = len(group)
+            self._expect = max(len(group), self._expect // 2)
             return group
 
     def _work(self) -> None:
@@ -266,7 +281,8 @@ class Batcher:
                 ] += 1
             steps = max(1, max(t.request.config.steps or 10 for t in group))
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds / steps
-            self._last_seconds = seconds
+            self._last_seconds = max(seconds, self._last_seconds / 2)  # as _expect
+            self._busy_seconds += seconds
         for ticket in group:
             ticket.times["finished"] = time.monotonic()
             ticket.finish()
