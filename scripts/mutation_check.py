@@ -1,7 +1,8 @@
 """Mutation check: break one protection or formula at a time and run the tests that guard it.
 
 A curated table (issue 17): each mutation is a file, an exact pattern that must occur there
-exactly once, its replacement, and the tests expected to catch it. A mutation is *caught*
+exactly once (or a stated number of times, all replaced: a check written twice), its
+replacement, and the tests expected to catch it. A mutation is *caught*
 when those tests fail (pytest exit status 1); it *survives* when they pass. Only the named
 tests run for each mutation, so a mutation caught by accident elsewhere in the suite does not
 count.
@@ -59,6 +60,7 @@ class Mutation:
     pattern: str
     replacement: str
     tests: tuple[str, ...]
+    count: int = 1  # occurrences of the pattern, all replaced (a check written twice)
 
 
 T = "tests/"
@@ -94,6 +96,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         (T + "test_hostile_bundles.py::test_path_symlink_leading_out_is_refused",),
     ),
     Mutation(
+        "confinement-plain-name",
+        "confinement (every manifest path a plain file name)",
+        "runtime/bundle/manifest.py",
+        "if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):",
+        "if not isinstance(name, str):",
+        (T + "test_hostile_bundles.py::test_manifest_paths_must_be_plain_names",),
+    ),
+    Mutation(
+        "manifest-requires",
+        "manifest validation (a required feature this runtime lacks)",
+        "runtime/bundle/manifest.py",
+        "    if missing:\n        raise BundleError(",
+        "    if False:\n        raise BundleError(",
+        (T + "test_hostile_bundles.py::test_mistyped_or_out_of_range_field",),
+    ),
+    Mutation(
         "hash-equals-load",
         "hash = load (the sha256 of the bytes the loader reads)",
         "runtime/bundle/bundle.py",
@@ -104,6 +122,14 @@ MUTATIONS: tuple[Mutation, ...] = (
             T + "test_hostile_bundles.py::test_file_swapped_by_rename_while_loading_is_not_"
             "what_loads",
         ),
+    ),
+    Mutation(
+        "hash-then-load-same-file",
+        "hash = load (a write between hashing and loading is caught)",
+        "runtime/bundle/bundle.py",
+        "if any(getattr(before, f) != getattr(after, f) for f in fields):",
+        "if False:",
+        (T + "test_hostile_bundles.py::test_file_modified_while_it_is_loaded",),
     ),
     Mutation(
         "size-before-hash",
@@ -155,12 +181,36 @@ MUTATIONS: tuple[Mutation, ...] = (
         (T + "test_hostile_bundles.py::test_text_encoder_output_must_be_unit_length",),
     ),
     Mutation(
+        "context-unit-or-zero",
+        "a text bundle's context rows unit length (within 0.01) or exactly zero",
+        GEN,
+        "bad = ~((np.abs(norms - 1.0) <= CONTEXT_NORM_ATOL) | (norms == 0.0))",
+        "bad = ~np.isfinite(norms)",
+        (T + "test_hostile_inputs.py::test_api_text_contexts_are_unit_or_zero",),
+    ),
+    Mutation(
         "bounds-guidance",
         "bounds (guidance in [0, 50], finite)",
         "runtime/config.py",
         'check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)',
         "pass",
         (T + "test_protections.py::test_settings_out_of_range_are_refused_before_work",),
+    ),
+    Mutation(
+        "memory-up-front",
+        "bounds: a run over half the machine's memory refused up front",
+        "runtime/config.py",
+        "    if need > limit:",
+        "    if False:",
+        (T + "test_hostile_inputs.py::test_api_memory_is_refused_up_front_with_the_estimate",),
+    ),
+    Mutation(
+        "png-size",
+        "bounds: a PNG over Pillow's 89 M-pixel limit refused up front",
+        "runtime/images.py",
+        "    if ph * pw > MAX_PNG_PIXELS:",
+        "    if False:",
+        (T + "test_protections.py::test_png_over_the_pixel_limit_is_refused_before_work",),
     ),
     # -- --force for every file written ---------------------------------------------------------
     Mutation(
@@ -206,15 +256,34 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # -- caches -----------------------------------------------------------------------------------
     Mutation(
-        "ort-cache-stamp",
-        "optimised-graph cache: a changed entry is not used",
+        "ort-cache-sha256",
+        "optimised-graph cache: the entry's own sha256 checked (what is hashed is what runs)",
         "runtime/backends/ort_cache.py",
-        'or recorded.get("stamp") != _stamp(path)',
-        "",
+        'if hashlib.sha256(data).hexdigest() != recorded.get("sha256"):',
+        "if False:",
         (
-            T
-            + "test_hostile_bundles.py::test_optimised_graph_cache_entry_replaced_by_another_graph",
+            T + "test_hostile_bundles.py::test_optimised_graph_cache_entry_replaced_by_another_"
+            "graph",
+            T + "test_hostile_residue.py::test_cached_graph_edited_in_place_does_not_run",
         ),
+    ),
+    # -- quantisation parity ----------------------------------------------------------------------
+    Mutation(
+        "quantize-parity",
+        "quantisation: the int8 graph judged against fp32 by the tolerance table",
+        "export/quantize.py",
+        "    if not ok:\n        raise QuantizeError(",
+        "    if False:\n        raise QuantizeError(",
+        (T + "test_hostile_residue.py::test_quantize_fails_a_graph_that_must_fail_its_check",),
+    ),
+    Mutation(
+        "quantize-nan",
+        "quantisation: a U-Net whose own trajectories are not finite is refused",
+        "export/quantize.py",
+        "raise QuantizeError(_NOT_FINITE.format(precision=precision))",
+        "pass",
+        (T + "test_hostile_residue.py::test_quantize_refuses_a_unet_that_outputs_nan",),
+        count=2,
     ),
     # -- precision selection, CFG -----------------------------------------------------------------
     Mutation(
@@ -284,6 +353,14 @@ MUTATIONS: tuple[Mutation, ...] = (
             T + "test_samplers.py::test_ddim_matches_diffusers",
             T + "test_goldens.py::test_seeded_end_to_end_golden",
         ),
+    ),
+    Mutation(
+        "ddim-last-step-t1-golden",
+        "DDIM's last step lands at t = 0 (the end-to-end golden alone)",
+        SAMP,
+        "ab_prev = schedule.alpha_bar64[np.append(self.timesteps[1:], 0)]",
+        "ab_prev = schedule.alpha_bar64[np.append(self.timesteps[1:], 1)]",
+        (T + "test_goldens.py::test_seeded_end_to_end_golden",),
     ),
     Mutation(
         "ddim-sigma",
@@ -408,7 +485,7 @@ class Applied:
         original = self.path.read_bytes()
         text = original.decode()
         count = text.count(self.m.pattern)
-        if count != 1:
+        if count != self.m.count:
             raise LookupError(f"{self.m.id}: pattern found {count} times in {self.m.file}")
         self.original, self.mtime = original, self.path.stat().st_mtime_ns
         self.saved.parent.mkdir(parents=True, exist_ok=True)
@@ -457,7 +534,8 @@ def _table(rows) -> str:
     ]
     for m, verdict, secs in rows:
         tests = "<br>".join(f"`{_short(t)}`" for t in m.tests)
-        out.append(f"| `{m.id}` | {m.guards} | `{m.file}` | {tests} | {verdict} | {secs:.0f} |")
+        where = f"`{m.file}`" + (f" (x{m.count})" if m.count > 1 else "")
+        out.append(f"| `{m.id}` | {m.guards} | {where} | {tests} | {verdict} | {secs:.0f} |")
     return "\n".join(out)
 
 
@@ -503,6 +581,14 @@ def _write_docs(rows, caught: int, wall: float, command: str) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the mutant was already restored on the way out
+        print("error: interrupted; the working tree is restored", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="comma-separated mutation ids")
     p.add_argument("--list", action="store_true", help="print the table and exit")
@@ -527,9 +613,9 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     _restore_leftovers()
-    for m in rows:  # every pattern present exactly once, before anything runs
+    for m in rows:  # every pattern present as often as stated, before anything runs
         n = (ROOT / m.file).read_text().count(m.pattern)
-        if n != 1:
+        if n != m.count:
             print(f"error: {m.id}: pattern found {n} times in {m.file}", file=sys.stderr)
             return 2
     t_start = time.monotonic()

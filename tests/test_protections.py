@@ -123,6 +123,21 @@ def test_settings_out_of_range_are_refused_before_work(label_bundle, tmp_path, s
     assert not (tmp_path / "o.png").exists()
 
 
+def test_png_over_the_pixel_limit_is_refused_before_work(label_bundle, tmp_path):
+    """289 images of 8x8 as a 17x17 grid at --scale 64 is a 9,856-pixel square (97 M pixels,
+    over Pillow's 89 M limit, yet small in memory): refused with one line before the model
+    loads; nothing written. (At --num 100,000 the memory check would refuse it first.)"""
+    out = tmp_path / "a.png"
+    args = ["--model", str(label_bundle), "--prompt", "thing 1", "--out", str(out)]
+    proc = run_cli(*args, *"--num 289 --scale 64 --sampler ddim --steps 2".split(), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "over the limit of 89 M pixels" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    # just under the limit it runs (scale 57: 8,778 pixels square, 77 M)
+    proc = run_cli(*args, *"--num 289 --scale 57 --sampler ddim --steps 2".split(), check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- precision selection -------------------------------------------------------------------
 def _unet_inputs(gen: Generator):
     rng = np.random.default_rng(0)
