@@ -117,7 +117,8 @@ class GenerateConfig:
 # ddpm_rt.training.evaluate.choose_default (the cheapest setting within one standard error of
 # the best on held-out recognition@5, Fréchet within 1.1x of DDPM-500) applied to the
 # 16x16 model's evaluation grid: DDIM, 8 steps, eta 1, guidance 2 (its MODEL_CARD.md).
-FALLBACK = {"sampler": "ddim", "steps": 8, "eta": 1.0, "guidance": 2.0}
+# Steps are the sampler's own default (DEFAULT_STEPS: ddim 8), clamped to a bundle's T.
+FALLBACK = {"sampler": "ddim", "eta": 1.0, "guidance": 2.0}
 
 
 def cpus_available() -> int:

@@ -91,9 +91,10 @@ def test_each_model_gets_its_own_defaults(other):
 
 def test_a_bundle_without_recommended_settings_uses_the_fallback():
     cfg = GenerateConfig().with_defaults({})
-    assert (cfg.sampler, cfg.steps, cfg.eta, cfg.guidance) == tuple(
-        FALLBACK[k] for k in ("sampler", "steps", "eta", "guidance")
+    assert (cfg.sampler, cfg.eta, cfg.guidance) == tuple(
+        FALLBACK[k] for k in ("sampler", "eta", "guidance")
     )
+    assert cfg.steps is None  # the sampler's own default, clamped to the bundle's T
     assert GenerateConfig().with_defaults({"guidance": 3.0}).guidance == 3.0
 
 

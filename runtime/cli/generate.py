@@ -341,7 +341,7 @@ def add_generate_parsers(sub, common) -> None:
         "--sampler",
         choices=list(SAMPLERS),
         help="sampler (default: the model's recommended sampler, steps and eta; for a model "
-        f"without them {fb['sampler']}, {fb['steps']} steps, eta {fb['eta']:g})",
+        f"without them {fb['sampler']}, {DEFAULT_STEPS[fb['sampler']]} steps, eta {fb['eta']:g})",
     )
     steps_text = "; ".join(f"{k}: {v}" for k, v in DEFAULT_STEPS.items())
     g.add_argument("--steps", type=int, help=f"sampling steps (ddpm: all T; {steps_text})")
