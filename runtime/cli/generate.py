@@ -94,6 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_prompt(p, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
+        if cfg.guidance == 1.0:  # refused now when given; left to the model: once it is read
+            raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must be a .png file, got {out}")
