@@ -107,6 +107,8 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
         "image_size": 32,
         "scale_factor": meta["latent"]["scale_factor"],
         "mean": meta["latent"]["mean"],
+        "channel_mean": meta["latent"]["channel_mean"],
+        "channel_std": meta["latent"]["channel_std"],
     }
     # The scale factor is 1 / std of the saved encoder's latents over every image, recomputed
     # here from the images and the weights on disk.
@@ -116,6 +118,9 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
     with torch.no_grad():
         z = model.encode(x).latents
     assert meta["latent"]["scale_factor"] == pytest.approx(1 / z.double().std(unbiased=False))
+    assert meta["latent"]["channel_std"] == pytest.approx(
+        z.double().std(dim=(0, 2, 3), unbiased=False).tolist()
+    )
     # Held-out PSNR: style c only, never trained on; recomputed independently in NumPy.
     held = images[2::3]
     with torch.no_grad():

@@ -216,6 +216,8 @@ class AETrainer:
                 "image_size": c.image_size,
                 "scale_factor": ev["scale_factor"],
                 "mean": ev["mean"],
+                "channel_mean": ev["channel_mean"],
+                "channel_std": ev["channel_std"],
             },
             "decoder_gflop": self.decoder_gflop,
             "psnr_heldout": ev["psnr_heldout"],
