@@ -131,6 +131,11 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [4]
     assert [x["step"] for x in lines if "psnr_heldout" in x] == [2, 4]
+    # A grid at each checkpoint: 8 held-out images over their reconstructions, at x2.
+    h, w = make_grid(np.zeros((16, 32, 32, 3), np.uint8), 8).shape[:2]
+    for step in (2, 4):
+        with Image.open(out / "samples" / f"recon_{step:07d}.png") as im:
+            assert im.size == (2 * w, 2 * h)
 
 
 def test_psnr_clamps_to_the_pixel_range(styled_npz):
