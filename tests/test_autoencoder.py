@@ -1,7 +1,7 @@
 """The latent autoencoder (issue 19): shapes, decoder cost, training, resume, the scale
 factor, held-out PSNR, encode-latents, and the U-Net (one and two processes) on latents.
 
-Tiny configurations (16x16 images, width 8) so that every test takes seconds."""
+Tiny configurations (32x32 images -> 8x8x4 latents, width 8) so that every test takes seconds."""
 
 import json
 import os
@@ -22,6 +22,7 @@ from ddpm_rt.training.autoencoder import (
     check_decoder_cost,
     decoder_gflop,
     load_autoencoder,
+    psnr,
 )
 from ddpm_rt.training.autoencoder_train import AETrainConfig, AETrainer, train_autoencoder
 from ddpm_rt.training.shapes_dataset import make_shapes
@@ -33,8 +34,8 @@ TINY = {"latent_channels": 4, "encoder_width": 8, "decoder_width": 8}
 
 @pytest.fixture(scope="module")
 def styled_npz(tmp_path_factory):
-    """48 labelled 16x16 images in three 'styles'; style c is the held-out one."""
-    d = make_shapes(48, size=16, seed=5)
+    """48 labelled 32x32 images in three 'styles'; style c is the held-out one."""
+    d = make_shapes(48, size=32, seed=5)
     d["styles"] = np.array(["a", "b", "c"] * 16)
     path = tmp_path_factory.mktemp("ae_data") / "styled.npz"
     np.savez(path, **d)
@@ -101,11 +102,13 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
     assert meta["step"] == 4 and summary["steps"] == 4
     assert meta["latent"] == {
         "channels": 4,
-        "height": 4,
-        "width": 4,
-        "image_size": 16,
+        "height": 8,
+        "width": 8,
+        "image_size": 32,
         "scale_factor": meta["latent"]["scale_factor"],
         "mean": meta["latent"]["mean"],
+        "channel_mean": meta["latent"]["channel_mean"],
+        "channel_std": meta["latent"]["channel_std"],
     }
     # The scale factor is 1 / std of the saved encoder's latents over every image, recomputed
     # here from the images and the weights on disk.
@@ -115,6 +118,9 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
     with torch.no_grad():
         z = model.encode(x).latents
     assert meta["latent"]["scale_factor"] == pytest.approx(1 / z.double().std(unbiased=False))
+    assert meta["latent"]["channel_std"] == pytest.approx(
+        z.double().std(dim=(0, 2, 3), unbiased=False).tolist()
+    )
     # Held-out PSNR: style c only, never trained on; recomputed independently in NumPy.
     held = images[2::3]
     with torch.no_grad():
@@ -125,6 +131,22 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [4]
     assert [x["step"] for x in lines if "psnr_heldout" in x] == [2, 4]
+    # A grid at each checkpoint: 8 held-out images over their reconstructions, at x2.
+    h, w = make_grid(np.zeros((16, 32, 32, 3), np.uint8), 8).shape[:2]
+    for step in (2, 4):
+        with Image.open(out / "samples" / f"recon_{step:07d}.png") as im:
+            assert im.size == (2 * w, 2 * h)
+
+
+def test_psnr_clamps_to_the_pixel_range(styled_npz):
+    """Reconstructions are clamped to [-1, 1] before PSNR, as the runtime writes pixels."""
+    model = build_autoencoder(AutoencoderConfig(image_size=32, **TINY)).eval()
+    last = model.decoder.layers[-1]  # the output conv; DecoderTiny returns 2 * out - 1
+    with torch.no_grad():
+        last.weight.zero_(), last.bias.fill_(1.5)  # every pixel 2.0: clamped to 1 (white)
+    images = np.load(styled_npz)["images"][:6]
+    mse = ((1.0 - images / 255.0) ** 2).mean(axis=(1, 2, 3))
+    assert psnr(model, images) == pytest.approx(np.mean(-10 * np.log10(mse)), abs=1e-4)
 
 
 def test_heldout_style_is_not_trained_on(styled_npz, tmp_path):
@@ -153,7 +175,7 @@ def test_resume_continues_exactly(styled_npz, tmp_path, trained_ae):
 
 def test_cli_refuses_bad_input_before_work(styled_npz, tmp_path):
     base = ["train-autoencoder", "--data", str(styled_npz), "--holdout-style", "c"]
-    base.append("--no-progress")
+    base += ["--steps", "2", "--no-progress"]  # a run that is not refused ends soon
     cases = [
         (["--out", str(tmp_path / "a"), "--holdout-style", "zz"], "no images of style 'zz'"),
         (["--out", str(tmp_path / "b"), "--decoder-width", "80"], "GFLOP per 64x64 image"),
@@ -177,7 +199,7 @@ def test_latent_unet_trains_and_runs_distributed(trained_ae, styled_npz, tmp_pat
     with np.load(lat) as z:
         latents, info = z["latents"], json.loads(str(z["latent"]))
         assert "images" not in z.files and z["labels"].shape == (48,)
-    assert latents.shape == (48, 4, 4, 4) and latents.dtype == np.float32
+    assert latents.shape == (48, 4, 8, 8) and latents.dtype == np.float32
     assert latents.std() == pytest.approx(1.0, rel=1e-4)  # unit variance after scaling
     meta = json.loads((ae_dir / "config.json").read_text())
     assert info["scale_factor"] == meta["latent"]["scale_factor"]
@@ -185,11 +207,11 @@ def test_latent_unet_trains_and_runs_distributed(trained_ae, styled_npz, tmp_pat
     args = ["--steps", "3", "--batch-size", "8", "--n-feat", "8", "--timesteps", "20"]
     run_cli("train", "--data", str(lat), "--out", str(tmp_path / "u"), *args, "--no-progress")
     ck = json.loads((tmp_path / "u" / "config.json").read_text())
-    assert (ck["unet"]["in_channels"], ck["unet"]["height"]) == (4, 4)
+    assert (ck["unet"]["in_channels"], ck["unet"]["height"]) == (4, 8)
     assert ck["latent"]["autoencoder"]["path"] == str(ae_dir.resolve())
     with Image.open(tmp_path / "u" / "samples" / "step_0000003.png") as im:
-        # 8 rows x 4 columns of 16x16 *pixel* images (not 4x4 latents), shown at x2
-        h, w = make_grid(np.zeros((32, 16, 16, 3), np.uint8), 4).shape[:2]
+        # 8 rows x 4 columns of 32x32 *pixel* images (not 8x8 latents), shown at x2
+        h, w = make_grid(np.zeros((32, 32, 32, 3), np.uint8), 4).shape[:2]
         assert im.size == (2 * w, 2 * h)
     # Two processes on the same latent data stay in sync.
     proc = _torchrun(lat, tmp_path / "ddp", 4)

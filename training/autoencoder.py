@@ -156,11 +156,19 @@ def psnr(model, images: np.ndarray, batch: int = 64, device="cpu") -> float:
 
 
 def latent_stats(latents: np.ndarray) -> dict:
-    """The scale factor that gives the diffusion model unit-variance latents, and the mean."""
-    std = float(latents.astype(np.float64).std())
+    """The scale factor that gives the diffusion model unit-variance latents (one number,
+    as in Stable Diffusion), with the mean and per-channel statistics for information."""
+    z = latents.astype(np.float64)  # (N, C, h, w)
+    std = float(z.std())
     if not np.isfinite(std) or std <= 0:
         raise InputError(f"latents have std {std}; the autoencoder is broken")
-    return {"scale_factor": 1.0 / std, "mean": float(latents.mean()), "std": std}
+    return {
+        "scale_factor": 1.0 / std,
+        "mean": float(z.mean()),
+        "std": std,
+        "channel_mean": z.mean(axis=(0, 2, 3)).tolist(),
+        "channel_std": z.std(axis=(0, 2, 3)).tolist(),
+    }
 
 
 def read_autoencoder_config(ckpt_dir: str | Path) -> dict:

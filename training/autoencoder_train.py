@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 import ddpm_rt
 from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.errors import CheckpointError, InputError
+from ddpm_rt.images import save_png
 
 from .autoencoder import (
     AE_FORMAT,
@@ -156,6 +158,23 @@ class AETrainer:
         finally:
             self.model.train()
 
+    @torch.no_grad()
+    def recon_grid(self, n: int = 8) -> Path:
+        """``samples/recon_<step>.png``: n held-out images (top row) and their reconstructions."""
+        shown = (self.heldout if len(self.heldout) else self.images)[:n]
+        self.model.eval()
+        try:
+            y = decode(self.model, encode(self.model, to_pixels(shown).to(self.device)))
+        finally:
+            self.model.train()
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        return save_png(
+            self.out / "samples" / f"recon_{self.step:07d}.png",
+            np.concatenate([shown, to_uint8(y.clamp(-1, 1).cpu().numpy())]),
+            scale=2,
+            ncols=len(shown),
+        )
+
     def fit(self, progress: bool = True) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(
@@ -197,6 +216,7 @@ class AETrainer:
     def save(self, log=None) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.last_eval = ev = self.evaluate()
+        self.recon_grid()
         if log is not None:
             log.write(json.dumps({"step": self.step, **ev}) + "\n")
             log.flush()
@@ -216,6 +236,8 @@ class AETrainer:
                 "image_size": c.image_size,
                 "scale_factor": ev["scale_factor"],
                 "mean": ev["mean"],
+                "channel_mean": ev["channel_mean"],
+                "channel_std": ev["channel_std"],
             },
             "decoder_gflop": self.decoder_gflop,
             "psnr_heldout": ev["psnr_heldout"],

@@ -213,7 +213,8 @@ def read_checkpoint_config(
 
     path = Path(ckpt_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"not a {what} (no config.json): {ckpt_dir}")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise CheckpointError(f"not {article} {what} (no config.json): {ckpt_dir}")
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

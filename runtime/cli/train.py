@@ -164,7 +164,9 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def add_train_parsers(sub, common) -> None:
     t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
     t.add_argument(
-        "--data", required=True, help=".npz with images + labels/contexts, or images .npy"
+        "--data",
+        required=True,
+        help=".npz with images + labels/contexts (or latents, from encode-latents), or images .npy",
     )
     t.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
     t.add_argument("--contexts", help=".npy context vectors (N, D)")
