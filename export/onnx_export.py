@@ -109,6 +109,11 @@ def _write_json(path: Path, obj: dict) -> None:
 def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path:
     ckpt = Path(cfg.checkpoint)
     model, meta = load_model(ckpt)
+    if meta.get("latent"):  # nothing written: the bundle's decoder path is not built yet
+        raise InputError(
+            f"{ckpt} is a latent U-Net (trained on encode-latents data); exporting latent "
+            "bundles (the decoder graph) is not supported yet: see docs/latent.md"
+        )
     ckpt_sha = sha256_file(ckpt / "model.safetensors")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
