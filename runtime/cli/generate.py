@@ -325,6 +325,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_flags(p) -> None:
+    """How a command that loads a model loads it (generate, serve): precisions, backend,
+    engine cache, providers, threads, the expected digest."""
+    p.add_argument(
+        "--text-precision",
+        choices=["fp32", "int8"],
+        help="text encoder precision (default: the bundle's)",
+    )
+    p.add_argument(
+        "--unet-precision",
+        choices=["fp32", "fp16", "int8", "int8-qdq"],
+        help="U-Net precision, if the bundle has it (default: see the model card)",
+    )
+    p.add_argument(
+        "--backend",
+        default="ort",
+        choices=["ort", "trt"],
+        help="ort: ONNX Runtime (--providers); trt: TensorRT engines from build-engines",
+    )
+    p.add_argument("--engine-cache", help="TensorRT engine cache folder (default: per-user)")
+    p.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")
+    p.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
+
+
 def add_generate_parsers(sub, common) -> None:
     g = sub.add_parser("generate", help="generate images from a prompt (default command)")
     g.add_argument(
@@ -372,26 +397,7 @@ def add_generate_parsers(sub, common) -> None:
         "--preview-every", type=int, help="also save the x̂0 grid every K steps (OUT.stepK.png)"
     )
     g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
-    g.add_argument(
-        "--text-precision",
-        choices=["fp32", "int8"],
-        help="text encoder precision (default: the bundle's)",
-    )
-    g.add_argument(
-        "--unet-precision",
-        choices=["fp32", "fp16", "int8", "int8-qdq"],
-        help="U-Net precision, if the bundle has it (default: see the model card)",
-    )
-    g.add_argument(
-        "--backend",
-        default="ort",
-        choices=["ort", "trt"],
-        help="ort: ONNX Runtime (--providers); trt: TensorRT engines from build-engines",
-    )
-    g.add_argument("--engine-cache", help="TensorRT engine cache folder (default: per-user)")
-    g.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
-    g.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")
-    g.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
+    add_model_flags(g)
     g.add_argument("--no-progress", action="store_true")
     common(g)
     g.set_defaults(func=cmd_generate)

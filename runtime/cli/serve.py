@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 
+from ddpm_rt.cli.generate import add_model_flags
 from ddpm_rt.errors import InputError
 
 LOOPBACK_NAMES = ("localhost",)
@@ -200,25 +201,6 @@ def add_serve_parser(sub, common) -> None:
         help="on SIGTERM, seconds to finish running work before cancelling (10)",
     )
     s.add_argument("--access-log", action="store_true", help="log every request")
-    s.add_argument(
-        "--backend",
-        default="ort",
-        choices=["ort", "trt"],
-        help="ort: ONNX Runtime (--providers); trt: TensorRT engines",
-    )
-    s.add_argument("--providers", help="ONNX Runtime providers, comma-separated")
-    s.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")
-    s.add_argument(
-        "--text-precision",
-        choices=["fp32", "int8"],
-        help="text encoder precision (default: the bundle's)",
-    )
-    s.add_argument(
-        "--unet-precision",
-        choices=["fp32", "fp16", "int8", "int8-qdq"],
-        help="U-Net precision, if the bundle has it (default: see the model card)",
-    )
-    s.add_argument("--engine-cache", help="TensorRT engine cache folder (default: per-user)")
-    s.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
+    add_model_flags(s)
     common(s)
     s.set_defaults(func=cmd_serve)
