@@ -63,7 +63,8 @@ CLASSES = [  # (key, what was tried, how it must end)
     (
         "api",
         "API arguments of wrong type or range (prompt=123, num='2', steps=5.5, "
-        "guidance=None/NaN, providers as a string, NaN/huge/mis-shaped contexts, surrogates)",
+        "guidance='2'/NaN, sampler=3, providers as a string, NaN/huge/mis-shaped contexts, "
+        "surrogates)",
         "InputError naming the argument",
     ),
     (
