@@ -13,6 +13,7 @@ handlers are installed within milliseconds of the process starting.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -32,12 +33,30 @@ class Signalled(BaseException):
 
 _received: list[int] = []  # signals seen, in case library code swallows or rewraps ours
 _finishing: list[bool] = []  # set once the work is over: a late signal then changes nothing
+_deferring: list[bool] = []  # set while native code that calls back into Python runs
 
 
 def _raise_signalled(signum, frame):
     _received.append(signum)
-    if not _finishing:  # not while main() switches the handlers off on its way out
+    # not while main() switches the handlers off on its way out, nor inside a deferral
+    if not _finishing and not _deferring:
         raise Signalled(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT/SIGTERM are recorded, not raised, while the block runs, and raised once it is
+    over. For imports of native extensions (torch, onnx): a Python exception raised inside
+    their pybind11 callbacks there ends in std::terminate (exit by SIGABRT, "terminate called
+    after throwing an instance of 'pybind11::error_already_set'"), seen when a SIGTERM landed
+    while ``ddpm-rt export`` imported torch."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if _received and not _deferring and not _finishing:
+        raise Signalled(_received[0])
 
 
 def build_parser():

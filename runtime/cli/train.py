@@ -11,13 +11,20 @@ import os
 import sys
 from pathlib import Path
 
+from ddpm_rt.cli import signals_deferred
 from ddpm_rt.cli.generate import default_model, fields_of
 from ddpm_rt.errors import InputError
 from ddpm_rt.extras import require
 
 
+def _load(module: str, extra: str):
+    """A training or export module, imported with signals deferred (it imports torch)."""
+    with signals_deferred():
+        return require(module, extra)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    train_mod = require("ddpm_rt.training.train", "train")
+    train_mod = _load("ddpm_rt.training.train", "train")
     from ddpm_rt.training.data import parse_label_names
 
     cfg = train_mod.TrainConfig(
@@ -39,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    ae = require("ddpm_rt.training.autoencoder_train", "train")
+    ae = _load("ddpm_rt.training.autoencoder_train", "train")
     cfg = ae.AETrainConfig(**fields_of(ae.AETrainConfig, args))
     s = ae.train_autoencoder(cfg, resume=args.resume, progress=not args.no_progress)
     held = "" if s["psnr_heldout"] is None else f", held-out PSNR {s['psnr_heldout']:.2f} dB"
@@ -53,7 +60,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_encode_latents(args: argparse.Namespace) -> int:
-    ae = require("ddpm_rt.training.autoencoder", "train")
+    ae = _load("ddpm_rt.training.autoencoder", "train")
     from ddpm_rt.bundle.fileio import check_writable
 
     check_writable(Path(args.out), force=args.force)
@@ -63,7 +70,7 @@ def cmd_encode_latents(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    exp = require("ddpm_rt.export.onnx_export", "export")
+    exp = _load("ddpm_rt.export.onnx_export", "export")
     extra = {}
     if args.text_precisions:
         extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
@@ -73,7 +80,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    ev = require("ddpm_rt.training.evaluate", "train")
+    ev = _load("ddpm_rt.training.evaluate", "train")
     from ddpm_rt.bundle.fileio import check_writable
 
     for out in (args.json, args.grid):
@@ -121,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    q = require("ddpm_rt.export.quantize", "export")
+    q = _load("ddpm_rt.export.quantize", "export")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if args.precision == "fp16":
         q.fp16_bundle(args.bundle, force=args.force, log=log)
@@ -131,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_text_export(args: argparse.Namespace) -> int:
-    tx = require("ddpm_rt.export.text_export", "export")
+    tx = _load("ddpm_rt.export.text_export", "export")
     tx.export_text_encoder(
         args.out,
         model_dir=args.model_dir,
