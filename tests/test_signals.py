@@ -241,3 +241,18 @@ def test_a_signal_while_main_finishes_does_not_raise():
     finally:
         cli._finishing.clear()
         cli._received.clear()
+
+
+def test_a_signal_in_a_deferred_block_is_raised_when_it_ends():
+    """Inside signals_deferred (a command importing torch) a signal is recorded, not raised
+    into native code's callbacks; it is raised as soon as the block is over."""
+    from ddpm_rt import cli
+
+    reached = []
+    try:
+        with pytest.raises(cli.Signalled), cli.signals_deferred():
+            cli._raise_signalled(signal.SIGTERM, None)  # no exception here
+            reached.append(True)
+        assert reached == [True]
+    finally:
+        cli._received.clear()
