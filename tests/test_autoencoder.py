@@ -106,18 +106,21 @@ def test_training_checkpoint_and_scale_factor(trained_ae, styled_npz):
         "width": 8,
         "image_size": 32,
         "scale_factor": meta["latent"]["scale_factor"],
+        "shift": meta["latent"]["shift"],
         "mean": meta["latent"]["mean"],
-        "channel_mean": meta["latent"]["channel_mean"],
         "channel_std": meta["latent"]["channel_std"],
     }
-    # The scale factor is 1 / std of the saved encoder's latents over every image, recomputed
-    # here from the images and the weights on disk.
+    # The shift is the per-channel mean and the scale factor 1 / std of the shifted latents
+    # over every image, recomputed here from the images and the weights on disk.
     model, _ = load_autoencoder(out)
     images = np.load(styled_npz)["images"]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         z = model.encode(x).latents
-    assert meta["latent"]["scale_factor"] == pytest.approx(1 / z.double().std(unbiased=False))
+    mean = z.double().mean(dim=(0, 2, 3))
+    assert meta["latent"]["shift"] == pytest.approx(mean.tolist())
+    shifted = z.double() - mean.reshape(1, -1, 1, 1)
+    assert meta["latent"]["scale_factor"] == pytest.approx(1 / shifted.std(unbiased=False))
     assert meta["latent"]["channel_std"] == pytest.approx(
         z.double().std(dim=(0, 2, 3), unbiased=False).tolist()
     )
@@ -201,6 +204,7 @@ def test_latent_unet_trains_and_runs_distributed(trained_ae, styled_npz, tmp_pat
         assert "images" not in z.files and z["labels"].shape == (48,)
     assert latents.shape == (48, 4, 8, 8) and latents.dtype == np.float32
     assert latents.std() == pytest.approx(1.0, rel=1e-4)  # unit variance after scaling
+    assert np.abs(latents.mean(axis=(0, 2, 3))).max() < 1e-4  # zero mean per channel
     meta = json.loads((ae_dir / "config.json").read_text())
     assert info["scale_factor"] == meta["latent"]["scale_factor"]
     # One process: the U-Net takes C channels in and out; the grid is decoded to pixels.

@@ -6,9 +6,9 @@ width per side, ``len(blocks) - 1`` stride-2 levels (two: a 4x smaller latent). 
 deterministic (not variational); the decoder soft-clamps its input to +-3
 (``3 tanh(z / 3)``), which keeps the latent range bounded without a KL term.
 
-The diffusion model sees ``latent * scale_factor``, where ``scale_factor`` = 1 / std of the
-encoder's latents over the whole data set (Rombach et al. 2022, sec. 4.3.2 and appendix
-G), recorded in the checkpoint's ``config.json`` and in every latent data file.
+The diffusion model sees ``(latent - shift) * scale_factor``, where ``shift`` is the
+per-channel mean and ``scale_factor`` = 1 / std of the shifted latents over the whole data
+set (Rombach et al. 2022, sec. 4.3.2; Stable Diffusion 3's shift factor), recorded in the checkpoint's ``config.json`` and in every latent data file.
 
 Checkpoint folder (written by :mod:`.autoencoder_train`):
 
@@ -156,19 +156,35 @@ def psnr(model, images: np.ndarray, batch: int = 64, device="cpu") -> float:
 
 
 def latent_stats(latents: np.ndarray) -> dict:
-    """The scale factor that gives the diffusion model unit-variance latents (one number,
-    as in Stable Diffusion), with the mean and per-channel statistics for information."""
+    """How the diffusion model's latents are made from the encoder's: ``(z - shift) *
+    scale_factor``, with ``shift`` the per-channel mean and ``scale_factor`` one number, 1 /
+    std of the shifted latents (Stable Diffusion 3's shift and scale, the shift per channel:
+    this encoder's channel means differ by up to 1.7 std, which a zero-mean diffusion model
+    would otherwise have to learn as an offset). Per-channel std is kept for information."""
     z = latents.astype(np.float64)  # (N, C, h, w)
-    std = float(z.std())
+    shift = z.mean(axis=(0, 2, 3))
+    std = float((z - shift[None, :, None, None]).std())
     if not np.isfinite(std) or std <= 0:
         raise InputError(f"latents have std {std}; the autoencoder is broken")
     return {
         "scale_factor": 1.0 / std,
+        "shift": shift.tolist(),
         "mean": float(z.mean()),
         "std": std,
-        "channel_mean": z.mean(axis=(0, 2, 3)).tolist(),
         "channel_std": z.std(axis=(0, 2, 3)).tolist(),
     }
+
+
+def to_model_latents(raw: np.ndarray, info: dict) -> np.ndarray:
+    """Encoder latents -> the diffusion model's: (z - shift) * scale_factor (float32)."""
+    shift = np.asarray(info.get("shift", 0.0), np.float64).reshape(1, -1, 1, 1)
+    return ((raw - shift) * float(info["scale_factor"])).astype(np.float32)
+
+
+def from_model_latents(x: torch.Tensor, info: dict) -> torch.Tensor:
+    """The diffusion model's latents -> the decoder's input: x / scale_factor + shift."""
+    shift = torch.as_tensor(info.get("shift", 0.0), dtype=x.dtype, device=x.device)
+    return x / float(info["scale_factor"]) + shift.reshape(1, -1, 1, 1)
 
 
 def read_autoencoder_config(ckpt_dir: str | Path) -> dict:
@@ -210,19 +226,18 @@ def latent_decoder(info: dict, device="cpu"):
         print(f"note: autoencoder in {ae['path']} has changed; no sample grids", file=sys.stderr)
         return None
     model = load_autoencoder(ae["path"])[0].to(device)
-    scale = float(info["scale_factor"])
 
     @torch.no_grad()
     def to_pixels_np(latents: np.ndarray) -> np.ndarray:
-        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(device) / scale
-        return decode(model, z).clamp(-1, 1).cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(device)
+        return decode(model, from_model_latents(x, info)).clamp(-1, 1).cpu().numpy()
 
     return to_pixels_np
 
 
 def encode_latents(ae_dir: str | Path, data: str | Path, out: str | Path, log=print) -> Path:
     """``ddpm-rt encode-latents``: an emoji/pixel ``.npz`` -> the same file with ``latents``
-    (N, C, h, w) float32 = encoder latents * scale_factor in place of ``images``, plus
+    (N, C, h, w) float32 = (encoder latents - shift) * scale_factor in place of ``images``, plus
     ``latent`` (JSON: scale factor, shape, the autoencoder's folder and weights sha256).
     ``ddpm-rt train --data`` takes it as is."""
     import hashlib
@@ -245,7 +260,7 @@ def encode_latents(ae_dir: str | Path, data: str | Path, out: str | Path, log=pr
     torch.set_grad_enabled(False)
     raw = encode_images(model, images)
     scale = float(meta["latent"]["scale_factor"])
-    latents = (raw * scale).astype(np.float32)
+    latents = to_model_latents(raw, meta["latent"])
     weights = Path(ae_dir) / "model.safetensors"
     info = {
         **meta["latent"],
