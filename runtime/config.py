@@ -162,20 +162,26 @@ def estimate_bytes(
     frames: int = 0,
     scale: int = 1,
     gif: bool = False,
+    sample: tuple[int, int, int] | None = None,
 ) -> int:
     """What a call will allocate, roughly: the uint8 results plus, for the rows of one U-Net
     call, x_t, eps, noise and their copies, and the U-Net's activations (about 64 image-sized
     float32 tensors per row at this project's widths); plus ``frames`` kept x̂0 previews
     (``--trajectory``, ``--preview-every``), each a uint8 copy of every image, and their
     grids upscaled by ``scale``: one at a time for preview PNGs, all at once (as RGB and as
-    palette images) for a ``gif``."""
+    palette images) for a ``gif``. ``sample``: what the U-Net samples when it is not the
+    image (a latent bundle's latent shape); the decoder's activations are counted like the
+    U-Net's, per image pixel."""
     c, h, w = image_shape
+    sc, sh, sw = sample or image_shape
     total = cfg.num * prompts
     rows = min(cfg.batch_size, total) * (1 if cfg.guidance == 1.0 else 2)
     ncols = math.isqrt(total - 1) + 1  # a square-ish grid, as images.grid_size lays it out
     grid = (-(-total // ncols) * (h + 1) + 1) * (ncols * (w + 1) + 1) * scale * scale
     grids = (frames if gif else min(frames, 1)) * grid * (c + 1)
-    return total * h * w * c + rows * c * h * w * 4 * (8 + 64) + frames * total * h * w * c + grids
+    unet = rows * sc * sh * sw * 4 * (8 + 64)
+    decoder = 0 if sample is None else min(cfg.batch_size, total) * c * h * w * 4 * 64
+    return total * h * w * c + unet + decoder + frames * total * h * w * c + grids
 
 
 def _size(n: int) -> str:

@@ -21,7 +21,7 @@ from ddpm_rt.config import (
 from ddpm_rt.core.guidance import GuidedUNet
 from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.core.schedule import NoiseSchedule, timestep_input
-from ddpm_rt.errors import BundleError, InputError
+from ddpm_rt.errors import BundleError, InputError, NumericalError
 from ddpm_rt.progress import StepInfo, progress_bar
 from ddpm_rt.run import Job, run_jobs
 from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
@@ -56,6 +56,7 @@ class Generator:
         threads: int | None = None,
         unet_precision: str | None = None,
         engine_cache: str | Path | None = None,
+        decoder_precision: str | None = None,
     ):
         """``expected_digest``: the sha256 of the bundle's manifest.json, from a trusted
         place; a bundle with another digest is refused (``ddpm-rt info`` prints it).
@@ -64,7 +65,9 @@ class Generator:
         :data:`DEFAULT_UNET_PRECISION` when the bundle has it, else fp32.
         ``backend="trt"``: the U-Net runs on TensorRT engines built on this machine by
         ``ddpm-rt build-engines`` into ``engine_cache`` (default: the per-user cache); its
-        ``int8`` is the bundle's symmetric Q/DQ graph (``int8-qdq``)."""
+        ``int8`` is the bundle's symmetric Q/DQ graph (``int8-qdq``).
+        ``decoder_precision``: a latent bundle's decoder graph (``fp32``, or a variant it
+        lists); default the bundle's ``latent.decoder.default_precision``."""
         if threads is not None:
             check_threads(threads)
         if isinstance(bundle, Bundle):
@@ -114,6 +117,18 @@ class Generator:
             self.text_precision = precision
         elif text_precision is not None:
             raise InputError("text precision applies to text-conditioned bundles only")
+        self.decoder_graph: str | None = None  # a latent bundle's decoder
+        self.decoder_precision: str | None = None
+        decoders = self.bundle.decoder_precisions
+        if decoders:
+            dprec = decoder_precision or self.bundle.latent["decoder"]["default_precision"]
+            if not isinstance(dprec, str) or dprec not in decoders:
+                raise InputError(
+                    f"this bundle's decoder comes in {', '.join(decoders)}, not {dprec!r:.20}"
+                )
+            self.decoder_graph, self.decoder_precision = decoders[dprec], dprec
+        elif decoder_precision is not None:
+            raise InputError("decoder precision applies to latent bundles only")
         cache = None
         if engine_cache is not None:
             from ddpm_rt.backends.engine_cache import EngineCache
@@ -124,6 +139,8 @@ class Generator:
         )
         # Sessions the generation path uses are created (and checked) now, not mid-call.
         self.backend.session(self.unet_graph)
+        if self.decoder_graph is not None:
+            self.backend.session(self.decoder_graph)
         if cond["kind"] == "text":
             graph = t["graphs"][precision]
             self.backend.session(graph)
@@ -205,8 +222,20 @@ class Generator:
 
     # -- sampling -----------------------------------------------------------------------
     def to_pixels(self, x0: np.ndarray) -> np.ndarray:
-        """The final stage: x_0 (B, C, H, W) in model space -> images (B, H, W, 3) uint8."""
-        return to_uint8(x0)
+        """The final stage: x_0 (B, C, h, w) as the U-Net samples it -> images (B, H, W, 3)
+        uint8. A latent bundle's decoder graph turns the latents into pixels first (its
+        output is checked finite: a broken or overflowed decoder is an error, not an image)."""
+        if self.decoder_graph is None:
+            return to_uint8(x0)
+        latent = np.ascontiguousarray(x0, dtype=np.float32)
+        image = self.backend.run(self.decoder_graph, {"latent": latent})["image"]
+        if not np.isfinite(image).all():
+            raise NumericalError(
+                f"the decoder's output is not finite (backend {self.backend.name}, decoder "
+                f"precision {self.decoder_precision}): the graph is broken or overflowed; no "
+                "image was produced"
+            )
+        return to_uint8(image)
 
     def eps(
         self,
@@ -287,7 +316,7 @@ class Generator:
         rows = len(prompts) if prompts else 1
         check_memory(
             f"generating {rows * cfg.num} images",
-            estimate_bytes(cfg, self.bundle.image_shape, rows),
+            estimate_bytes(cfg, self.bundle.image_shape, rows, sample=self.bundle.sample_shape),
         )
         d = self.bundle.context_dim
         if prompts is not None:

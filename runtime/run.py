@@ -131,14 +131,14 @@ class Run:
         sampler = self.parts[0][0].sampler.fresh()  # multistep solvers keep per-run history
         n_steps = len(sampler.timesteps)
         self.unet = GuidedUNet(
-            gen.backend, gen.unet_graph, gen.bundle.image_shape, contexts, scales, uncond
+            gen.backend, gen.unet_graph, gen.bundle.sample_shape, contexts, scales, uncond
         )
         noise = ImageNoise(seeds, index, draws=n_steps + 1)  # initial + at most one per step
         T = gen.schedule.timesteps
         # Non-finite values are caught by the per-row check with a clear error; NumPy's own
         # warnings about them would only add noise before it.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            x = noise.standard_normal((len(contexts), *gen.bundle.image_shape), np.float32)
+            x = noise.standard_normal((len(contexts), *gen.bundle.sample_shape), np.float32)
             for i in range(n_steps):
                 t = int(sampler.timesteps[i])
                 eps, raw = self.unet(x, timestep_input(t, T))

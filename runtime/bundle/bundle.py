@@ -46,7 +46,13 @@ class Bundle:
         self.manifest = manifest
         self.digest = digest  # sha256 of manifest.json's bytes
         img = manifest["image"]
-        self.image_shape = (img["channels"], img["height"], img["width"])
+        self.image_shape = (img["channels"], img["height"], img["width"])  # the output pixels
+        lat = manifest.get("latent")
+        self.latent: dict | None = lat  # None for a pixel bundle
+        # what the U-Net samples: the latent (C, h, w) of a latent bundle, else the image
+        self.sample_shape = (
+            (lat["channels"], lat["height"], lat["width"]) if lat else self.image_shape
+        )
         self.schedule = ScheduleConfig.from_dict(manifest["schedule"])
         self.conditioning: dict = manifest["conditioning"]
         self.graphs = {k: GraphIO.from_dict(k, v) for k, v in manifest["graphs"].items()}
@@ -60,6 +66,11 @@ class Bundle:
         """U-Net precision -> graph name (``fp32`` is always ``unet``)."""
         extra = self.manifest.get("unet_precisions", {})
         return {"fp32": "unet", **{p: e["graph"] for p, e in extra.items()}}
+
+    @property
+    def decoder_precisions(self) -> dict[str, str]:
+        """A latent bundle's decoder precision -> graph name; {} for a pixel bundle."""
+        return dict(self.latent["decoder"]["graphs"]) if self.latent else {}
 
     @property
     def recommended(self) -> dict:

@@ -112,6 +112,19 @@ def unet_io(channels: int, height: int, width: int, context_dim: int) -> GraphIO
     )
 
 
+def decoder_io(
+    channels: int, height: int, width: int, image_height: int, image_width: int
+) -> GraphIO:
+    """A latent bundle's decoder: (latent[B,C,h,w] f32, as the U-Net samples it) ->
+    image[B,3,H,W] f32 in [-1, 1]. The latent's un-scaling is inside the graph."""
+    return GraphIO(
+        name="decoder",
+        file="decoder.onnx",
+        inputs=(TensorSpec("latent", "float32", ("batch", channels, height, width)),),
+        outputs=(TensorSpec("image", "float32", ("batch", 3, image_height, image_width)),),
+    )
+
+
 def text_encoder_io(dim: int) -> GraphIO:
     """(input_ids[B,S] i64, attention_mask[B,S] i64) -> embedding[B,D] f32 (unit length)."""
     return GraphIO(

@@ -21,13 +21,14 @@ import math
 import re
 from typing import Any
 
-from ddpm_rt.bundle.io_spec import ORT_TYPES, GraphIO, text_encoder_io, unet_io
+from ddpm_rt.bundle.io_spec import ORT_TYPES, GraphIO, decoder_io, text_encoder_io, unet_io
 from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
 from ddpm_rt.errors import BundleError
 
 SCHEMA_VERSION = 1
-# Features this runtime understands, for a manifest's ``requires`` list.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+# Features this runtime understands, for a manifest's ``requires`` list. ``latent``: the
+# U-Net samples a latent that a decoder graph turns into the image (``latent`` object).
+KNOWN_FEATURES: frozenset[str] = frozenset({"latent"})
 
 MAX_TIMESTEPS = 10_000
 MAX_IMAGE_SIDE = 1024
@@ -48,6 +49,9 @@ _GRAPH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 CONDITIONING_KINDS = ("label", "text", "vector")
 UNET_PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
+DECODER_PRECISIONS = ("fp32", "fp16", "int8")
+MAX_LATENT_CHANNELS = 64
+MAX_SCALE_FACTOR = 1e6
 
 
 class _Fail(Exception):
@@ -204,6 +208,33 @@ def _validate(m: Any) -> None:
     w = _int(image, "image", "width", 4, MAX_IMAGE_SIDE)
     if h % 4 or w % 4:
         _fail("image", f"height and width must be divisible by 4, got {h}x{w}")
+    latent = _dict(m, "", "latent", required=False)
+    if latent is not None and "latent" not in requires:
+        _fail(
+            "requires",
+            "a bundle with a 'latent' object must list 'latent' (older runtimes "
+            "would otherwise draw its latents as pixels)",
+        )
+    if "latent" in requires and latent is None:
+        _fail("latent", "missing (the bundle requires 'latent')")
+    sample = (c, h, w)  # what the U-Net samples: the image, or the latent
+    if latent is not None:
+        lc = _int(latent, "latent", "channels", 1, MAX_LATENT_CHANNELS)
+        lh = _int(latent, "latent", "height", 4, h)
+        lw = _int(latent, "latent", "width", 4, w)
+        if lh % 4 or lw % 4:
+            _fail("latent", f"height and width must be divisible by 4, got {lh}x{lw}")
+        if h % lh or w % lw or h // lh != w // lw:
+            _fail("latent", f"{lh}x{lw} must divide the image {h}x{w} by one whole factor")
+        _float(latent, "latent", "scale_factor", 0.0, MAX_SCALE_FACTOR)
+        shift = latent.get("shift")
+        if shift is not None and not (
+            isinstance(shift, list)
+            and len(shift) == lc
+            and all(type(v) in (int, float) and math.isfinite(v) for v in shift)
+        ):
+            _fail("latent.shift", f"must be a list of {lc} finite numbers, got {_show(shift)}")
+        sample = (lc, lh, lw)
 
     sched = _dict(m, "", "schedule")
     _str(sched, "schedule", "kind", choices=("linear",))
@@ -239,7 +270,29 @@ def _validate(m: Any) -> None:
     kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
     d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
     for gname in {"unet", *(e["graph"] for e in precisions.values())}:
-        _expect_graph(unet_io(c, h, w, d), graphs[gname], "must agree with image and conditioning")
+        _expect_graph(
+            unet_io(*sample, d),
+            graphs[gname],
+            "must agree with the "
+            + ("latent" if latent is not None else "image")
+            + " and conditioning",
+        )
+    if latent is not None:
+        dec = _dict(latent, "latent", "decoder")
+        dgraphs = _dict(dec, "latent.decoder", "graphs")
+        if not dgraphs:
+            _fail("latent.decoder.graphs", "must name at least one decoder graph")
+        for precision, gname in dgraphs.items():
+            where = f"latent.decoder.graphs.{precision}"
+            if precision not in DECODER_PRECISIONS:
+                _fail(
+                    "latent.decoder.graphs",
+                    f"{_show(precision)} is not one of {', '.join(DECODER_PRECISIONS)}",
+                )
+            if not isinstance(gname, str) or gname not in graphs:
+                _fail(where, f"{_show(gname)} is not a graph of this bundle")
+            _expect_graph(decoder_io(*sample, h, w), graphs[gname], "the latent decoder")
+        _str(dec, "latent.decoder", "default_precision", choices=tuple(dgraphs))
     if kind == "label":
         names = _get(cond, "conditioning", "label_names", required=False) or []
         ok = isinstance(names, list) and len(names) <= min(d, MAX_LABELS)

@@ -131,7 +131,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if trajectory is not None:
         what += f" with a {frames_kept}-frame --trajectory"
     need = estimate_bytes(
-        cfg, bundle.image_shape, len(prompts), frames_kept, args.scale, gif=trajectory is not None
+        cfg,
+        bundle.image_shape,
+        len(prompts),
+        frames_kept,
+        args.scale,
+        gif=trajectory is not None,
+        sample=bundle.sample_shape,
     )
     check_memory(what, need)
     # 3. The graphs, checked against the bundle; then the work.
@@ -143,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         threads=args.threads,
         unet_precision=args.unet_precision,
         engine_cache=args.engine_cache,
+        decoder_precision=args.decoder_precision,
     )
     frames: dict[int, np.ndarray] = {}  # step within a chunk -> x̂0 of every image
     every = 1 if trajectory is not None else (args.preview_every or 0)
@@ -180,8 +187,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "unet_precision": gen.unet_precision,
         "text_precision": getattr(gen, "text_precision", None),
         "bundle_digest": gen.bundle.digest,
-        "ddpm_rt": __version__,
     }
+    if gen.decoder_graph is not None:  # a latent bundle: what turned the latents into pixels
+        provenance["decoder"] = gen.decoder_graph
+        provenance["decoder_precision"] = gen.decoder_precision
+    provenance["ddpm_rt"] = __version__
     save_png(out, images, scale=args.scale, ncols=ncols, provenance=provenance)
     if args.preview_every:
         for k in sorted(frames):
@@ -260,6 +270,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"bundle      {b.path}",
         f"digest      {b.digest}  (sha256 of manifest.json; pins every file)",
         f"image       {c}x{h}x{w}",
+    ]
+    if b.latent:
+        lc, lh, lw = b.sample_shape
+        lines.append(
+            f"latent      {lc}x{lh}x{lw} (scale factor {b.latent['scale_factor']:.4g}), decoded "
+            f"by {', '.join(f'{p}: {g}' for p, g in b.decoder_precisions.items())}"
+        )
+    lines += [
         f"schedule    {m['schedule']}",
         f"conditioning {b.conditioning['kind']} (context dim {b.context_dim})",
     ]
@@ -337,6 +355,11 @@ def add_model_flags(p) -> None:
         "--unet-precision",
         choices=["fp32", "fp16", "int8", "int8-qdq"],
         help="U-Net precision, if the bundle has it (default: see the model card)",
+    )
+    p.add_argument(
+        "--decoder-precision",
+        choices=["fp32", "fp16", "int8"],
+        help="a latent bundle's decoder precision, if the bundle has it (default: the bundle's)",
     )
     p.add_argument(
         "--backend",

@@ -98,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         expected_digest=_digest(args),
         threads=args.threads,
         unet_precision=args.unet_precision,
+        decoder_precision=args.decoder_precision,
         engine_cache=args.engine_cache,
     )
     app = create_app(gen, limits, token=args.token, cors_origins=tuple(args.cors_origin or ()))

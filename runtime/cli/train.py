@@ -263,6 +263,10 @@ def add_train_parsers(sub, common) -> None:
     e.add_argument("--force", action="store_true", help="re-export even if up to date")
     e.add_argument("--text-encoder", help="text-encoder folder (default: the training one)")
     e.add_argument("--text-precisions", help="encoder graphs to ship: fp32,int8 (default both)")
+    e.add_argument(
+        "--autoencoder",
+        help="a latent model's autoencoder folder (default: the one it was trained with)",
+    )
     common(e)
     e.set_defaults(func=cmd_export)
 
