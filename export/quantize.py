@@ -283,7 +283,7 @@ def _add_variant(
         del base["graphs"][graph]
         base["files"].pop(old_file, None)
         base.get("unet_precisions", {}).pop(precision, None)
-    c, h, w = bundle.image_shape
+    c, h, w = bundle.sample_shape  # the U-Net's: a latent bundle's latent
     new = copy.deepcopy(base)
     new["graphs"][graph] = {**unet_io(c, h, w, bundle.context_dim).to_dict(), "file": file}
     new["files"][file] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

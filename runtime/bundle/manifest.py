@@ -273,9 +273,7 @@ def _validate(m: Any) -> None:
         _expect_graph(
             unet_io(*sample, d),
             graphs[gname],
-            "must agree with the "
-            + ("latent" if latent is not None else "image")
-            + " and conditioning",
+            f"must agree with {'latent' if latent is not None else 'image'} and conditioning",
         )
     if latent is not None:
         dec = _dict(latent, "latent", "decoder")

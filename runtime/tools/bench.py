@@ -66,7 +66,7 @@ def _torch_rows(gen: Generator, batch_sizes, repeats, torch_model, compile_: boo
     from ddpm_rt.tolerances import check
 
     model, ref, _ = torch_model
-    c, h, w = gen.bundle.image_shape
+    c, h, w = gen.bundle.sample_shape
     d = gen.bundle.context_dim
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, c, h, w), dtype=np.float32)
@@ -116,7 +116,7 @@ def _row(b: int, s: np.ndarray, flops, peak, fp32: bool = True) -> dict:
 
 def _ort_rows(gen: Generator, batch_sizes, repeats, flops, peak) -> list[dict]:
     fp32 = gen.unet_precision == "fp32"
-    c, h, w = gen.bundle.image_shape
+    c, h, w = gen.bundle.sample_shape
     rng = np.random.default_rng(0)
     ctx1 = gen.context(_prompt(gen))
     out = []
@@ -168,7 +168,7 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     cfg = cfg.with_defaults(gen.bundle.recommended)
     n = len(cfg.make_sampler(gen.schedule).timesteps)
     total = float(np.median(time_it(lambda: gen.generate(context=ctx, config=cfg), repeats, 2))) / n
-    c, h, w = gen.bundle.image_shape
+    c, h, w = gen.bundle.sample_shape
     x = np.zeros((1, c, h, w), np.float32)
     c1 = ctx[None].astype(np.float32)
     unet = float(np.median(time_it(lambda: gen.eps(x, 1, c1, cfg.guidance), 5 * repeats)))
@@ -256,7 +256,7 @@ def run_bench(
         else (None, None, "not measured")
     )
     peak, peak_why = peak_gflops(gen.backend.threads)
-    c, h, w = gen.bundle.image_shape
+    c, h, w = gen.bundle.sample_shape
     one = {
         "x": np.zeros((1, c, h, w), np.float32),
         "t": np.full((1, 1), 0.5, np.float32),

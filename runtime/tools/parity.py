@@ -31,7 +31,7 @@ def record(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]
 
         noise = ImageNoise(start, range(len(c)))
         sample_loop(
-            eps_fn, make_sampler("ddpm", gen.schedule), (len(c), *gen.bundle.image_shape), noise
+            eps_fn, make_sampler("ddpm", gen.schedule), (len(c), *gen.bundle.sample_shape), noise
         )
     return feeds
 
