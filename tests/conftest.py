@@ -135,6 +135,35 @@ def text_trained(tmp_path_factory, shapes_npz, tiny_text) -> dict:
     return {"ckpt": ckpt, "bundle": bundle}
 
 
+@pytest.fixture(scope="session")
+def latent_trained(tmp_path_factory, tiny_text) -> dict:
+    """A tiny *latent* bundle (issue 19): 32x32 captioned shapes, an autoencoder (width 8,
+    4 steps) to 8x8x4 latents, a caption-conditioned U-Net (n_feat 8, 3 steps) on them, and
+    the export with its decoder graph. Real, but nowhere near trained: for contracts only."""
+    import numpy as np
+
+    from ddpm_rt.training.shapes_dataset import make_shapes
+
+    d = tmp_path_factory.mktemp("latent_trained")
+    data = make_shapes(48, size=32, seed=5)
+    data["styles"] = np.array(["a", "b", "c"] * 16)
+    np.savez(d / "shapes32.npz", **data)
+    ae, lat, ckpt, bundle = d / "ae", d / "lat.npz", d / "ckpt", d / "bundle"
+    run_cli(
+        "train-autoencoder", "--data", str(d / "shapes32.npz"), "--out", str(ae),
+        "--latent-channels", "4", "--encoder-width", "8", "--decoder-width", "8",
+        "--steps", "4", "--batch-size", "8", "--holdout-style", "c", "--no-progress",
+    )  # fmt: skip
+    run_cli("encode-latents", str(ae), "--data", str(d / "shapes32.npz"), "--out", str(lat))
+    run_cli(
+        "train", "--data", str(lat), "--text-encoder", str(tiny_text), "--out", str(ckpt),
+        "--steps", "3", "--batch-size", "8", "--n-feat", "8", "--sample-every", "0",
+        "--no-progress",
+    )  # fmt: skip
+    exp = run_cli("export", str(ckpt), "--out", str(bundle))
+    return {"ae": ae, "latents": lat, "ckpt": ckpt, "bundle": bundle, "export_log": exp.stderr}
+
+
 class CountingBackend:
     """Delegates to a real backend and counts runs per graph (the encoder's cache tests)."""
 
