@@ -200,3 +200,38 @@ def rehash(bundle: Path, name: str) -> None:
     m = read_manifest(bundle)
     m["files"][name] = file_entry((bundle / name).read_bytes())
     write_manifest(bundle, m)
+
+
+def decoder_graph(
+    c: int, h: int, w: int, size: int, bad_value: float | None = None, out_size: int | None = None
+) -> bytes:
+    """A stand-in latent decoder: image = clip(nearest-upsampled channel mean of the latent)
+    on all three colours, (B, 3, out_size, out_size) (``size`` unless given); ``bad_value``
+    (NaN, Inf) is added everywhere."""
+    out_size = out_size or size
+    nodes = [
+        helper.make_node("ReduceMean", ["latent"], ["m"], axes=[1], keepdims=1),
+        _const("scales", np.array([1, 1, out_size / h, out_size / w], np.float32)),
+        helper.make_node("Resize", ["m", "", "scales"], ["up"], mode="nearest"),
+        _const("rgb", np.array([1, 3, 1, 1], np.int64)),
+        helper.make_node("Expand", ["up", "rgb"], ["y0"]),
+        _const("lo", np.float32(-1.0)),
+        _const("hi", np.float32(1.0)),
+        helper.make_node("Clip", ["y0", "lo", "hi"], ["y1"]),
+    ]
+    last = "y1"
+    if bad_value is not None:
+        nodes += [
+            _const("bad", np.float32(bad_value)),
+            helper.make_node("Add", [last, "bad"], ["y2"]),
+        ]
+        last = "y2"
+    nodes.append(helper.make_node("Identity", [last], ["image"]))
+    nodes.sort(key=lambda n: n.op_type != "Constant")
+    graph = helper.make_graph(
+        nodes,
+        "decoder",
+        [_vi("latent", TensorProto.FLOAT, ["batch", c, h, w])],
+        [_vi("image", TensorProto.FLOAT, ["batch", 3, out_size, out_size])],
+    )
+    return _model(graph)
