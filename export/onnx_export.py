@@ -244,14 +244,38 @@ def _latent_decoder(cfg: ExportConfig, info: dict) -> _Decoder:
             "--autoencoder with its folder"
         )
     sha = sha256_file(weights)
-    if sha != rec.get("sha256"):
+    ae, ae_meta = load_autoencoder(src)
+    if sha != rec.get("sha256") and not _same_latent_space(ae, ae_meta, rec, info):
         raise ExportError(
             f"autoencoder in {src} is not the one this model was trained with (sha256 "
-            "differs); pass --autoencoder with the right folder"
+            "differs, and so does its encoder or latent scaling); pass --autoencoder with "
+            "the right folder"
         )
-    ae, ae_meta = load_autoencoder(src)
     module = LatentDecoder(ae, info["scale_factor"], info.get("shift")).eval()
     return _Decoder(module, info, ae_meta, sha)
+
+
+def _same_latent_space(ae, ae_meta: dict, rec: dict, info: dict) -> bool:
+    """A decoder fine-tuned on the frozen encoder (same encoder weights, same shift and
+    scale factor) decodes the latents the U-Net was trained on."""
+    import math
+
+    from ddpm_rt.training.autoencoder import encoder_sha256
+
+    lat = ae_meta.get("latent", {})
+    mine = [lat.get("scale_factor"), *(lat.get("shift") or [])]
+    theirs = [info.get("scale_factor"), *(info.get("shift") or [])]
+    return (
+        rec.get("encoder_sha256") is not None
+        and encoder_sha256(ae) == rec["encoder_sha256"]
+        and len(mine) == len(theirs)
+        and all(
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+            for a, b in zip(mine, theirs, strict=True)
+        )
+    )
 
 
 def decoder_parity_inputs(spec: GraphIO, batch: int, seed: int = 0) -> dict:

@@ -207,7 +207,7 @@ def test_export_refuses_another_autoencoder(latent_trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
     w = load_file(str(other / "model.safetensors"))
-    k = next(iter(w))
+    k = next(k for k in w if k.startswith("encoder."))  # another latent space
     w[k] = w[k] + 1
     save_file(w, str(other / "model.safetensors"))
     out = tmp_path / "bundle"
@@ -235,3 +235,32 @@ def test_re_export_reuses_the_decoder(latent_trained, tmp_path):
     assert "reusing" in log and "decoder.onnx" in log
     assert read_manifest(out) == before
     write_manifest(out, before)
+
+
+def test_a_decoder_finetuned_on_the_frozen_encoder_exports(latent_trained, tmp_path):
+    """train-autoencoder --finetune-decoder: the encoder (and so the latent space the U-Net
+    was trained on) is unchanged, the decoder trains on; export accepts it by the encoder's
+    identity and ships the new decoder."""
+    from safetensors.torch import load_file
+
+    src, ft = latent_trained["ae"], tmp_path / "ft"
+    run_cli(
+        "train-autoencoder", "--data", str(src.parent / "shapes32.npz"), "--out", str(ft),
+        "--finetune-decoder", str(src), "--latent-channels", "4", "--encoder-width", "8",
+        "--decoder-width", "8", "--steps", "2", "--batch-size", "8", "--holdout-style", "c",
+        "--no-progress",
+    )  # fmt: skip
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    enc = [k for k in a if k.startswith("encoder.")]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    ma, mb = (json.loads((d / "config.json").read_text()) for d in (src, ft))
+    assert mb["latent"] == ma["latent"] and mb["encoder_sha256"] == ma["encoder_sha256"]
+    out = tmp_path / "bundle"
+    run_cli("export", str(latent_trained["ckpt"]), "--out", str(out), "--autoencoder", str(ft))
+    old = (latent_trained["bundle"] / "decoder.onnx").read_bytes()
+    assert (out / "decoder.onnx").read_bytes() != old
+    assert (
+        read_manifest(out)["latent"]["autoencoder"]["sha256"]
+        != read_manifest(latent_trained["bundle"])["latent"]["autoencoder"]["sha256"]
+    )

@@ -8,7 +8,8 @@ deterministic (not variational); the decoder soft-clamps its input to +-3
 
 The diffusion model sees ``(latent - shift) * scale_factor``, where ``shift`` is the
 per-channel mean and ``scale_factor`` = 1 / std of the shifted latents over the whole data
-set (Rombach et al. 2022, sec. 4.3.2; Stable Diffusion 3's shift factor), recorded in the checkpoint's ``config.json`` and in every latent data file.
+set (Rombach et al. 2022, sec. 4.3.2; Stable Diffusion 3's shift factor), recorded in the
+checkpoint's ``config.json`` and in every latent data file.
 
 Checkpoint folder (written by :mod:`.autoencoder_train`):
 
@@ -187,6 +188,21 @@ def from_model_latents(x: torch.Tensor, info: dict) -> torch.Tensor:
     return x / float(info["scale_factor"]) + shift.reshape(1, -1, 1, 1)
 
 
+def encoder_sha256(model: torch.nn.Module) -> str:
+    """The identity of the latent space: sha256 over the encoder's tensors (names, dtypes,
+    shapes, bytes, in name order). A decoder fine-tuned on a frozen encoder keeps it, so a
+    U-Net trained on that encoder's latents can be exported with the newer decoder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    state = model.encoder.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_autoencoder_config(ckpt_dir: str | Path) -> dict:
     from .model import read_checkpoint_config
 
@@ -267,6 +283,7 @@ def encode_latents(ae_dir: str | Path, data: str | Path, out: str | Path, log=pr
         "autoencoder": {
             "path": str(Path(ae_dir).resolve()),
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "encoder_sha256": encoder_sha256(model),
             "step": meta["step"],
         },
         "std_after_scaling": float(latents.std()),

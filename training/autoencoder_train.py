@@ -37,6 +37,7 @@ from .autoencoder import (
     decode,
     encode,
     encode_images,
+    encoder_sha256,
     latent_stats,
     psnr,
     read_autoencoder_config,
@@ -69,6 +70,9 @@ class AETrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     device: str = "auto"
+    # Fine-tune the decoder of this autoencoder with its encoder frozen: the latent space
+    # (and the U-Net trained on it) stays valid, the decoder keeps learning.
+    finetune_decoder: str | None = None
 
     @property
     def total_steps(self) -> int:
@@ -123,18 +127,43 @@ class AETrainer:
         self.device = _device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build_autoencoder(self.ae_config).to(self.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.source = None  # the frozen encoder's checkpoint config, when fine-tuning
+        if cfg.finetune_decoder:
+            self._init_from(cfg.finetune_decoder)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=cfg.lr)
         self.pixels = to_pixels(self.train_images).to(self.device)  # (N, 3, H, W)
         self.step, self.last_eval = 0, {}
         if resume:
             self._load_state()
+
+    def _init_from(self, src: str) -> None:
+        from safetensors.torch import load_file
+
+        meta = read_autoencoder_config(src)
+        if AutoencoderConfig.from_dict(meta["autoencoder"]) != self.ae_config:
+            raise InputError(
+                f"--finetune-decoder {src} has another shape ({meta['autoencoder']}); give the "
+                "same --latent-channels and widths"
+            )
+        try:
+            self.model.load_state_dict(load_file(str(Path(src) / "model.safetensors")))
+        except Exception as e:
+            raise CheckpointError(f"cannot read the autoencoder in {src}: {e}") from None
+        self.model.encoder.requires_grad_(False)
+        self.source = meta
 
     def train_step(self) -> float:
         idx = batch_indices(self.cfg.seed, self.step, len(self.pixels), self.cfg.batch_size)
         x = self.pixels[torch.from_numpy(idx).to(self.device)]
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr * (1 - self.step / self.cfg.total_steps)
-        y = decode(self.model, encode(self.model, x))
+        if self.source is not None:  # the encoder is frozen
+            with torch.no_grad():
+                z = encode(self.model, x)
+            y = decode(self.model, z)
+        else:
+            y = decode(self.model, encode(self.model, x))
         err = y - x
         loss = err.abs().mean() + self.cfg.mse_weight * err.pow(2).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -148,7 +177,14 @@ class AETrainer:
         """Held-out-style PSNR and the latent scale factor over the whole data set."""
         self.model.eval()
         try:
-            stats = latent_stats(encode_images(self.model, self.images, device=self.device))
+            if self.source is not None:  # the frozen encoder's latent space, as recorded
+                stats = {
+                    k: self.source["latent"][k]
+                    for k in ("scale_factor", "shift", "mean", "channel_std")
+                }
+                stats["std"] = 1.0 / stats["scale_factor"]
+            else:
+                stats = latent_stats(encode_images(self.model, self.images, device=self.device))
             return {
                 "psnr_heldout": psnr(self.model, self.heldout, device=self.device)
                 if len(self.heldout)
@@ -242,6 +278,7 @@ class AETrainer:
             "decoder_gflop": self.decoder_gflop,
             "psnr_heldout": ev["psnr_heldout"],
             "holdout_style": self.cfg.holdout_style,
+            "encoder_sha256": encoder_sha256(self.model),
             "train": asdict(self.cfg),
             "step": self.step,
             "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},

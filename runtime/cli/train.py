@@ -241,6 +241,12 @@ def add_train_parsers(sub, common) -> None:
         "--holdout-style",
         help="art style kept out of training, for PSNR on unseen art (default twemoji; '' = none)",
     )
+    a.add_argument(
+        "--finetune-decoder",
+        metavar="AE",
+        help="start from this autoencoder and train only its decoder (the encoder, its latent "
+        "space and any U-Net trained on it stay valid)",
+    )
     a.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
     a.add_argument("--no-progress", action="store_true")
     common(a)
