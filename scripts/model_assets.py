@@ -2,6 +2,8 @@
 
 python scripts/model_assets.py CHECKPOINT BUNDLE OUT_DIR
 python scripts/model_assets.py BUNDLE OUT_DIR        # the sample grid only
+python scripts/model_assets.py --beside PIXEL_BUNDLE LATENT_BUNDLE OUT_PNG
+    # a latent model's 64x64 images beside a pixel model's 16x16 ones upscaled (bicubic)
 """
 
 from __future__ import annotations
@@ -65,12 +67,43 @@ def sample_grid(bundle: Path, out: Path, per_prompt: int = 6) -> None:
     gen = Generator(bundle)
     images = gen.generate(PROMPTS, num=per_prompt, seed=1)  # the defaults; a row per prompt
     grid = make_grid(images, ncols=per_prompt)
+    k = max(1, 64 // images.shape[1])  # 16x16 images shown at x4, 64x64 ones as they are
     Image.fromarray(grid).resize(
-        (grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST
+        (grid.shape[1] * k, grid.shape[0] * k), Image.Resampling.NEAREST
     ).save(out)
 
 
+def upscale(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, h, w, 3) uint8 -> (N, size, size, 3), Pillow's bicubic (what a user's viewer does)."""
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+            for im in images
+        ]
+    )
+
+
+def side_by_side(pixel: Path, latent: Path, out: Path, per_prompt: int = 4) -> None:
+    """A row per prompt: the pixel model's images upscaled to the latent model's size
+    (bicubic), a gap, then the latent model's; each at its own defaults, seed 1."""
+    big = Generator(latent).generate(PROMPTS, num=per_prompt, seed=1)
+    size = big.shape[1]
+    small = upscale(Generator(pixel).generate(PROMPTS, num=per_prompt, seed=1), size)
+    rows = []
+    for j in range(len(PROMPTS)):
+        part = slice(j * per_prompt, (j + 1) * per_prompt)
+        left = make_grid(small[part], ncols=per_prompt)
+        right = make_grid(big[part], ncols=per_prompt)
+        gap = np.full((left.shape[0], 12, 3), 255, np.uint8)
+        rows.append(np.concatenate([left, gap, right], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--beside"]:
+        side_by_side(*(Path(a) for a in sys.argv[2:5]))
+        print(f"wrote {sys.argv[4]} (rows: {', '.join(PROMPTS)})")
+        sys.exit(0)
     if len(sys.argv) == 3:  # BUNDLE OUT_DIR: the sample grid only
         sys.argv.insert(1, "")
     ckpt, bundle, out = (Path(a) for a in sys.argv[1:4])
