@@ -361,3 +361,39 @@ def test_graph_ops_tells_qdq_from_qoperator_and_refuses_damage(latent):
     data = (qdq / "decoder.onnx").read_bytes()
     with pytest.raises(BundleError, match="damaged ONNX graph"):
         op_types(data[: len(data) // 2])
+
+
+# -- scripts/gpu_check.sh ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_check_script_on_a_latent_bundle(tmp_path, latent):
+    """scripts/gpu_check.sh given a latent bundle (with fp16 and Q/DQ int8 decoders), every
+    process on the doubles: every decoder engine built, the decoder check passes on each
+    precision, the verdict is PASS."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "DDPM_RT_DOUBLES": "10.3.0",
+        "PYTHONPATH": str(ROOT / "tests" / "doubles" / "site"),
+        "PYTHON": sys.executable,
+        "REPORT": str(tmp_path / "report.txt"),
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(latent["qdq"])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(ln.startswith("PASS") and "decoder on TensorRT vs CPU" in ln for ln in lines)
+    report = (tmp_path / "report.txt").read_text()
+    for p in ("fp32", "fp16", "int8"):
+        assert f"building the {p} decoder engine" in report, report
+        assert f"trt decoder {p}: ok" in report, report
+    assert "build every engine (fp32)" in proc.stdout  # the U-Net precisions it has
+    assert "VERDICT: PASS" in proc.stdout
