@@ -1,4 +1,5 @@
-"""``ddpm-rt build-engines``: TensorRT engines for a bundle's U-Net, built on this machine.
+"""``ddpm-rt build-engines``: TensorRT engines for a bundle's U-Net (and a latent bundle's
+decoder), built on this machine.
 
 Written against NVIDIA's documented Python API of TensorRT 10.x and 11.x (``Builder``,
 ``OnnxParser``, ``BuilderConfig``); where the two differ, the code says so. Networks are
@@ -11,10 +12,11 @@ A latent bundle's decoder graph gets engines too, the same way: the batch axis o
 profile is images (no guidance rows, ``unet_batch_range(max_images, guidance=False)``), the
 cache key is its own verified graph's sha256 and the flags. Its precision is the graph's, as
 for the U-Net: fp16 is the bundle's ``decoder_fp16`` graph, never ``BuilderFlag.FP16`` on the
-fp32 graph (weak typing is deprecated since TensorRT 10.12 and gone in 11, where the flag no
-longer exists; an fp16 flag would also let TensorRT pick per-layer precisions that no check
-on this side has seen). int8 is built only from a Q/DQ decoder graph
-(:func:`ddpm_rt.bundle.graph_ops.not_qdq`); a QOperator one is skipped with the reason.
+fp32 graph: weak typing is deprecated since TensorRT 10.12 (its release notes) and removed in
+11.x (NVIDIA's "Removed Python APIs and Replacements": ``BuilderFlag.FP16`` -> strong typing),
+and the flag would let TensorRT pick per-layer precisions that no check here has seen.
+int8 is built only from a Q/DQ decoder graph (:func:`ddpm_rt.bundle.graph_ops.not_qdq`); a
+QOperator one is skipped with the reason.
 
 The text encoder is not built: it stays on ONNX Runtime (its dynamic-int8 graph uses
 ``DynamicQuantizeLinear``/``MatMulInteger``, which TensorRT's ONNX parser does not take, and
@@ -39,7 +41,7 @@ from ddpm_rt.backends.engine_cache import (
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.bundle.graph_ops import not_qdq
-from ddpm_rt.bundle.io_spec import GraphIO, profile_shapes, unet_batch_range
+from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
 from ddpm_rt.errors import BackendError, InputError
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
@@ -114,50 +116,33 @@ def trt_decoder_precisions(bundle: Bundle) -> tuple[tuple[str, ...], dict[str, s
     return tuple(ok), why
 
 
-def _checked_flags(
-    spec: GraphIO,
-    precision: str,
-    batch: tuple[int, int, int],
-    optimization_level: int,
-    workspace_mib: int,
-) -> BuildFlags:
-    if not 0 <= optimization_level <= 5:
-        raise InputError(f"--optimization-level must be in 0..5, got {optimization_level}")
-    if not 16 <= workspace_mib <= 1 << 20:
-        raise InputError(f"--workspace-mib must be in 16..{1 << 20}, got {workspace_mib}")
-    return BuildFlags(
-        precision=precision,
-        profile=profile_shapes(spec, batch),
-        optimization_level=optimization_level,
-        workspace_mib=workspace_mib,
-    )
-
-
 def flags_for(
     bundle: Bundle,
     precision: str,
     max_images: int = DEFAULT_MAX_IMAGES,
     optimization_level: int = 3,
     workspace_mib: int = 1024,
+    role: str = "unet",
 ) -> BuildFlags:
-    """A U-Net engine's flags: guidance runs conditional and unconditional rows in one call,
-    so the profile's batch goes up to twice ``max_images``."""
-    spec = bundle.graphs[unet_graph_for(bundle, precision)]
-    batch = unet_batch_range(max_images)
-    return _checked_flags(spec, precision, batch, optimization_level, workspace_mib)
-
-
-def decoder_flags_for(
-    bundle: Bundle,
-    precision: str,
-    max_images: int = DEFAULT_MAX_IMAGES,
-    optimization_level: int = 3,
-    workspace_mib: int = 1024,
-) -> BuildFlags:
-    """A decoder engine's flags: it decodes the finished latents, one row per image."""
-    spec = bundle.graphs[decoder_graph_for(bundle, precision)]
-    batch = unet_batch_range(max_images, guidance=False)
-    return _checked_flags(spec, precision, batch, optimization_level, workspace_mib)
+    """The build flags of the ``role`` graph (``unet`` or ``decoder``) of a precision. The
+    U-Net's profile goes up to twice ``max_images`` rows (guidance runs conditional and
+    unconditional rows in one call); the decoder decodes finished latents, one row each."""
+    if not 0 <= optimization_level <= 5:
+        raise InputError(f"--optimization-level must be in 0..5, got {optimization_level}")
+    if not 16 <= workspace_mib <= 1 << 20:
+        raise InputError(f"--workspace-mib must be in 16..{1 << 20}, got {workspace_mib}")
+    if role == "decoder":
+        spec = bundle.graphs[decoder_graph_for(bundle, precision)]
+        batch = unet_batch_range(max_images, guidance=False)
+    else:
+        spec = bundle.graphs[unet_graph_for(bundle, precision)]
+        batch = unet_batch_range(max_images)
+    return BuildFlags(
+        precision=precision,
+        profile=profile_shapes(spec, batch),
+        optimization_level=optimization_level,
+        workspace_mib=workspace_mib,
+    )
 
 
 def wanted_decoders(bundle: Bundle, decoders, log) -> tuple[str, ...]:
@@ -258,7 +243,7 @@ def build_engines(
     sizes = (max_images, optimization_level, workspace_mib)
     jobs = [(unet_graph_for(bundle, p), "U-Net", flags_for(bundle, p, *sizes)) for p in precisions]
     jobs += [
-        (decoder_graph_for(bundle, p), "decoder", decoder_flags_for(bundle, p, *sizes))
+        (decoder_graph_for(bundle, p), "decoder", flags_for(bundle, p, *sizes, role="decoder"))
         for p in wanted_decoders(bundle, decoders, log)
     ]  # every argument checked before any work
     here = current_platform()
