@@ -347,6 +347,27 @@ def test_doctor_checks_the_decoder_on_tensorrt(monkeypatch, tmp_path, latent):
     assert rc == 1 and len(trt_rows) == 1 and " FAILED: " in trt_rows[0], "\n".join(lines)
 
 
+def test_doctor_tries_the_decoder_on_the_cuda_provider(monkeypatch, tmp_path, latent):
+    """onnxruntime-gpu without its libraries on a GPU machine: each decoder precision (the
+    int8 one only as a Q/DQ graph) is tried on the CUDA provider, and the fall-back to the
+    CPU is a failed check with ONNX Runtime's one line, not a pass."""
+    from ddpm_rt.backends import ort as ort_backend
+
+    doubles.install(monkeypatch, tensorrt=None)
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: list(gpu))
+    rc, lines = _doctor(latent["qdq"], tmp_path, build=False)
+    assert rc == 1
+    for p in ("fp32", "fp16", "int8"):
+        assert any(
+            ln.startswith(f"decoder ort-gpu {p}: FAILED: ONNX Runtime could not use")
+            for ln in lines
+        ), lines
+    _, lines = _doctor(latent["qop"], tmp_path, build=False)
+    assert "skipped: ort-gpu decoder int8: not a Q/DQ graph" in lines
+    assert not any(ln.startswith("decoder ort-gpu int8") for ln in lines)
+
+
 # -- reading op types without onnx ------------------------------------------------------------
 def test_graph_ops_tells_qdq_from_qoperator_and_refuses_damage(latent):
     from ddpm_rt.bundle.graph_ops import not_qdq, op_types
