@@ -1,20 +1,20 @@
 """A latent bundle's decoder on the GPU paths, checked on a CPU through the doubles of
 ``tensorrt`` and ``cuda.bindings.runtime`` (tests/doubles/): its TensorRT engine (profile,
 flags, cache), the ``trt`` backend running it, ONNX Runtime's TensorRT provider options for
-it, ``build-engines --decoder-precision`` and ``doctor``. As in test_trt_contract.py, the
+it and ``build-engines --decoder-precision`` (doctor: test_doctor_decoder.py). As in
+test_trt_contract.py, the
 doubles' engines compute with ONNX Runtime: these tests catch misuse of the APIs, not
 TensorRT's numerics (scripts/gpu_check.sh on a GPU does that)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import doubles
 import numpy as np
 import pytest
-from craft import file_entry, read_manifest, write_manifest
+from decoder_variants import latent_variants
 from doubles import tensorrt as trt_double
 
 from ddpm_rt.backends.engine_cache import EngineCache
@@ -26,76 +26,10 @@ KW = {"seed": 5, "steps": 3, "sampler": "ddim", "eta": 0.0}
 LATENT = [4, 8, 8]  # the latent_trained fixture's (C, h, w)
 
 
-# -- bundles with decoder variants ------------------------------------------------------------
-def _with_decoders(src: Path, out: Path, variants: dict[str, bytes]) -> Path:
-    """A copy of the latent bundle ``src`` with decoder graphs added, precision -> ONNX
-    bytes, each named ``decoder_<precision>`` in ``decoder.<precision>.onnx``."""
-    shutil.copytree(src, out)
-    m = read_manifest(out)
-    for precision, data in variants.items():
-        name, file = f"decoder_{precision}", f"decoder.{precision}.onnx"
-        (out / file).write_bytes(data)
-        m["files"][file] = file_entry(data)
-        m["graphs"][name] = {**m["graphs"]["decoder"], "file": file}
-        m["latent"]["decoder"]["graphs"][precision] = name
-    write_manifest(out, m)
-    return out
-
-
-def _fp16(decoder: Path) -> bytes:
-    """fp16 weights and activations, fp32 I/O (as ``ddpm-rt quantize`` makes the U-Net's)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    return convert_float_to_float16(onnx.load(decoder), keep_io_types=True).SerializeToString()
-
-
-def _qdq(decoder: Path) -> bytes:
-    """Explicit int8 quantisation of the latent (QuantizeLinear -> DequantizeLinear, a
-    symmetric int8 zero-point): a Q/DQ graph, the form TensorRT takes."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    m = onnx.load(decoder)
-    for node in m.graph.node:
-        node.input[:] = ["latent_dq" if i == "latent" else i for i in node.input]
-    m.graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.float32(8.0 / 127), "latent_scale"),
-            numpy_helper.from_array(np.int8(0), "latent_zero_point"),
-        ]
-    )
-    qparams = ["latent_scale", "latent_zero_point"]
-    qdq = [
-        helper.make_node("QuantizeLinear", ["latent", *qparams], ["latent_q"]),
-        helper.make_node("DequantizeLinear", ["latent_q", *qparams], ["latent_dq"]),
-    ]
-    nodes = qdq + list(m.graph.node)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    return m.SerializeToString()
-
-
-def _qoperator(decoder: Path, tmp: Path) -> bytes:
-    """ONNX Runtime's dynamic int8 (ConvInteger, DynamicQuantizeLinear): a CPU graph."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(decoder, tmp / "qop.onnx", weight_type=QuantType.QInt8)
-    return (tmp / "qop.onnx").read_bytes()
-
-
 @pytest.fixture(scope="module")
 def latent(latent_trained, tmp_path_factory) -> dict:
-    """The latent fixture as it is, with fp16 + Q/DQ int8 decoders, and with fp16 + a
-    QOperator int8 decoder."""
-    src = latent_trained["bundle"]
-    d = tmp_path_factory.mktemp("decoders")
-    dec = src / "decoder.onnx"
-    return {
-        "plain": src,
-        "qdq": _with_decoders(src, d / "qdq", {"fp16": _fp16(dec), "int8": _qdq(dec)}),
-        "qop": _with_decoders(src, d / "qop", {"fp16": _fp16(dec), "int8": _qoperator(dec, d)}),
-    }
+    """The latent fixture's bundle, and copies with fp16 + Q/DQ or QOperator int8 decoders."""
+    return latent_variants(latent_trained["bundle"], tmp_path_factory.mktemp("decoders"))
 
 
 def _build(bundle, cache, precisions=("fp32",), **kw):
@@ -293,81 +227,6 @@ def test_ort_tensorrt_provider_options_for_the_decoder(monkeypatch, tmp_path, la
     assert trt_options(Bundle.load(latent["qop"], hash_all=False), "decoder_int8") is None
 
 
-# -- doctor -----------------------------------------------------------------------------------
-def _doctor(bundle, cache, build=True) -> tuple[int, list[str]]:
-    from ddpm_rt.tools.doctor import run_doctor
-
-    lines: list[str] = []
-    rc = run_doctor(bundle, cache, build=build, log=lines.append)
-    return rc, lines
-
-
-def _decoder_rows(lines: list[str]) -> list[str]:
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("decoder ("))
-    return lines[start + 1 :]
-
-
-def test_doctor_on_a_latent_bundle_without_a_gpu(monkeypatch, tmp_path, latent):
-    doubles.install(monkeypatch, tensorrt=None, devices=())
-    rc, lines = _doctor(latent["qdq"], tmp_path, build=False)
-    rows = _decoder_rows(lines)
-    assert rc == 0, "\n".join(lines)
-    from ddpm_rt.tolerances import TOLERANCES
-
-    assert rows[0].split()[:2] == ["ort", "fp32"] and rows[0].endswith("reference")
-    for p in ("fp16", "int8"):  # the CPU's variants: checked when the table says how
-        if ("ort", f"decoder-{p}") in TOLERANCES:
-            assert any(r.split()[:2] == ["ort", p] and " ok: " in r for r in rows), rows
-        else:
-            assert f"skipped: ort decoder {p}: no tolerance-table entry" in rows, rows
-    assert any(r.startswith("skipped: ort-gpu decoder: this onnxruntime has no CUDA") for r in rows)
-    assert any(r.startswith("skipped: trt decoder: TensorRT is not installed") for r in rows)
-
-
-def test_doctor_checks_the_decoder_on_tensorrt(monkeypatch, tmp_path, latent):
-    """Every decoder precision on TensorRT against ONNX Runtime CPU fp32, by the tolerance
-    table: the doubles' engines agree; one that is off by 3 grey levels fails."""
-    from ddpm_rt.backends.trt import TrtBackend
-
-    doubles.install(monkeypatch)
-    rc, lines = _doctor(latent["qdq"], tmp_path)
-    trt_rows = {r.split()[1]: r for r in _decoder_rows(lines) if r.startswith("trt ")}
-    assert rc == 0, "\n".join(lines)
-    assert set(trt_rows) == {"fp32", "fp16", "int8"}
-    assert all(" ok: " in r for r in trt_rows.values()), trt_rows
-    run = TrtBackend.run
-
-    def off(self, graph, feeds):
-        out = run(self, graph, feeds)
-        return {k: v + 0.024 for k, v in out.items()} if graph == "decoder" else out
-
-    monkeypatch.setattr(TrtBackend, "run", off)
-    rc, lines = _doctor(latent["plain"], tmp_path)
-    trt_rows = [r for r in _decoder_rows(lines) if r.startswith("trt ")]
-    assert rc == 1 and len(trt_rows) == 1 and " FAILED: " in trt_rows[0], "\n".join(lines)
-
-
-def test_doctor_tries_the_decoder_on_the_cuda_provider(monkeypatch, tmp_path, latent):
-    """onnxruntime-gpu without its libraries on a GPU machine: each decoder precision (the
-    int8 one only as a Q/DQ graph) is tried on the CUDA provider, and the fall-back to the
-    CPU is a failed check with ONNX Runtime's one line, not a pass."""
-    from ddpm_rt.backends import ort as ort_backend
-
-    doubles.install(monkeypatch, tensorrt=None)
-    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: list(gpu))
-    rc, lines = _doctor(latent["qdq"], tmp_path, build=False)
-    assert rc == 1
-    for p in ("fp32", "fp16", "int8"):
-        assert any(
-            ln.startswith(f"decoder ort-gpu {p}: FAILED: ONNX Runtime could not use")
-            for ln in lines
-        ), lines
-    _, lines = _doctor(latent["qop"], tmp_path, build=False)
-    assert "skipped: ort-gpu decoder int8: not a Q/DQ graph" in lines
-    assert not any(ln.startswith("decoder ort-gpu int8") for ln in lines)
-
-
 # -- reading op types without onnx ------------------------------------------------------------
 def test_graph_ops_tells_qdq_from_qoperator_and_refuses_damage(latent):
     from ddpm_rt.bundle.graph_ops import not_qdq, op_types
@@ -382,39 +241,3 @@ def test_graph_ops_tells_qdq_from_qoperator_and_refuses_damage(latent):
     data = (qdq / "decoder.onnx").read_bytes()
     with pytest.raises(BundleError, match="damaged ONNX graph"):
         op_types(data[: len(data) // 2])
-
-
-# -- scripts/gpu_check.sh ---------------------------------------------------------------------
-@pytest.mark.slow
-def test_gpu_check_script_on_a_latent_bundle(tmp_path, latent):
-    """scripts/gpu_check.sh given a latent bundle (with fp16 and Q/DQ int8 decoders), every
-    process on the doubles: every decoder engine built, the decoder check passes on each
-    precision, the verdict is PASS."""
-    import os
-    import subprocess
-    import sys
-
-    env = {
-        **os.environ,
-        "DDPM_RT_DOUBLES": "10.3.0",
-        "PYTHONPATH": str(ROOT / "tests" / "doubles" / "site"),
-        "PYTHON": sys.executable,
-        "REPORT": str(tmp_path / "report.txt"),
-        "TMPDIR": str(tmp_path),
-    }
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(latent["qdq"])],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert any(ln.startswith("PASS") and "decoder on TensorRT vs CPU" in ln for ln in lines)
-    report = (tmp_path / "report.txt").read_text()
-    for p in ("fp32", "fp16", "int8"):
-        assert f"building the {p} decoder engine" in report, report
-        assert f"trt decoder {p}: ok" in report, report
-    assert "build every engine (fp32)" in proc.stdout  # the U-Net precisions it has
-    assert "VERDICT: PASS" in proc.stdout
