@@ -51,8 +51,15 @@ def make_backend(
         hashes={
             g: bundle.manifest["files"][spec.file]["sha256"] for g, spec in bundle.graphs.items()
         },
-        tensorrt_graphs=tensorrt_graphs(bundle),
+        tensorrt_graphs=tensorrt_graphs(bundle) if _asks_tensorrt(providers) else {},
     )
+
+
+def _asks_tensorrt(providers) -> bool:
+    """Whether ONNX Runtime's TensorRT provider is asked for (only then are the graphs it
+    may take worked out: that reads an int8 decoder's graph). Malformed ``providers`` are
+    OrtBackend's to refuse, with its message."""
+    return isinstance(providers, (list, tuple)) and "TensorrtExecutionProvider" in providers
 
 
 def tensorrt_graphs(bundle: Bundle) -> dict[str, dict]:

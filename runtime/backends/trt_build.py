@@ -97,7 +97,10 @@ def decoder_graph_for(bundle: Bundle, precision: str) -> str:
     if precision == "int8":
         why = not_qdq(bundle.graph_bytes(graph))
         if why:
-            raise InputError(f"this bundle's int8 decoder {graph} is not for TensorRT: {why}")
+            raise InputError(
+                f"this bundle's int8 decoder {graph} is not for TensorRT: {why}; choose "
+                "another --decoder-precision"
+            )
     return graph
 
 
