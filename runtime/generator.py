@@ -63,7 +63,8 @@ class Generator:
         ``threads``: ONNX Runtime's intra-op threads (default: its own, the physical cores).
         ``unet_precision``: ``fp32`` or a variant the bundle lists (``int8``); default
         :data:`DEFAULT_UNET_PRECISION` when the bundle has it, else fp32.
-        ``backend="trt"``: the U-Net runs on TensorRT engines built on this machine by
+        ``backend="trt"``: the U-Net (and a latent bundle's decoder, at
+        ``decoder_precision``) runs on TensorRT engines built on this machine by
         ``ddpm-rt build-engines`` into ``engine_cache`` (default: the per-user cache); its
         ``int8`` is the bundle's symmetric Q/DQ graph (``int8-qdq``).
         ``decoder_precision``: a latent bundle's decoder graph (``fp32``, or a variant it

@@ -45,6 +45,25 @@ TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
     # int8 (the Q/DQ graph) on a GPU: judged like the CPU int8 graph, by eps cosine.
     ("trt", "int8"): {"min_mean_cosine": 0.98, "min_cosine_late": 0.99},
     ("ort-gpu", "int8-qdq"): {"min_mean_cosine": 0.98, "min_cosine_late": 0.99},
+    # A latent bundle's decoder on a GPU vs ONNX Runtime CPU fp32, on the same latents
+    # (recorded at t = 1 of real trajectories), pixels in [-1, 1]. Not yet measured on a GPU
+    # (none where this was written; scripts/gpu_check.sh reports the figures). fp32: TF32
+    # convolutions, as for the U-Net, whose allowance is 5e-3 relative L2; a worst pixel sits
+    # at ~3x the RMS error, so 1.6e-2 absolute = two grey levels (a level is 2/255), far
+    # below a broken engine's O(1).
+    ("trt", "decoder-fp32"): {"rtol": 0.0, "atol": 1.6e-2},
+    ("ort-gpu", "decoder-fp32"): {"rtol": 0.0, "atol": 1.6e-2},
+    # fp16 decoder graph (fp32 I/O): the fp16 U-Net's allowance (1e-2 relative L2) at the
+    # same ~3x for a worst pixel: 3.2e-2 = four grey levels.
+    ("trt", "decoder-fp16"): {"rtol": 0.0, "atol": 3.2e-2},
+    ("ort-gpu", "decoder-fp16"): {"rtol": 0.0, "atol": 3.2e-2},
+    # int8 (Q/DQ) decoder: per-activation quantisation error (~1 % of each range, compounded
+    # over the decoder's convolutions) makes a per-pixel bound meaningless, so the image is
+    # judged by its relative L2 error: 5e-2 (about 4 grey levels RMS on a mid-grey image)
+    # passes a working int8 decoder and fails a broken one (O(1)); not measured -- revisit
+    # with the int8 decoder quantiser's figures.
+    ("trt", "decoder-int8"): {"max_rel_l2": 5e-2},
+    ("ort-gpu", "decoder-int8"): {"max_rel_l2": 5e-2},
 }
 
 

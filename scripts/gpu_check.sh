@@ -3,10 +3,14 @@
 # TensorRT engine, rebuilds from the timing cache, survives a damaged timing cache, runs
 # `ddpm-rt doctor`, the gpu/trt tests (from a source checkout), CUDA graphs on and off, two
 # threads on one Generator, and ONNX Runtime's CUDA and TensorRT providers for each
-# precision, checking which provider actually ran. One line PASS/FAIL/SKIP per check, a
-# final verdict, and one report file to send back.
+# precision, checking which provider actually ran. A latent bundle's decoder goes through
+# the same: every decoder engine TensorRT can build, the decoder on TensorRT (in slices of
+# the profile) against ONNX Runtime CPU fp32 by the tolerance table, and which provider
+# ran it. One line PASS/FAIL/SKIP per check, a final verdict, and one report file to send
+# back.
 #
-#   scripts/gpu_check.sh [BUNDLE]          (default: the shipped model)
+#   scripts/gpu_check.sh [BUNDLE]          (default: the shipped model; a pixel or a
+#                                           latent bundle)
 #
 # Needs: an NVIDIA GPU, ddpm-rt with the `trt` (or `trt-cu13`) extra; on a Jetson, JetPack's
 # TensorRT bindings and cuda-python 12. Environment: PYTHON (default python3), REPORT
@@ -81,10 +85,18 @@ EOF
 log ""
 
 # -- TensorRT engines ---------------------------------------------------------------------------
+# the U-Net precisions this bundle has for TensorRT (an exported bundle has fp32 only)
+UNET_PRECISIONS=$("$PY" -c 'import sys
+from ddpm_rt import Bundle
+from ddpm_rt.backends.trt_build import trt_precisions
+print(",".join(trt_precisions(Bundle.load(sys.argv[1], hash_all=False).unet_precisions)))' "$BUNDLE" 2>/dev/null)
+UNET_PRECISIONS=${UNET_PRECISIONS:-fp32}
 build() {
-    ddpm build-engines "$BUNDLE" --engine-cache "$CACHE" --unet-precision fp32,fp16,int8 "$@"
+    # every decoder engine of a latent bundle too ("all": the others skipped with the reason)
+    ddpm build-engines "$BUNDLE" --engine-cache "$CACHE" --unet-precision "$UNET_PRECISIONS" \
+        --decoder-precision all "$@"
 }
-check "build every engine (fp32, fp16, int8)" build
+check "build every engine ($UNET_PRECISIONS)" build
 check "rebuild every engine from the timing cache" build --force
 
 damaged_timing_cache() {
@@ -157,12 +169,44 @@ if what == "threads":
     [t.join(300) for t in ts]
     print("errors:", errors or "none")
     sys.exit(0 if not errors and all(close(out[i], alone[i], 0.05, 1) for i in range(2)) else 1)
+if what == "decoder":
+    from ddpm_rt import Bundle
+    from ddpm_rt.backends import make_backend
+    from ddpm_rt.backends.engine_cache import EngineCache
+    from ddpm_rt.backends.trt_build import trt_decoder_precisions
+    from ddpm_rt.tools.parity import compare
+
+    b = Bundle.load(bundle, hash_all=False)
+    if b.latent is None:
+        print("a pixel bundle: no decoder")
+        sys.exit(77)
+    buildable, why = trt_decoder_precisions(b)
+    for p, reason in why.items():
+        print(f"  {p}: not for TensorRT: {reason}")
+    # 5 latents through engines built for 2: slices of 2, 2 and 1
+    latents = np.random.default_rng(0).standard_normal((5, *b.sample_shape)).astype(np.float32)
+    cpu = make_backend("ort", b)
+    want = cpu.run(b.decoder_precisions["fp32"], {"latent": latents})["image"]
+    gpu = make_backend("trt", b, engine_cache=EngineCache(cache))
+    ok = True
+    for p in buildable:
+        got = gpu.run(b.decoder_precisions[p], {"latent": latents})["image"]
+        passed, figures = compare(("trt", f"decoder-{p}"), [got], [want], np.ones(5, int), 1)
+        print(f"  trt decoder {p}: {'ok' if passed else 'FAILED'} {figures}")
+        ok &= passed
+    gpu.close()
+    sys.exit(0 if ok and buildable else 1)
 if what.startswith("ort:"):
     _, provider, precision = what.split(":")
     import onnxruntime as ort
 
     if provider not in ort.get_available_providers():
         print(f"this onnxruntime has no {provider} (pip install onnxruntime-gpu)")
+        sys.exit(77)
+    from ddpm_rt import Bundle
+
+    if precision not in Bundle.load(bundle, hash_all=False).unet_precisions:
+        print(f"this bundle has no {precision} U-Net")
         sys.exit(77)
     providers = [provider, "CPUExecutionProvider"]
     if provider == "TensorrtExecutionProvider":
@@ -173,10 +217,14 @@ if what.startswith("ort:"):
     except Exception as e:
         print(f"error: {e}")
         sys.exit(1)
-    used = gpu.backend.session(gpu.unet_graph).get_providers()
-    print("asked:", providers, "U-Net used:", used)
+    first = {}  # graph -> the provider it actually ran on first
+    for graph in (gpu.unet_graph, gpu.decoder_graph):  # a latent bundle's decoder too
+        if graph is not None:
+            first[graph] = gpu.backend.session(graph).get_providers()[0]
+    print("asked:", providers, "used first:", first)
     cpu = Generator(bundle, unet_precision=precision).generate(PROMPTS, **KW)
-    sys.exit(0 if used[0] == provider and close(images, cpu, 1.5, 12) else 1)
+    on_it = all(p == provider for p in first.values())
+    sys.exit(0 if on_it and close(images, cpu, 1.5, 12) else 1)
 print("unknown check", what)
 sys.exit(2)
 EOF
@@ -184,9 +232,10 @@ EOF
 # engines for 2 images (4 rows) only, so that 3 guided images (6 rows) run in slices
 SMALL="$WORK/engines-small"
 pycheck() { "$PY" "$WORK/checks.py" "$1" "$BUNDLE" "$SMALL"; }
-ddpm build-engines "$BUNDLE" --engine-cache "$SMALL" --max-batch 2 >/dev/null 2>&1
+ddpm build-engines "$BUNDLE" --engine-cache "$SMALL" --max-batch 2 --decoder-precision all >/dev/null 2>&1
 check "CUDA graphs on and off give the same images" pycheck graphs
 check "two threads on one Generator (trt)" pycheck threads
+check "a latent bundle's decoder on TensorRT vs CPU" pycheck decoder
 
 # -- ONNX Runtime's GPU providers ---------------------------------------------------------------
 for provider in CUDAExecutionProvider TensorrtExecutionProvider; do

@@ -23,9 +23,9 @@ def make_backend(
     threads: int | None = None,
     engine_cache=None,
 ):
-    """``ort``: ONNX Runtime with ``providers`` (default CPU). ``trt``: the U-Net on TensorRT
-    engines from ``engine_cache`` (an EngineCache, default the per-user one), the text
-    encoder on ONNX Runtime with ``providers``."""
+    """``ort``: ONNX Runtime with ``providers`` (default CPU). ``trt``: the U-Net (and a
+    latent bundle's decoder) on TensorRT engines from ``engine_cache`` (an EngineCache,
+    default the per-user one), the text encoder on ONNX Runtime with ``providers``."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
     if name == "trt":
@@ -51,27 +51,42 @@ def make_backend(
         hashes={
             g: bundle.manifest["files"][spec.file]["sha256"] for g, spec in bundle.graphs.items()
         },
-        tensorrt_graphs=tensorrt_graphs(bundle),
+        tensorrt_graphs=tensorrt_graphs(bundle) if _asks_tensorrt(providers) else {},
     )
+
+
+def _asks_tensorrt(providers) -> bool:
+    """Whether ONNX Runtime's TensorRT provider is asked for (only then are the graphs it
+    may take worked out: that reads an int8 decoder's graph). Malformed ``providers`` are
+    OrtBackend's to refuse, with its message."""
+    return isinstance(providers, (list, tuple)) and "TensorrtExecutionProvider" in providers
 
 
 def tensorrt_graphs(bundle: Bundle) -> dict[str, dict]:
     """The graphs ONNX Runtime's TensorRT execution provider may take, each with its
-    optimisation profile (from the bundle's I/O spec) and whether it is the Q/DQ int8 graph:
-    every U-Net variant but the CPU's QOperator int8 one, and a latent bundle's decoder.
-    Never the text encoder: its dynamic-int8 graph (DynamicQuantizeLinear, MatMulInteger)
-    is not TensorRT's, and it runs once per prompt."""
+    optimisation profile (from the bundle's I/O spec) and whether it is a Q/DQ int8 graph:
+    every U-Net variant but the CPU's QOperator int8 one, and a latent bundle's decoder
+    variants (its int8 one only when it is a Q/DQ graph, see
+    :func:`ddpm_rt.bundle.graph_ops.not_qdq`). Never the text encoder: its dynamic-int8
+    graph (DynamicQuantizeLinear, MatMulInteger) is not TensorRT's, and it runs once per
+    prompt."""
     from ddpm_rt.backends.trt_build import DEFAULT_MAX_IMAGES
+    from ddpm_rt.bundle.graph_ops import not_qdq
     from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
 
     unets = {g: p for p, g in bundle.unet_precisions.items() if p != "int8"}
+    decoders = {g: p for p, g in bundle.decoder_precisions.items()}
     out = {}
     for g, spec in bundle.graphs.items():
         if g in unets:
             batch = unet_batch_range(DEFAULT_MAX_IMAGES)  # guidance doubles the rows
-        elif g.startswith("decoder"):
-            batch = unet_batch_range(DEFAULT_MAX_IMAGES, guidance=False)
+            qdq = unets[g] == "int8-qdq"
+        elif g in decoders:
+            batch = unet_batch_range(DEFAULT_MAX_IMAGES, guidance=False)  # one row per image
+            qdq = decoders[g] == "int8"
+            if qdq and not_qdq(bundle.graph_bytes(g)):
+                continue  # a QOperator int8 decoder stays on the CUDA/CPU providers
         else:
             continue
-        out[g] = {"profile": profile_shapes(spec, batch), "qdq": unets.get(g) == "int8-qdq"}
+        out[g] = {"profile": profile_shapes(spec, batch), "qdq": qdq}
     return out

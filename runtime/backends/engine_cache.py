@@ -56,7 +56,7 @@ def gpu_slug(name: str, compute_capability: tuple[int, int]) -> str:
 class BuildFlags:
     """Everything besides the ONNX graph that decides what engine TensorRT builds."""
 
-    precision: str  # the bundle's U-Net precision (the graph carries it: strongly typed)
+    precision: str  # the U-Net's or decoder's precision (the graph carries it: strongly typed)
     profile: dict  # input name -> [min, opt, max] shapes
     optimization_level: int = 3  # TensorRT's default
     workspace_mib: int = 1024
@@ -76,7 +76,7 @@ def engine_key(onnx_sha256: str, flags: BuildFlags) -> str:
 class EngineRecord:
     """The JSON written beside each engine: what it was built from and for."""
 
-    graph: str  # the bundle's graph name (unet, unet_fp16, unet_int8_qdq, ...)
+    graph: str  # the bundle's graph name (unet, unet_fp16, unet_int8_qdq, decoder, ...)
     onnx_sha256: str
     flags: BuildFlags
     tensorrt_version: str
@@ -211,10 +211,13 @@ class EngineCache:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def select(self, here: Platform, onnx_sha256: str, precision: str) -> EngineRecord:
+    def select(
+        self, here: Platform, onnx_sha256: str, precision: str, role: str = "unet"
+    ) -> EngineRecord:
         """The engine to run this graph here: among cached engines of this graph and
         precision built for this platform, the one with the largest batch range. When there
-        is none, BackendError says what exists instead and what to build."""
+        is none, BackendError says what exists instead and what to build (``role``: the
+        graph is the ``unet`` or a latent bundle's ``decoder``)."""
         found, elsewhere = [], []
         for _, record in self.entries():
             if record is None or record.onnx_sha256 != onnx_sha256:
@@ -224,12 +227,14 @@ class EngineCache:
             why = mismatch(record, here, onnx_sha256)
             (elsewhere if why else found).append((record, why))
         if found:
-            return max(found, key=lambda rw: rw[0].flags.profile["x"][2][0])[0]
+            # the largest batch the profile takes (the first input's; all share the axis)
+            return max(found, key=lambda rw: next(iter(rw[0].flags.profile.values()))[2][0])[0]
         if elsewhere:
             raise BackendError(elsewhere[0][1])
+        what, flag = ("decoder", "decoder") if role == "decoder" else ("U-Net", "unet")
         raise BackendError(
-            f"no TensorRT engine for this bundle's {precision} U-Net in {self.root}; build it "
-            f"with 'ddpm-rt build-engines BUNDLE --unet-precision {precision}'"
+            f"no TensorRT engine for this bundle's {precision} {what} in {self.root}; build it "
+            f"with 'ddpm-rt build-engines BUNDLE --{flag}-precision {precision}'"
         )
 
     def entries(self) -> list[tuple[Path, EngineRecord | None]]:

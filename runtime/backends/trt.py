@@ -1,4 +1,5 @@
-"""TensorRT backend (no PyTorch): the U-Net runs as an engine from the per-user cache.
+"""TensorRT backend (no PyTorch): the U-Net, and a latent bundle's decoder, run as engines
+from the per-user cache.
 
 * Engines come only from :class:`~ddpm_rt.backends.engine_cache.EngineCache` (built on this
   machine by ``ddpm-rt build-engines``), chosen by the sha256 of the bundle's verified ONNX
@@ -18,8 +19,10 @@
   context (a batch above the profile runs slices of two shapes). A failed capture turns
   graphs off for that shape, with a log line, and the run goes on without them.
 * A batch larger than the engine's profile is run in slices of the profile's maximum.
+* Every output's shape is checked against the bundle's I/O spec (batch and fixed dimensions).
 * The text encoder stays on ONNX Runtime (see :mod:`ddpm_rt.backends.trt_build`); NaN/Inf in eps is
-  caught by the sampling loop's per-step check, which names the step, backend and precision.
+  caught by the sampling loop's per-step check, which names the step, backend and precision,
+  and in the decoder's image by ``Generator.to_pixels``.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class TrtBackend:
         cuda_graphs: bool = False,
     ):
         """``bundle``: the loaded (verified) Bundle; ``text_backend``: the ONNX Runtime
-        backend that runs the text encoder; U-Net engines are looked up in ``cache``."""
+        backend that runs the text encoder; U-Net and decoder engines are looked up in
+        ``cache``."""
         from ddpm_rt.backends.trt_build import current_platform
 
         self.trt = gpu.tensorrt()
@@ -97,7 +101,11 @@ class TrtBackend:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._contexts: list[_Context] = []
-        self._precision_of = {g: p for p, g in bundle.unet_precisions.items()}
+        # the graphs that run as engines: graph -> (role, TensorRT precision)
+        self._engine_of = {
+            g: ("unet", "int8" if p == "int8-qdq" else p) for p, g in bundle.unet_precisions.items()
+        }
+        self._engine_of.update({g: ("decoder", p) for p, g in bundle.decoder_precisions.items()})
 
     @property
     def providers(self) -> list[str]:
@@ -110,8 +118,9 @@ class TrtBackend:
 
     # -- sessions -----------------------------------------------------------------------
     def session(self, graph: str):
-        """Load (once) what ``graph`` runs on: an engine for a U-Net graph, else ONNX Runtime."""
-        if graph not in self._precision_of:
+        """Load (once) what ``graph`` runs on: an engine for a U-Net or decoder graph, else
+        ONNX Runtime."""
+        if graph not in self._engine_of:
             return self.text.session(graph)
         with self._lock:
             if graph not in self._engines:
@@ -120,11 +129,14 @@ class TrtBackend:
 
     def _load(self, graph: str) -> dict:
         trt = self.trt
-        precision = self._precision_of[graph]
-        precision = "int8" if precision == "int8-qdq" else precision
+        role, precision = self._engine_of[graph]
+        if role == "decoder":
+            from ddpm_rt.backends.trt_build import decoder_graph_for
+
+            decoder_graph_for(self.bundle, precision)  # why TensorRT cannot take it, if not
         spec: GraphIO = self.bundle.graphs[graph]
         sha = self.bundle.manifest["files"][spec.file]["sha256"]
-        record = self.cache.select(self.here, sha, precision)
+        record = self.cache.select(self.here, sha, precision, role)
         engine = self._runtime.deserialize_cuda_engine(self.cache.read_plan(self.here, record))
         if engine is None:
             raise BackendError(
@@ -159,6 +171,7 @@ class TrtBackend:
             "max_shapes": max_shapes,
             "max_batch": batch,
             "record": record,
+            "spec": spec,
         }
 
     def _context(self, graph: str, shapes: tuple) -> _Context:
@@ -183,7 +196,7 @@ class TrtBackend:
 
     # -- running ------------------------------------------------------------------------
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph not in self._precision_of:
+        if graph not in self._engine_of:
             return self.text.run(graph, feeds)
         e = self.session(graph)
         n = len(next(iter(feeds.values())))
@@ -223,8 +236,18 @@ class TrtBackend:
                 # enqueue may allocate or change state, which a capture cannot hold)
                 ctx.graph = self._capture(ctx, graph, shapes)
         shapes_out = {}
-        for name in e["outputs"]:
+        batch = shapes[0][1][0]
+        for t in e["spec"].outputs:
+            name = t.name
             shape = tuple(ctx.context.get_tensor_shape(name))
+            want = [batch, *t.shape[1:]]
+            if len(shape) != len(want) or any(
+                isinstance(w, int) and w != d for w, d in zip(want, shape, strict=True)
+            ):
+                raise BackendError(
+                    f"the engine for {graph} gives {name} of shape {list(shape)}, the spec "
+                    f"{[w if isinstance(w, int) else '?' for w in want]}"
+                )
             size = int(np.prod(shape))
             nbytes = size * e["dtypes"][name].itemsize
             gpu.check(

@@ -1,4 +1,5 @@
-"""``ddpm-rt build-engines``: TensorRT engines for a bundle's U-Net, built on this machine.
+"""``ddpm-rt build-engines``: TensorRT engines for a bundle's U-Net (and a latent bundle's
+decoder), built on this machine.
 
 Written against NVIDIA's documented Python API of TensorRT 10.x and 11.x (``Builder``,
 ``OnnxParser``, ``BuilderConfig``); where the two differ, the code says so. Networks are
@@ -6,6 +7,16 @@ strongly typed: the precision comes from the ONNX graph itself (the bundle's fp3
 symmetric Q/DQ int8 U-Net), never from builder flags -- TensorRT 11 removed those
 (``BuilderFlag.FP16``/``INT8``, calibrators; see NVIDIA's "Migrating from TensorRT 10.x to
 11.x" guide). No version-compatible (lean-runtime) engines: they embed host code to run.
+
+A latent bundle's decoder graph gets engines too, the same way: the batch axis of its
+profile is images (no guidance rows, ``unet_batch_range(max_images, guidance=False)``), the
+cache key is its own verified graph's sha256 and the flags. Its precision is the graph's, as
+for the U-Net: fp16 is the bundle's ``decoder_fp16`` graph, never ``BuilderFlag.FP16`` on the
+fp32 graph: weak typing is deprecated since TensorRT 10.12 (its release notes) and removed in
+11.x (NVIDIA's "Removed Python APIs and Replacements": ``BuilderFlag.FP16`` -> strong typing),
+and the flag would let TensorRT pick per-layer precisions that no check here has seen.
+int8 is built only from a Q/DQ decoder graph (:func:`ddpm_rt.bundle.graph_ops.not_qdq`); a
+QOperator one is skipped with the reason.
 
 The text encoder is not built: it stays on ONNX Runtime (its dynamic-int8 graph uses
 ``DynamicQuantizeLinear``/``MatMulInteger``, which TensorRT's ONNX parser does not take, and
@@ -29,6 +40,7 @@ from ddpm_rt.backends.engine_cache import (
 )
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.bundle.fileio import atomic_write
+from ddpm_rt.bundle.graph_ops import not_qdq
 from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
 from ddpm_rt.errors import BackendError, InputError
 
@@ -68,24 +80,93 @@ def current_platform() -> Platform:
     return Platform(trt.__version__, gpu.device_name(prop), (int(prop.major), int(prop.minor)))
 
 
+def decoder_graph_for(bundle: Bundle, precision: str) -> str:
+    """The bundle graph TensorRT builds for a decoder precision, or InputError saying why
+    there is none: not a latent bundle, no such variant, or an int8 decoder that is not a
+    Q/DQ graph."""
+    decoders = bundle.decoder_precisions
+    if not decoders:
+        raise InputError("this bundle has no decoder (it is a pixel bundle, not a latent one)")
+    if precision not in TRT_PRECISIONS:
+        raise InputError(f"TensorRT decoder precision must be one of {', '.join(TRT_PRECISIONS)}")
+    if precision not in decoders:
+        raise InputError(
+            f"this bundle has no {precision} decoder for TensorRT (it has {', '.join(decoders)})"
+        )
+    graph = decoders[precision]
+    if precision == "int8":
+        why = not_qdq(bundle.graph_bytes(graph))
+        if why:
+            raise InputError(
+                f"this bundle's int8 decoder {graph} is not for TensorRT: {why}; choose "
+                "another --decoder-precision"
+            )
+    return graph
+
+
+def trt_decoder_precisions(bundle: Bundle) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The decoder precisions TensorRT can build for this bundle, and why not for the others
+    (empty for a pixel bundle)."""
+    if not bundle.decoder_precisions:
+        return (), {}
+    ok, why = [], {}
+    for p in TRT_PRECISIONS:
+        try:
+            decoder_graph_for(bundle, p)
+            ok.append(p)
+        except InputError as e:
+            why[p] = str(e)
+    return tuple(ok), why
+
+
 def flags_for(
     bundle: Bundle,
     precision: str,
     max_images: int = DEFAULT_MAX_IMAGES,
     optimization_level: int = 3,
     workspace_mib: int = 1024,
+    role: str = "unet",
 ) -> BuildFlags:
+    """The build flags of the ``role`` graph (``unet`` or ``decoder``) of a precision. The
+    U-Net's profile goes up to twice ``max_images`` rows (guidance runs conditional and
+    unconditional rows in one call); the decoder decodes finished latents, one row each."""
     if not 0 <= optimization_level <= 5:
         raise InputError(f"--optimization-level must be in 0..5, got {optimization_level}")
     if not 16 <= workspace_mib <= 1 << 20:
         raise InputError(f"--workspace-mib must be in 16..{1 << 20}, got {workspace_mib}")
-    spec = bundle.graphs[unet_graph_for(bundle, precision)]
+    if role == "decoder":
+        spec = bundle.graphs[decoder_graph_for(bundle, precision)]
+        batch = unet_batch_range(max_images, guidance=False)
+    else:
+        spec = bundle.graphs[unet_graph_for(bundle, precision)]
+        batch = unet_batch_range(max_images)
     return BuildFlags(
         precision=precision,
-        profile=profile_shapes(spec, unet_batch_range(max_images)),
+        profile=profile_shapes(spec, batch),
         optimization_level=optimization_level,
         workspace_mib=workspace_mib,
     )
+
+
+def wanted_decoders(bundle: Bundle, decoders, log) -> tuple[str, ...]:
+    """The decoder precisions to build: ``"default"`` the bundle's default decoder precision
+    (what a Generator decodes with unless told otherwise), ``"all"`` every one TensorRT can
+    build -- each skipped with its reason logged --, or an explicit tuple, every one of which
+    must be buildable (InputError otherwise). Nothing for a pixel bundle unless asked."""
+    if decoders in ("default", "all"):
+        buildable, why = trt_decoder_precisions(bundle)
+        if not bundle.decoder_precisions:
+            return ()
+        if decoders == "default":
+            default = bundle.latent["decoder"]["default_precision"]
+            why = {default: why[default]} if default in why else {}
+            buildable = tuple(p for p in buildable if p == default)
+        for p, reason in why.items():
+            log(f"skipping the {p} decoder engine: {reason}")
+        return buildable
+    for p in decoders:
+        decoder_graph_for(bundle, p)
+    return tuple(decoders)
 
 
 def build_plan(onnx: bytes, flags: BuildFlags, timing_cache: Path | None, log) -> bytes:
@@ -155,47 +236,65 @@ def build_engines(
     workspace_mib: int = 1024,
     force: bool = False,
     log: Callable[[str], None] = print,
+    decoders: tuple[str, ...] | str = "default",
 ) -> list[EngineRecord]:
-    """Build (or reuse) one engine per precision; returns their records."""
+    """Build (or reuse) one engine per U-Net precision, then one per decoder precision of a
+    latent bundle (``decoders``: see :func:`wanted_decoders`); returns their records."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)  # hashes every file
     cache = cache or EngineCache()
-    all_flags = [
-        flags_for(bundle, p, max_images, optimization_level, workspace_mib) for p in precisions
+    sizes = (max_images, optimization_level, workspace_mib)
+    jobs = [(unet_graph_for(bundle, p), "U-Net", flags_for(bundle, p, *sizes)) for p in precisions]
+    jobs += [
+        (decoder_graph_for(bundle, p), "decoder", flags_for(bundle, p, *sizes, role="decoder"))
+        for p in wanted_decoders(bundle, decoders, log)
     ]  # every argument checked before any work
     here = current_platform()
-    records = []
-    for precision, flags in zip(precisions, all_flags, strict=True):
-        graph = unet_graph_for(bundle, precision)
-        sha = bundle.manifest["files"][bundle.graphs[graph].file]["sha256"]
-        key = engine_key(sha, flags)
-        with cache.lock(here, key):  # a second builder of this engine waits, then reuses it
-            found = None if force else cache.lookup(here, sha, flags)
-            if found is not None:
-                plan, _ = cache.paths(here, key)
-                log(f"reusing the cached {precision} engine {plan}")
-                records.append(found)
-                continue
-            rows = f"{flags.profile['x'][0][0]}..{flags.profile['x'][2][0]}"
-            log(
-                f"building the {precision} engine for {graph} on {here.gpu_name} with TensorRT "
-                f"{here.tensorrt_version} (U-Net batch {rows})"
-            )
-            t0 = time.perf_counter()
-            plan_data = build_plan(
-                bundle.graph_bytes(graph), flags, cache.timing_cache_path(here), log
-            )
-            record = EngineRecord(
-                graph=graph,
-                onnx_sha256=sha,
-                flags=flags,
-                tensorrt_version=here.tensorrt_version,
-                gpu_name=here.gpu_name,
-                compute_capability=here.compute_capability,
-                build_seconds=round(time.perf_counter() - t0, 2),
-                ddpm_rt_version=__version__,
-            )
-            record = cache.store(here, record, plan_data)
-            log(f"wrote {cache.paths(here, key)[0]} ({len(plan_data) / 1e6:.1f} MB)")
-            records.append(record)
-    return records
+    return [
+        _build_one(bundle, graph, role, flags, cache, here, force, log)
+        for graph, role, flags in jobs
+    ]
+
+
+def _build_one(
+    bundle: Bundle,
+    graph: str,
+    role: str,
+    flags: BuildFlags,
+    cache: EngineCache,
+    here,
+    force: bool,
+    log: Callable[[str], None],
+) -> EngineRecord:
+    """Build the engine of one graph (or reuse the cached one); ``role``: U-Net or decoder."""
+    precision = flags.precision
+    what = precision if role == "U-Net" else f"{precision} {role}"
+    sha = bundle.manifest["files"][bundle.graphs[graph].file]["sha256"]
+    key = engine_key(sha, flags)
+    with cache.lock(here, key):  # a second builder of this engine waits, then reuses it
+        found = None if force else cache.lookup(here, sha, flags)
+        if found is not None:
+            plan, _ = cache.paths(here, key)
+            log(f"reusing the cached {what} engine {plan}")
+            return found
+        first = next(iter(flags.profile.values()))  # every input's batch axis is the first
+        rows = f"{first[0][0]}..{first[2][0]}"
+        log(
+            f"building the {what} engine for {graph} on {here.gpu_name} with TensorRT "
+            f"{here.tensorrt_version} ({role} batch {rows})"
+        )
+        t0 = time.perf_counter()
+        plan_data = build_plan(bundle.graph_bytes(graph), flags, cache.timing_cache_path(here), log)
+        record = EngineRecord(
+            graph=graph,
+            onnx_sha256=sha,
+            flags=flags,
+            tensorrt_version=here.tensorrt_version,
+            gpu_name=here.gpu_name,
+            compute_capability=here.compute_capability,
+            build_seconds=round(time.perf_counter() - t0, 2),
+            ddpm_rt_version=__version__,
+        )
+        record = cache.store(here, record, plan_data)
+        log(f"wrote {cache.paths(here, key)[0]} ({len(plan_data) / 1e6:.1f} MB)")
+        return record

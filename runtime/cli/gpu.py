@@ -28,6 +28,15 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         raise InputError(
             f"--unet-precision takes {', '.join(TRT_PRECISIONS)} (comma-separated), got {bad}"
         )
+    decoders = args.decoder_precision.strip()
+    if decoders not in ("default", "all"):
+        decoders = () if decoders == "none" else tuple(p.strip() for p in decoders.split(","))
+        bad = [p for p in decoders if p not in TRT_PRECISIONS]
+        if bad or "" in decoders:
+            raise InputError(
+                f"--decoder-precision takes default, all, none or {', '.join(TRT_PRECISIONS)} "
+                f"(comma-separated), got {args.decoder_precision!r:.40}"
+            )
     build_engines(
         args.bundle,
         precisions,
@@ -37,6 +46,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         workspace_mib=args.workspace_mib,
         force=args.force,
         log=lambda s: print(s, file=sys.stderr),
+        decoders=decoders,
     )
     return 0
 
@@ -53,7 +63,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def add_gpu_parsers(sub, common) -> None:
     b = sub.add_parser(
         "build-engines",
-        help="build TensorRT engines for a bundle's U-Net on this machine (needs ddpm-rt[trt])",
+        help="build TensorRT engines for a bundle's U-Net (and a latent bundle's decoder) on "
+        "this machine (needs ddpm-rt[trt])",
     )
     b.add_argument("bundle", nargs="?", help="bundle folder")
     b.add_argument(
@@ -62,10 +73,19 @@ def add_gpu_parsers(sub, common) -> None:
         help="fp32, fp16, int8 (the bundle's Q/DQ graph), comma-separated (default fp32)",
     )
     b.add_argument(
+        "--decoder-precision",
+        default="default",
+        help="a latent bundle's decoder: default (the bundle's default decoder precision), all "
+        "(every one TensorRT can build; the others skipped with the reason), none, or fp32, "
+        "fp16 (the bundle's fp16 decoder graph), int8 (only a Q/DQ decoder graph), "
+        "comma-separated",
+    )
+    b.add_argument(
         "--max-batch",
         type=int,
         default=16,
-        help="most images per U-Net call; the profile allows twice as many rows (guidance)",
+        help="most images per U-Net call; the U-Net's profile allows twice as many rows "
+        "(guidance), the decoder's this many",
     )
     b.add_argument("--optimization-level", type=int, default=3, help="TensorRT's, 0..5")
     b.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit")

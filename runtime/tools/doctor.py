@@ -8,6 +8,9 @@
    (:mod:`ddpm_rt.tolerances`); one full seeded generation against ONNX Runtime CPU fp32
    (:data:`IMAGE_TOLERANCES`); the U-Net's per-step latency at batch 1 and 8.
    With a GPU and TensorRT, the engines are built first (``ddpm-rt build-engines``).
+3. A latent bundle's decoder, every precision it has on every usable backend, on latents
+   recorded at t = 1 of those trajectories, against ONNX Runtime CPU fp32 under the table's
+   ``decoder-<precision>`` entries; what cannot run here is listed with the reason.
 
 Exit status 0 when every check that could run passed, 1 when one failed.
 """
@@ -22,10 +25,11 @@ from collections.abc import Callable
 import numpy as np
 
 from ddpm_rt import __version__
-from ddpm_rt.backends import gpu
+from ddpm_rt.backends import gpu, make_backend
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.errors import DdpmRtError
 from ddpm_rt.generator import Generator
+from ddpm_rt.tolerances import TOLERANCES
 from ddpm_rt.tools.parity import compare, record
 
 # A full seeded generation (the default sampler, 4 prompts) against ONNX Runtime CPU fp32:
@@ -92,6 +96,93 @@ def _candidates(report: gpu.GpuReport, variants: dict) -> list[tuple[str, str, d
     return out
 
 
+GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _decoder_candidates(bundle: Bundle, report: gpu.GpuReport, engine_cache) -> tuple[list, list]:
+    """([(table key backend, precision, graph, make backend)], [(what, why skipped)]) for a
+    latent bundle's decoder variants on every backend of this machine."""
+    from ddpm_rt.backends.trt_build import trt_decoder_precisions
+
+    decoders = bundle.decoder_precisions
+    runs, skipped = [], []
+    for p, graph in decoders.items():
+        if p != "fp32":
+            runs.append(("ort", p, graph, lambda: make_backend("ort", bundle)))
+    if "CUDAExecutionProvider" in report.ort_providers and report.gpu:
+        from ddpm_rt.backends import tensorrt_graphs
+
+        on_trt = tensorrt_graphs(bundle)  # the int8 decoder only as a Q/DQ graph
+        for p, graph in decoders.items():
+            if p == "int8" and graph not in on_trt:
+                skipped.append((f"ort-gpu decoder {p}", "not a Q/DQ graph"))
+                continue
+            runs.append(("ort-gpu", p, graph, lambda: make_backend("ort", bundle, GPU_PROVIDERS)))
+    elif "CUDAExecutionProvider" not in report.ort_providers:
+        skipped.append(("ort-gpu decoder", "this onnxruntime has no CUDAExecutionProvider"))
+    else:
+        skipped.append(("ort-gpu decoder", report.gpu_why or "no CUDA GPU"))
+    trt_why = report.tensorrt_why or report.cuda_python_why or (None if report.gpu else "no GPU")
+    if trt_why:
+        skipped.append(("trt decoder", trt_why))
+    else:
+        buildable, not_built = trt_decoder_precisions(bundle)
+        skipped += [(f"trt decoder {p}", why) for p, why in not_built.items() if p in decoders]
+        from ddpm_rt.backends.engine_cache import EngineCache
+
+        cache = EngineCache(engine_cache) if engine_cache else None  # where doctor built them
+        for p in buildable:
+            runs.append(
+                ("trt", p, decoders[p], lambda: make_backend("trt", bundle, engine_cache=cache))
+            )
+    return runs, skipped
+
+
+def check_decoders(
+    bundle: Bundle,
+    report: gpu.GpuReport,
+    ref: Generator,
+    latents: np.ndarray,
+    engine_cache=None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """The decoder section of the report; returns the number of failed checks."""
+    ref_graph = bundle.decoder_precisions["fp32"]
+    want = ref.backend.run(ref_graph, {"latent": latents})["image"]  # (B, 3, H, W)
+    one = {"latent": latents[:1]}
+    rows = [("ort", "fp32", "reference", _latency(lambda: ref.backend.run(ref_graph, one)))]
+    runs, skipped = _decoder_candidates(bundle, report, engine_cache)
+    failed = 0
+    for backend_name, precision, graph, make in runs:
+        key = (backend_name, f"decoder-{precision}")
+        if key not in TOLERANCES:
+            skipped.append((f"{backend_name} decoder {precision}", "no tolerance-table entry"))
+            continue
+        try:
+            backend = make()
+            try:
+                got = backend.run(graph, {"latent": latents})["image"]
+                ok, figures = compare(key, [got], [want], np.ones(len(got), int), 1)
+                ms = _latency(lambda b=backend, g=graph: b.run(g, one))
+            finally:
+                if hasattr(backend, "close"):
+                    backend.close()  # TensorRT's device buffers
+        except DdpmRtError as e:
+            log(f"decoder {backend_name} {precision}: FAILED: {e}")
+            failed += 1
+            continue
+        failed += not ok
+        what = ", ".join(f"{k} {v:.3g}" for k, v in figures.items())
+        rows.append((backend_name, precision, f"{'ok' if ok else 'FAILED'}: {what}", ms))
+    log("")
+    log(f"decoder ({len(latents)} latents at t = 1)  ms b1   check vs ort fp32 decoder")
+    for backend_name, precision, what, ms in rows:
+        log(f"{backend_name:<8} {precision:<10} {ms:>12.2f}   {what}")
+    for what, why in skipped:
+        log(f"skipped: {what}: {why}")
+    return failed
+
+
 def run_doctor(
     bundle_path,
     engine_cache=None,
@@ -123,7 +214,10 @@ def run_doctor(
 
     bundle = Bundle.load(bundle_path)  # every file hashed
     variants = bundle.unet_precisions
-    log(f"bundle {bundle.path}: U-Net precisions {', '.join(variants)}")
+    decoders = (
+        f"; decoder precisions {', '.join(bundle.decoder_precisions)}" if bundle.latent else ""
+    )
+    log(f"bundle {bundle.path}: U-Net precisions {', '.join(variants)}{decoders}")
     ref = Generator(bundle, unet_precision="fp32")
     prompts = list(PROMPTS) * 2
     contexts = np.stack([ref.context(p) for p in prompts])
@@ -151,9 +245,8 @@ def run_doctor(
 
         wanted = trt_precisions(variants)
         try:
-            build_engines(
-                bundle, wanted, EngineCache(engine_cache) if engine_cache else None, log=log
-            )
+            cache = EngineCache(engine_cache) if engine_cache else None
+            build_engines(bundle, wanted, cache, log=log, decoders="all")
         except DdpmRtError as e:
             log(f"building TensorRT engines failed: {e}")
             failed += 1
@@ -189,6 +282,9 @@ def run_doctor(
     log("backend  precision  U-Net ms/step b1   b8   check vs ort fp32 (tolerance table)")
     for backend, precision, what, b1, b8 in rows:
         log(f"{backend:<8} {precision:<10} {b1:>12.2f} {b8:>6.2f}   {what}")
+    if bundle.latent is not None:
+        latents = np.concatenate([f["x"] for f in feeds])[ts == 1]  # (B, C, h, w), ~x_0
+        failed += check_decoders(bundle, report, ref, latents, engine_cache, log)
     if not report.gpu:
         log("")
         log(f"only the CPU backend (ONNX Runtime) is usable here: {report.gpu_why}")
