@@ -153,6 +153,19 @@ class Generator:
                 int(cond["context_dim"]),
             )
 
+    def provenance(self) -> dict:
+        """What of this generator made an image (for a PNG's settings chunk): the U-Net and
+        text precisions, the bundle's digest, and a latent bundle's decoder and precision."""
+        facts = {
+            "unet_precision": self.unet_precision,
+            "text_precision": getattr(self, "text_precision", None),
+            "bundle_digest": self.bundle.digest,
+        }
+        if self.decoder_graph is not None:
+            facts["decoder"] = self.decoder_graph
+            facts["decoder_precision"] = self.decoder_precision
+        return facts
+
     # -- conditioning -------------------------------------------------------------------
     def context(self, prompt: str) -> np.ndarray:
         """The context vector (D,) for a prompt (a copy); the empty prompt is the null

@@ -659,3 +659,30 @@ def test_a_numerical_error_ends_only_its_own_request(tmp_path):
     for k in range(2):
         np.testing.assert_array_equal(grid[1 : 1 + 8, 1 + k * 9 : 1 + k * 9 + 8], alone[k])
     assert health["failed"] == 1 and health["batches"].get("3") == 1, health
+
+
+def test_a_latent_bundle_serves_its_decoded_images(latent_trained):
+    """The server on a latent bundle (issue 19): images and stream previews are the decoder's
+    pixels, byte-equal to the Generator's; /api/info names the latent and the decoder."""
+    lgen = Generator(latent_trained["bundle"], threads=1)
+    with TestClient(create_app(lgen)) as c:
+        info = c.get("/api/info").json()
+        assert info["image"] == {"channels": 3, "height": 32, "width": 32}
+        assert info["latent"] == {"channels": 4, "height": 8, "width": 8}
+        assert info["precisions"]["decoder"] == "fp32"
+        r = c.post("/api/generate", json={"prompt": "a small red circle", "seed": 2, "steps": 4})
+        pixels, prov = decode(r.content)
+        assert pixels.shape == (32, 32, 3)
+        assert (prov["decoder"], prov["decoder_precision"]) == ("decoder", "fp32")
+        np.testing.assert_array_equal(
+            pixels, lgen.generate("a small red circle", num=1, seed=2, steps=4)[0]
+        )
+        body = {"prompt": "a big blue square", "seed": 1, "steps": 4, "preview_every": 2}
+        with c.stream("POST", "/api/generate/stream", json=body) as s:
+            text = "".join(s.iter_text())
+    previews = [
+        json.loads(block.split("data: ", 1)[1])["previews"][0]
+        for block in text.strip().split("\n\n")
+        if block.startswith("event: progress") and '"previews"' in block
+    ]
+    assert len(previews) == 2 and all(b64_image(p)[0].shape == (32, 32, 3) for p in previews)

@@ -184,14 +184,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "eta": used.eta,
         "spacing": used.spacing,
         "guidance": cfg.guidance,
-        "unet_precision": gen.unet_precision,
-        "text_precision": getattr(gen, "text_precision", None),
-        "bundle_digest": gen.bundle.digest,
+        **gen.provenance(),  # precisions, bundle digest, a latent bundle's decoder
+        "ddpm_rt": __version__,
     }
-    if gen.decoder_graph is not None:  # a latent bundle: what turned the latents into pixels
-        provenance["decoder"] = gen.decoder_graph
-        provenance["decoder_precision"] = gen.decoder_precision
-    provenance["ddpm_rt"] = __version__
     save_png(out, images, scale=args.scale, ncols=ncols, provenance=provenance)
     if args.preview_every:
         for k in sorted(frames):

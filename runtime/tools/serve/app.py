@@ -128,9 +128,7 @@ class Service:
             "eta": c.eta,
             "spacing": c.spacing,
             "guidance": c.guidance,
-            "unet_precision": self.gen.unet_precision,
-            "text_precision": getattr(self.gen, "text_precision", None),
-            "bundle_digest": self.gen.bundle.digest,
+            **self.gen.provenance(),
             "ddpm_rt": __version__,
         }
 
@@ -200,6 +198,9 @@ class Service:
         return {
             "bundle_digest": b.digest,
             "image": {"channels": c, "height": h, "width": w},
+            "latent": None
+            if b.latent is None
+            else dict(zip(("channels", "height", "width"), b.sample_shape, strict=True)),
             "conditioning": b.conditioning["kind"],
             "labels": b.label_names or None,
             "defaults": {
@@ -217,6 +218,8 @@ class Service:
                 "unet_available": list(b.unet_precisions),
                 "text": getattr(self.gen, "text_precision", None),
                 "text_available": list(text.get("graphs", {})),
+                "decoder": self.gen.decoder_precision,
+                "decoder_available": list(b.decoder_precisions),
             },
             "backend": self.gen.backend.name,
             "limits": {
