@@ -25,24 +25,25 @@ uses is written over, and whatever fails the bundle is left loadable.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ddpm_rt.bundle.bundle import MANIFEST, Bundle
-from ddpm_rt.bundle.fileio import atomic_write
-from ddpm_rt.bundle.io_spec import unet_io
-from ddpm_rt.bundle.manifest import validate_manifest
-from ddpm_rt.errors import DdpmRtError, InputError
+from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
 from ddpm_rt.tolerances import TOLERANCES
 from ddpm_rt.tools.parity import compare, record
+
+from .variants import (  # noqa: F401 - OPS, QDQ_OPS, QuantizeError: this module's API too
+    OPS,
+    QDQ_OPS,
+    QuantizeError,
+    add_variant,
+    fp16_graph,
+    open_for_variant,
+    static_int8,
+)
 
 INT8_FILE = "unet.int8-qoperator-u8s8.onnx"
 INT8_GRAPH = "unet_int8"
@@ -50,11 +51,6 @@ INT8_FORMAT = (
     "ONNX Runtime QOperator; uint8 activations (asymmetric), int8 per-channel weights; "
     "Conv, ConvTranspose, MatMul, Gemm quantised; static MinMax calibration"
 )
-OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
-
-
-class QuantizeError(DdpmRtError):
-    """The quantised graph misses its parity check against fp32."""
 
 
 def calibration_contexts(gen: Generator, limit: int = 96) -> tuple[list[str], np.ndarray]:
@@ -78,10 +74,6 @@ QDQ_FORMAT = (
     "int8 weights, zero-point 0 (what TensorRT's explicit quantisation consumes); Conv, "
     "MatMul, Gemm quantised; static MinMax calibration"
 )
-# TensorRT's explicit quantisation takes int8 Q/DQ with zero-point 0 only; weights
-# per-channel along the output-channel axis. ConvTranspose stays float: its per-channel
-# axis (1) is the one layouts disagree on, and it is 2 of the graph's ~30 layers.
-QDQ_OPS = ["Conv", "MatMul", "Gemm"]
 
 
 def quantize_bundle(
@@ -95,15 +87,6 @@ def quantize_bundle(
     ``precision`` ``int8``: the CPU graph (QOperator, u8 activations, fastest on ONNX
     Runtime's x86 CPU); ``int8-qdq``: the symmetric Q/DQ graph for TensorRT (also runs, more
     slowly, on ONNX Runtime's CPU, which is how it is checked here)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     qdq = precision == "int8-qdq"
     graph_name, file, fmt = (
         (QDQ_GRAPH, QDQ_FILE, QDQ_FORMAT)
@@ -114,7 +97,7 @@ def quantize_bundle(
             INT8_FORMAT,
         )
     )
-    bundle, m = _open_for_variant(bundle_dir, precision, graph_name, force, log)
+    bundle, m = open_for_variant(bundle_dir, precision, graph_name, force, log)
     if bundle is None:
         return m["unet_precisions"][precision]
     gen = Generator(bundle)
@@ -127,49 +110,7 @@ def quantize_bundle(
         f"calibrating on {len(calib)} batches of real x_t ({len(prompts)} prompts, every "
         f"{every}th of {gen.schedule.timesteps} timesteps); {len(check)} held out"
     )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    if qdq:
-        options = dict(
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=QDQ_OPS,
-            activation_type=QuantType.QInt8,
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                # TensorRT quantises int8 only: a bias quantised to int32 (ONNX Runtime's
-                # default) would be a DequantizeLinear it cannot take; it stays float.
-                "QuantizeBias": False,
-                "DedicatedQDQPair": True,
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-            },
-        )
-    else:
-        options = dict(
-            quant_format=QuantFormat.QOperator,
-            op_types_to_quantize=OPS,
-            activation_type=QuantType.QUInt8,
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        (Path(tmp) / "fp32.onnx").write_bytes(bundle.graph_bytes("unet"))
-        quant_pre_process(str(Path(tmp) / "fp32.onnx"), str(pre))
-        quantize_static(
-            str(pre),
-            str(out),
-            Reader(),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            **options,
-        )
-        data = out.read_bytes()
+    data = static_int8(bundle.graph_bytes("unet"), calib, qdq)
     if qdq:
         why = qdq_problems(data)
         if why:
@@ -181,7 +122,7 @@ def quantize_bundle(
         "calibration": {"prompts": len(prompts), "batches": len(calib), "every_timesteps": every},
         "checks": {"heldout_batches": len(check), **figures},
     }
-    _add_variant(bundle, m, precision, file, data, entry, log)
+    add_variant(bundle, m, precision, file, data, entry, log)
     return entry
 
 
@@ -230,88 +171,21 @@ def fp16_bundle(
     same. Keeping ops in fp32 buys no accuracy on this model, so none are kept; the check
     below (the tolerance table's ``("ort", "fp16")``) guards a model where it would.
     """
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    bundle, m = _open_for_variant(bundle_dir, "fp16", FP16_GRAPH, force, log)
+    bundle, m = open_for_variant(bundle_dir, "fp16", FP16_GRAPH, force, log)
     if bundle is None:
         return m["unet_precisions"]["fp16"]
     gen = Generator(bundle)
     _, contexts = calibration_contexts(gen, limit=16)
     feeds = _record_finite(gen, contexts, max(1, gen.schedule.timesteps // 20), "fp16")
-    model = convert_float_to_float16(
-        onnx.load_from_string(bundle.graph_bytes("unet")), keep_io_types=True
-    )
-    data = model.SerializeToString()
+    data = fp16_graph(bundle.graph_bytes("unet"))
     figures = _check_variant(gen, "fp16", data, feeds, log)
     entry = {
         "graph": FP16_GRAPH,
         "format": FP16_FORMAT,
         "checks": {"batches": len(feeds), **figures},
     }
-    _add_variant(bundle, m, "fp16", FP16_FILE, data, entry, log)
+    add_variant(bundle, m, "fp16", FP16_FILE, data, entry, log)
     return entry
-
-
-def _open_for_variant(bundle_dir, precision: str, graph: str, force: bool, log):
-    """(bundle, a copy of its manifest to extend), or (None, manifest) when the bundle
-    already has this variant and ``force`` is off."""
-    bundle = Bundle.load(bundle_dir)
-    m = copy.deepcopy(bundle.manifest)
-    if not force and graph in m["graphs"]:
-        log(f"{bundle.path} already has an {precision} U-Net (pass --force to redo it)")
-        return None, m
-    return bundle, m
-
-
-def _add_variant(
-    bundle: Bundle, m: dict, precision: str, file: str, data: bytes, entry: dict, log
-) -> None:
-    """Write the variant's graph and the extended manifest, validated before anything is
-    written; no file the bundle uses is written over, and whatever fails the bundle is left
-    loadable (as it was, or, when an older graph of this variant was replaced, without it)."""
-    graph = entry["graph"]
-    old_file = m["graphs"].get(graph, {}).get("file")
-    others = {g.get("file") for name, g in m["graphs"].items() if name != graph}
-    if file in others or (file in m["files"] and file != old_file):
-        raise QuantizeError(
-            f"{bundle.path} already uses {file} for another purpose; the {precision} U-Net "
-            "would write over it (nothing was written)"
-        )
-    base = copy.deepcopy(m)  # the manifest without this variant
-    if old_file is not None:
-        del base["graphs"][graph]
-        base["files"].pop(old_file, None)
-        base.get("unet_precisions", {}).pop(precision, None)
-    c, h, w = bundle.sample_shape  # the U-Net's: a latent bundle's latent
-    new = copy.deepcopy(base)
-    new["graphs"][graph] = {**unet_io(c, h, w, bundle.context_dim).to_dict(), "file": file}
-    new["files"][file] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    new["unet_precisions"] = {"fp32": {"graph": "unet"}, **new.get("unet_precisions", {})}
-    new["unet_precisions"][precision] = entry
-    texts = {}
-    for name, manifest in (("base", base), ("new", new)):
-        try:  # strict JSON: a NaN would make a manifest no runtime loads
-            texts[name] = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
-        except ValueError:
-            raise QuantizeError(
-                f"the {precision} U-Net's figures are not finite: {entry}"
-            ) from None
-        validate_manifest(json.loads(texts[name]))
-    path = bundle.path / MANIFEST
-    before = path.read_bytes()
-    try:
-        if old_file is not None:  # the old graph is replaced: first a manifest without it
-            atomic_write(path, lambda f: f.write(texts["base"]))
-        atomic_write(bundle.path / file, lambda f: f.write(data))
-        atomic_write(path, lambda f: f.write(texts["new"]))
-        Bundle.load(bundle.path, hash_all=True)  # the runtime's own validation, as a final check
-    except BaseException:
-        with contextlib.suppress(Exception):  # the first error is the one to report
-            atomic_write(path, lambda f: f.write(texts["base"] if old_file else before))
-            (bundle.path / file).unlink(missing_ok=True)  # no manifest left lists it
-        raise
-    log(f"wrote {bundle.path / file} ({len(data) / 1e6:.1f} MB) and {path}")
 
 
 def _record_finite(gen: Generator, contexts: np.ndarray, every: int, precision: str) -> list:

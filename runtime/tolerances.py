@@ -16,6 +16,20 @@ TOLERANCES: dict[tuple[str, str], dict[str, float]] = {
     # level (one level is 2/255 = 7.8e-3), so a pass is byte-identical images but for rounding
     # ties.
     ("ort", "decoder-fp32"): {"rtol": 0.0, "atol": 1e-4},
+    # A latent bundle's decoder variants vs its fp32 decoder, on the latents it decodes in
+    # use (x̂0 along real trajectories and the final x_0), judged on the pixels as written:
+    # the error after clipping to [-1, 1], in grey levels of 255 (one level is 2/255), worst
+    # pixel and mean. fp16 (fp32 I/O) keeps ~3 significant digits, ~0.06 of a level at the
+    # output, compounding through ~20 convolutions: measured max 0.22, mean 0.015 levels on a
+    # 64x64 decoder (16x16x4 latents). At most one level anywhere is "rounding only"; a
+    # broken conversion errs by tens of levels.
+    ("ort", "decoder-fp16"): {"max_grey_levels": 1.0, "mean_grey_levels": 0.1},
+    # int8 (QOperator u8/s8, MinMax-calibrated on recorded latents) errs relative to each
+    # activation's range, so it gets a visual bound instead: 8 levels (3 % of the range) at
+    # the worst pixel, 1 level on average -- the image as a whole within rounding of fp32.
+    # Measured: 0.56 / 0.11 on the test fixture's tiny decoder (passes); 26.6 / 2.0 on the
+    # 64x64 decoder above (refused: that decoder stays fp32/fp16).
+    ("ort", "decoder-int8"): {"max_grey_levels": 8.0, "mean_grey_levels": 1.0},
     # int8 U-Net (CPU, QOperator u8/s8) vs fp32, on x_t recorded along real trajectories.
     # Quantisation error is relative to each activation's range, so elementwise bounds say
     # little: the check is the cosine between eps vectors, averaged over all timesteps

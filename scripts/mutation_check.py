@@ -285,6 +285,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         (T + "test_hostile_residue.py::test_quantize_refuses_a_unet_that_outputs_nan",),
         count=2,
     ),
+    Mutation(
+        "decoder-variant-parity",
+        "decoder variants: an fp16/int8 decoder judged against fp32 by the tolerance table",
+        "export/quantize_decoder.py",
+        "    if not ok:\n        raise QuantizeError(",
+        "    if False:\n        raise QuantizeError(",
+        (T + "test_latent_variants.py::test_decoder_variant_that_misses_writes_nothing",),
+    ),
+    Mutation(
+        "capi-latent-shape",
+        "C ABI: a latent bundle reports its pixels' shape, not the latent's",
+        "runtime/capi/_impl.py",
+        "c, hh, w = get(h).gen.bundle.image_shape",
+        "c, hh, w = get(h).gen.bundle.sample_shape",
+        (T + "test_capi.py::test_cpp_example_matches_the_python_api_on_a_latent_bundle",),
+    ),
+    Mutation(
+        "bench-latent-over-pixel",
+        "bench --compare: the latent/pixel ratio whichever bundle is named first",
+        "runtime/tools/bench_latent.py",
+        "this / that if gen.bundle.latent else that / this",
+        "this / that",
+        (T + "test_latent_bench.py::test_bench_pixel_bundle_against_a_latent_one",),
+    ),
     # -- precision selection, CFG -----------------------------------------------------------------
     Mutation(
         "unet-precision",

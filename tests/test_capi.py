@@ -85,6 +85,30 @@ def test_cpp_example_matches_the_python_api(built):
     assert out.read_bytes().split(b"\n255\n", 1)[1] == want.tobytes()
 
 
+def test_cpp_example_matches_the_python_api_on_a_latent_bundle(built, latent_trained, tmp_path):
+    """A latent bundle reports its pixels' shape (32x32, not the 8x8 latent) and the C++
+    example's bytes are the Python API's, with its default decoder and with the fp16
+    decoder chosen through options_json."""
+    from ddpm_rt import Generator
+    from ddpm_rt.export.quantize_decoder import decoder_variant
+
+    b = tmp_path / "b"
+    shutil.copytree(latent_trained["bundle"], b)
+    decoder_variant(b, "fp16", log=lambda s: None)
+    out = tmp_path / "a.ppm"
+    for options in (None, '{"decoder_precision": "fp16"}'):
+        args = [str(built["example"]), str(b), "red circle", "5", "2", str(out), "4", "2"]
+        proc = subprocess.run(
+            args + ([options] if options else []), capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        header, pixels = out.read_bytes().split(b"\n255\n", 1)
+        assert header == b"P6\n32 64"
+        gen = Generator(b, decoder_precision="fp16" if options else None)
+        want = gen.generate("red circle", num=2, seed=5, steps=4, guidance=2.0)
+        assert pixels == want.tobytes(), options
+
+
 def test_c_abi_error_paths(built):
     proc = subprocess.run(
         [str(built["errors"]), str(DEFAULT)], capture_output=True, text=True, timeout=120

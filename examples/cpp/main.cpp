@@ -74,12 +74,12 @@ extern "C" int on_progress(int step, int total, void *) {
 
 int main(int argc, char **argv) {
   if (argc < 6) {
-    std::cerr << "usage: " << argv[0] << " BUNDLE PROMPT SEED NUM OUT.ppm [STEPS] [GUIDANCE]\n";
+    std::cerr << "usage: " << argv[0] << " BUNDLE PROMPT SEED NUM OUT.ppm [STEPS] [GUIDANCE] [OPTIONS_JSON]\n";
     return 64;
   }
   std::signal(SIGINT, on_sigint);  // the host owns its signals; the library installs none
   try {
-    ddpm::Generator gen(argv[1]);
+    ddpm::Generator gen(argv[1], argc > 8 ? argv[8] : nullptr);  // e.g. {"threads":2}
     int num = std::stoi(argv[4]);
     int steps = argc > 6 ? std::stoi(argv[6]) : 0;
     double guidance = argc > 7 ? std::stod(argv[7]) : 0.0;

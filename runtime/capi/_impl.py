@@ -83,6 +83,7 @@ def bind(ffi) -> None:
                 allowed = {
                     "unet_precision",
                     "text_precision",
+                    "decoder_precision",
                     "threads",
                     "providers",
                     "expected_digest",
@@ -104,7 +105,7 @@ def bind(ffi) -> None:
     @ffi.def_extern()
     def ddpm_rt_image_shape(h, height, width, channels):
         try:
-            c, hh, w = get(h).gen.bundle.image_shape
+            c, hh, w = get(h).gen.bundle.image_shape  # the pixels (a latent bundle's decoded)
             state["errors"].pop(int(ffi.cast("uintptr_t", h)), None)
             for ptr, v in ((height, hh), (width, w), (channels, c)):
                 if ptr != ffi.NULL:

@@ -48,11 +48,14 @@ typedef int (*ddpm_rt_progress_fn)(int step, int total, void *user);
 const char *ddpm_rt_version(void);
 
 /* Load and validate a bundle folder. options_json may be NULL or a JSON object with any of
- * "unet_precision" ("fp32"|"int8"), "text_precision", "threads" (int), "providers"
- * (list of ONNX Runtime providers), "expected_digest" (sha256 of manifest.json). */
+ * "unet_precision" ("fp32"|"int8"), "text_precision", "decoder_precision" (a latent
+ * bundle's decoder: "fp32", or a variant it lists: "fp16"|"int8"), "threads" (int),
+ * "providers" (list of ONNX Runtime providers), "expected_digest" (sha256 of
+ * manifest.json). */
 int ddpm_rt_open(const char *bundle_dir, const char *options_json, ddpm_rt_handle **out);
 
-/* The images' shape: height, width and channels (3, RGB). */
+/* The images' shape: height, width and channels (3, RGB). For a latent bundle these are the
+ * decoded pixels' (what ddpm_rt_generate writes), not the latent's. */
 int ddpm_rt_image_shape(ddpm_rt_handle *handle, int *height, int *width, int *channels);
 
 /* Generate `num` images for a UTF-8 prompt into out_rgb: num * height * width * 3 bytes,

@@ -128,8 +128,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    q = _load("ddpm_rt.export.quantize", "export")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if args.graph == "decoder":
+        from ddpm_rt.bundle.manifest import DECODER_PRECISIONS
+
+        variants = [p for p in DECODER_PRECISIONS if p != "fp32"]
+        if args.precision not in variants:  # refused before anything is loaded
+            raise InputError(
+                f"--graph decoder takes --precision {' or '.join(variants)}, not {args.precision}"
+            )
+        qd = _load("ddpm_rt.export.quantize_decoder", "export")
+        qd.decoder_variant(args.bundle, args.precision, force=args.force, log=log)
+        return 0
+    q = _load("ddpm_rt.export.quantize", "export")
     if args.precision == "fp16":
         q.fp16_bundle(args.bundle, force=args.force, log=log)
     else:
@@ -277,16 +288,25 @@ def add_train_parsers(sub, common) -> None:
     e.set_defaults(func=cmd_export)
 
     qz = sub.add_parser(
-        "quantize", help="add an int8 (CPU) or fp16 U-Net to a bundle (ddpm-rt[export])"
+        "quantize",
+        help="add an int8 (CPU) or fp16 U-Net, or a latent bundle's fp16/int8 decoder, to a "
+        "bundle (ddpm-rt[export])",
     )
     qz.add_argument("bundle", help="bundle folder (its manifest is rewritten)")
+    qz.add_argument(
+        "--graph",
+        choices=["unet", "decoder"],
+        default="unet",
+        help="which graph: the U-Net (default) or a latent bundle's decoder",
+    )
     qz.add_argument(
         "--precision",
         choices=["int8", "int8-qdq", "fp16"],
         default="int8",
-        help="int8: CPU graph (ONNX Runtime); int8-qdq: symmetric Q/DQ for TensorRT; fp16",
+        help="int8: CPU graph (ONNX Runtime); int8-qdq: symmetric Q/DQ for TensorRT (U-Net "
+        "only); fp16",
     )
-    qz.add_argument("--force", action="store_true", help="redo an existing int8 U-Net")
+    qz.add_argument("--force", action="store_true", help="redo an existing variant")
     common(qz)
     qz.set_defaults(func=cmd_quantize)
 

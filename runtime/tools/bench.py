@@ -13,6 +13,10 @@ this machine, and comparisons are ratios measured in the same run. Sections:
 6. cold start (process start -> PNG on disk) and peak RSS of ``ddpm-rt --prompt`` at the
    defaults vs a torch script doing the same with the same weights; torch never imported.
 
+A latent bundle's end-to-end and cold-start figures include loading and running its decoder;
+its decoder is also timed alone, and ``--compare`` adds end-to-end rows for both bundles
+(:mod:`ddpm_rt.tools.bench_latent`).
+
 Rows that need torch (``train`` extra) or onnx (``export`` extra) are skipped with the
 reason when those are missing. The torch code lives in ddpm_rt.training.torch_reference,
 imported lazily for those rows only: the runtime itself never imports torch.
@@ -22,8 +26,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -33,7 +35,8 @@ from ddpm_rt.core.samplers import EVAL_GRID
 from ddpm_rt.errors import first_line
 from ddpm_rt.extras import optional
 from ddpm_rt.generator import Generator
-from ddpm_rt.tools.bench_probe import cpu_name, peak_gflops, run_measured, time_it, unet_flops
+from ddpm_rt.tools.bench_latent import compare_end_to_end, decode_rows
+from ddpm_rt.tools.bench_probe import cold_start, cpu_name, peak_gflops, time_it, unet_flops
 from ddpm_rt.tools.bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 
 PROMPT = "red apple"
@@ -146,7 +149,9 @@ def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: i
         s = time_it(lambda cfg=cfg: gen.generate(context=ctx, config=cfg), repeats, warmup=1)
         rows[label] = {"seconds": float(np.median(s)), "images_per_s": 1 / float(np.median(s))}
     model, ref, why = torch_model
-    if model is None:
+    if gen.bundle.latent is not None:
+        why = "a latent bundle: the course's loop has no decoder (its rows would not compare)"
+    if model is None or gen.bundle.latent is not None:
         rows["torch course DDPM"] = {"skipped": why}
         return rows
     c = ctx[None].astype(np.float32)
@@ -180,63 +185,6 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     }
 
 
-def _cold_start(gen: Generator, default: GenerateConfig, repeats: int, torch_why) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "a.png")
-        ours = [
-            "--model",
-            str(gen.bundle.path),
-            "--prompt",
-            _prompt(gen),
-            "--out",
-            out,
-            "--force",
-            "--no-progress",
-        ]
-        run_measured("ddpm_rt.cli", ours)  # a first run fills the optimised-graph cache
-        runs = [run_measured("ddpm_rt.cli", ours) for _ in range(repeats)]
-        # torch never imported on this path: ask the interpreter itself
-        _, _, log = run_measured("ddpm_rt.cli", ours, ("-X", "importtime"))
-        imported = {ln.split("|")[-1].strip() for ln in log.splitlines() if "|" in ln}
-        result = {
-            "ddpm_rt": {
-                "seconds": float(np.median([r[0] for r in runs])),
-                "peak_rss_mb": max(r[1] for r in runs) / 2**20,
-                "torch_imported": any(m == "torch" or m.startswith("torch.") for m in imported),
-            }
-        }
-        if torch_why:
-            result["torch_script"] = {"skipped": torch_why}
-            return result
-        theirs = [
-            "--bundle",
-            str(gen.bundle.path),
-            "--prompt",
-            _prompt(gen),
-            "--out",
-            out,
-            "--sampler",
-            default.sampler,
-            "--guidance",
-            str(default.guidance),
-        ]
-        if default.steps:
-            theirs += ["--steps", str(default.steps)]
-        try:
-            runs = [
-                run_measured("ddpm_rt.training.torch_reference", theirs) for _ in range(repeats)
-            ]
-        except RuntimeError as e:
-            result["torch_script"] = {"skipped": str(e)}
-            return result
-        result["torch_script"] = {
-            "seconds": float(np.median([r[0] for r in runs])),
-            "peak_rss_mb": max(r[1] for r in runs) / 2**20,
-        }
-        result["speedup"] = result["torch_script"]["seconds"] / result["ddpm_rt"]["seconds"]
-        return result
-
-
 def run_bench(
     gen: Generator,
     batch_sizes=(1, 8, 32),
@@ -246,9 +194,10 @@ def run_bench(
     compile_torch: bool = True,
     compare: str | None = None,
 ) -> dict:
-    """``compare``: another bundle whose fp32 U-Net is timed in the same run (rows
-    ``compare fp32``; ``unet_cost_vs_compare`` gives this fp32 U-Net's per-step time over
-    that one's at each batch size)."""
+    """``compare``: another bundle (pixel or latent) timed in the same run: its fp32 U-Net
+    (rows ``compare fp32``; ``unet_cost_vs_compare`` gives this fp32 U-Net's per-step time
+    over that one's at each batch size) and, with ``e2e``, both end to end per image
+    (``end_to_end_vs_compare``, :func:`~ddpm_rt.tools.bench_latent.compare_end_to_end`)."""
     default = GenerateConfig().with_defaults(gen.bundle.recommended)
     torch_model = (
         _torch_model(gen, checkpoint)
@@ -278,8 +227,14 @@ def run_bench(
             "steps": len(default.make_sampler(gen.schedule).timesteps),
             "guidance": default.guidance,
             "unet_precision": gen.unet_precision,
+            "decoder_precision": gen.decoder_precision,  # None: a pixel bundle
         },
     }
+    other = (
+        None
+        if compare is None
+        else Generator(compare, providers=gen.backend.providers, threads=gen.backend.threads)
+    )
     if "unet" in sections:
         rows = {}
         for precision in gen.bundle.unet_precisions:
@@ -294,8 +249,7 @@ def run_bench(
                 )
             )
             rows[f"ddpm-rt {precision}"] = _ort_rows(g, batch_sizes, repeats, flops, peak)
-        if compare is not None:
-            other = Generator(compare, providers=gen.backend.providers, threads=gen.backend.threads)
+        if other is not None:
             rows["compare fp32"] = _ort_rows(other, batch_sizes, repeats, None, None)
             # this bundle timed again after the other, and the two averaged: a slow or fast
             # spell of a shared machine falls on both sides
@@ -318,8 +272,22 @@ def run_bench(
                 _torch_rows(gen, batch_sizes, repeats, torch_model, compile_torch, flops, peak)
             )
         result["unet_per_step"] = rows
+        decode = decode_rows(gen, batch_sizes, repeats)
+        if other is not None:
+            decode.update(
+                {f"compare {k}": v for k, v in decode_rows(other, batch_sizes, repeats).items()}
+            )
+        if decode:
+            result["decode_per_image"] = decode
     if "e2e" in sections:
         result["end_to_end_1_image"] = _end_to_end(gen, default, torch_model, max(3, repeats // 10))
+        if other is not None:
+            result["end_to_end_vs_compare"] = {
+                "bundle": str(compare),  # as the user named it
+                **compare_end_to_end(
+                    gen, other, (_prompt(gen), _prompt(other)), max(3, repeats // 10)
+                ),
+            }
     if "overhead" in sections:
         # the default run (per-call setup amortised over its few steps) and the seed's
         # DDPM-500 (the per-step cost alone)
@@ -328,7 +296,10 @@ def run_bench(
             _overhead(gen, GenerateConfig(sampler="ddpm"), 3),
         ]
     if "cold" in sections:
-        result["cold_start"] = _cold_start(gen, default, 3, torch_model[2])
+        torch_why = torch_model[2]
+        if gen.bundle.latent is not None:
+            torch_why = "a latent bundle: the torch script has no decoder"
+        result["cold_start"] = cold_start(gen, _prompt(gen), default, 3, torch_why)
     if "text" in sections and gen.text is not None:
         from ddpm_rt.text import tokenize
 

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,3 +133,64 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cold_start(gen, prompt: str, default, repeats: int, torch_why) -> dict:
+    """Process start -> PNG on disk, and peak RSS, of ``ddpm-rt --prompt`` at the defaults
+    (loading every graph a run needs: text encoder, U-Net, a latent bundle's decoder) vs the
+    torch script doing the same with the same weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "a.png")
+        ours = [
+            "--model",
+            str(gen.bundle.path),
+            "--prompt",
+            prompt,
+            "--out",
+            out,
+            "--force",
+            "--no-progress",
+        ]
+        run_measured("ddpm_rt.cli", ours)  # a first run fills the optimised-graph cache
+        runs = [run_measured("ddpm_rt.cli", ours) for _ in range(repeats)]
+        # torch never imported on this path: ask the interpreter itself
+        _, _, log = run_measured("ddpm_rt.cli", ours, ("-X", "importtime"))
+        imported = {ln.split("|")[-1].strip() for ln in log.splitlines() if "|" in ln}
+        result = {
+            "ddpm_rt": {
+                "decoder": gen.decoder_precision,  # a latent bundle's: loaded and run too
+                "seconds": float(np.median([r[0] for r in runs])),
+                "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+                "torch_imported": any(m == "torch" or m.startswith("torch.") for m in imported),
+            }
+        }
+        if torch_why:
+            result["torch_script"] = {"skipped": torch_why}
+            return result
+        theirs = [
+            "--bundle",
+            str(gen.bundle.path),
+            "--prompt",
+            prompt,
+            "--out",
+            out,
+            "--sampler",
+            default.sampler,
+            "--guidance",
+            str(default.guidance),
+        ]
+        if default.steps:
+            theirs += ["--steps", str(default.steps)]
+        try:
+            runs = [
+                run_measured("ddpm_rt.training.torch_reference", theirs) for _ in range(repeats)
+            ]
+        except RuntimeError as e:
+            result["torch_script"] = {"skipped": str(e)}
+            return result
+        result["torch_script"] = {
+            "seconds": float(np.median([r[0] for r in runs])),
+            "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+        }
+        result["speedup"] = result["torch_script"]["seconds"] / result["ddpm_rt"]["seconds"]
+        return result

@@ -25,6 +25,7 @@ def format_bench(r: dict) -> str:
     lines.append(
         f"defaults: {d['sampler']} {d['steps']} steps, guidance {d['guidance']:g}, "
         f"U-Net {d['unet_precision']}"
+        + (f", decoder {d['decoder_precision']}" if d.get("decoder_precision") else "")
     )
     if "unet_per_step" in r:
         lines += ["", "U-Net per step        batch   ms (median)   p90   images/s   of fp32 peak"]
@@ -48,8 +49,21 @@ def format_bench(r: dict) -> str:
             f"U-Net per-step cost vs {where}: "
             + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in cmp.items())
         )
+    if "decode_per_image" in r:
+        lines += ["", "decoder alone         batch   ms per call   ms per image"]
+        for name, rows in r["decode_per_image"].items():
+            for row in rows:
+                lines.append(
+                    f"{name:<20} {row['batch']:>5}  {row['ms_per_call']:>12.2f}  "
+                    f"{row['ms_per_image']:>12.3f}"
+                )
     if "end_to_end_1_image" in r:
-        lines += ["", "one image, batch 1           seconds   images/s   vs torch course DDPM"]
+        decode = " (decode included)" if d.get("decoder_precision") else ""
+        lines += [
+            "",
+            f"one image, batch 1{decode}",
+            " " * 29 + "seconds   images/s   vs torch course DDPM",
+        ]
         for name, row in r["end_to_end_1_image"].items():
             if "skipped" in row:
                 lines.append(f"{name:<28} skipped: {row['skipped']}")
@@ -58,6 +72,26 @@ def format_bench(r: dict) -> str:
             lines.append(
                 f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
                 + (f"{vs:>8.1f}x" if vs else "")
+            )
+    if "end_to_end_vs_compare" in r:
+        e = r["end_to_end_vs_compare"]
+        rec = {
+            k: "{sampler}-{steps} guidance {guidance:g}".format(**e[k]["recommended"])
+            for k in ("this", "other")
+        }
+        lines += [
+            "",
+            f"end to end per image, this {e['this']['kind']} bundle ({rec['this']}) vs "
+            f"{e['bundle']}, {e['other']['kind']} ({rec['other']}); decode included",
+            "setting               batch   this s/image   other s/image   this/other"
+            + ("   latent/pixel" if "latent_over_pixel" in e["rows"][0] else ""),
+        ]
+        for row in e["rows"]:
+            lp = row.get("latent_over_pixel")
+            lines.append(
+                f"{row['setting']:<20} {row['batch']:>6}  {row['this_s_per_image']:>13.4f}  "
+                f"{row['other_s_per_image']:>14.4f}  {row['ratio']:>10.2f}x"
+                + (f"  {lp:>12.2f}x" if lp is not None else "")
             )
     for k, o in enumerate(r.get("sampler_overhead", [])):
         lines.append(
@@ -71,6 +105,7 @@ def format_bench(r: dict) -> str:
         lines.append(
             f'\ncold start `ddpm-rt --prompt "{r["prompt"]}"` (defaults): {ours["seconds"]:.2f} s, '
             f"peak RSS {ours['peak_rss_mb']:.0f} MB, torch imported: {ours['torch_imported']}"
+            + (f", decoder {ours['decoder']} loaded and run" if ours.get("decoder") else "")
         )
         ts = cs["torch_script"]
         if "skipped" in ts:

@@ -1,4 +1,4 @@
-"""Inputs recorded along real trajectories, and how a U-Net variant is compared with fp32.
+"""Inputs recorded along real trajectories, and how a graph variant is compared with fp32.
 
 Shared by ``ddpm-rt quantize`` (checking a new precision variant on this CPU) and
 ``ddpm-rt doctor`` (checking every backend and precision a machine offers), so both judge a
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddpm_rt.config import GenerateConfig
 from ddpm_rt.core.noise import ImageNoise
 from ddpm_rt.core.samplers import make_sampler, sample_loop
-from ddpm_rt.core.schedule import timestep_input
+from ddpm_rt.core.schedule import predict_x0, timestep_input
 from ddpm_rt.tolerances import TOLERANCES, check
 
 
@@ -36,20 +37,56 @@ def record(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]
     return feeds
 
 
+def record_latents(gen, contexts: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    """What a latent bundle's decoder is given in use, batch by batch (each (B, C, h, w)):
+    trajectories of ``gen``'s U-Net at the bundle's recommended settings (sampler, steps,
+    guidance), recording the predicted x̂0 at every step (what step previews decode) and
+    each trajectory's final x_0 (the image)."""
+    cfg = GenerateConfig().with_defaults(gen.bundle.recommended)
+    x_coef, eps_coef = gen.schedule.x0_coefficients(np.arange(gen.schedule.timesteps + 1))
+    latents = []
+    for start in range(0, len(contexts), batch):
+        c = contexts[start : start + batch]
+
+        def eps_fn(x, t, c=c):
+            eps = gen.eps(x, t, c, cfg.guidance)
+            latents.append(predict_x0(x, eps, x_coef[t], eps_coef[t]).astype(np.float32))
+            return eps
+
+        noise = ImageNoise(start, range(len(c)))
+        sampler = cfg.make_sampler(gen.schedule)
+        latents.append(sample_loop(eps_fn, sampler, (len(c), *gen.bundle.sample_shape), noise))
+    return latents
+
+
 def compare(
     key: tuple[str, str],
     got: list[np.ndarray],
     ref: list[np.ndarray],
-    timesteps: np.ndarray,
-    T: int,
+    timesteps: np.ndarray | None = None,
+    T: int | None = None,
 ) -> tuple[bool, dict]:
-    """Judge eps from a variant (``got``) against fp32 (``ref``), batch by batch, by the
-    tolerance table's entry ``key`` = (backend, precision); returns (passes, figures)."""
+    """Judge a variant's outputs (``got``: eps, or a decoder's pixels) against fp32's
+    (``ref``), batch by batch, by the tolerance table's entry ``key`` = (backend,
+    precision); returns (passes, figures). ``timesteps`` and ``T`` (the batch rows'
+    timesteps) are needed by the cosine entries only."""
     tol = TOLERANCES[key]
     g = np.concatenate([a.reshape(len(a), -1) for a in got]).astype(np.float64)
     r = np.concatenate([a.reshape(len(a), -1) for a in ref]).astype(np.float64)
     if not np.isfinite(g).all():
         return False, {"non_finite": int((~np.isfinite(g)).sum())}
+    if "max_grey_levels" in tol:
+        # pixels in [-1, 1]; what leaves the range is clipped when the image is written,
+        # so only the error inside it shows: in grey levels (one is 2/255)
+        err = np.abs(np.clip(g, -1, 1) - np.clip(r, -1, 1)) * 127.5
+        figures = {
+            "max_grey_levels": float(err.max()),
+            "mean_grey_levels": float(err.mean()),
+        }
+        ok = figures["max_grey_levels"] <= tol["max_grey_levels"] and (
+            figures["mean_grey_levels"] <= tol["mean_grey_levels"]
+        )
+        return ok, figures
     if "min_mean_cosine" in tol:
         cos = (g * r).sum(1) / (np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1))
         late = timesteps > T // 10
