@@ -63,7 +63,10 @@ def evaluate_autoencoder(
     detail_judge_steps: int = DETAIL_JUDGE_STEPS,
     seed: int = 0,
     log=print,
+    recognition: bool = True,
 ) -> dict:
+    """The report above. ``recognition=False``: PSNR and the Fréchet floor only (no 16x16
+    judge is trained)."""
     model, meta = load_autoencoder(ae_dir)
     big, small = load_npz(data, KEYS), load_npz(judge_data, KEYS)
     for k in ("labels", "styles"):
@@ -86,33 +89,13 @@ def evaluate_autoencoder(
         "judged_at": size,
         "styles": {},
     }
-    judge = cached_judge(small["images"], labels, k, steps=judge_steps, seed=seed)
-    for style in sorted(set(styles)):
-        pick = styles == style
-        report["styles"][style] = {
-            "psnr": psnr(model, images[pick]),
-            "originals": _recognition(judge, to_size(images[pick], size), labels[pick]),
-            "reconstructions": _recognition(judge, to_size(recon[pick], size), labels[pick]),
-        }
-        r = report["styles"][style]
-        log(
-            f"{style}: PSNR {r['psnr']:.2f} dB; recognition@5 originals "
-            f"{r['originals']['top5']:.3f}, reconstructions {r['reconstructions']['top5']:.3f}"
-        )
     held = styles == holdout_style
-    fair = cached_judge(small["images"][~held], labels[~held], k, steps=judge_steps, seed=seed)
-    report["heldout"] = {
-        "psnr": report["styles"][holdout_style]["psnr"],
-        "renders": _recognition(fair, small["images"][held], labels[held]),
-        "originals": _recognition(fair, to_size(images[held], size), labels[held]),
-        "reconstructions": _recognition(fair, to_size(recon[held], size), labels[held]),
-    }
-    h = report["heldout"]
-    log(
-        f"held-out {holdout_style}, judge without it: recognition@1/@5 originals "
-        f"{h['originals']['top1']:.3f}/{h['originals']['top5']:.3f}, reconstructions "
-        f"{h['reconstructions']['top1']:.3f}/{h['reconstructions']['top5']:.3f}"
-    )
+    for style in sorted(set(styles)):
+        report["styles"][style] = {"psnr": psnr(model, images[styles == style])}
+        log(f"{style}: PSNR {report['styles'][style]['psnr']:.2f} dB")
+    report["heldout"] = {"psnr": report["styles"][holdout_style]["psnr"]}
+    if recognition:
+        _judged(report, small["images"], images, recon, labels, styles, held, k, seed, log)
     detail = DetailReference(data, steps=detail_judge_steps, seed=seed)
     report["detail"] = {
         **detail.describe(),
@@ -125,3 +108,32 @@ def evaluate_autoencoder(
         f"{size}x{size} + bicubic {report['detail']['frechet_renders_bicubic']:.2f}"
     )
     return report
+
+
+def _judged(report, renders, images, recon, labels, styles, held, k, seed, log) -> None:
+    """Recognition of originals and reconstructions, box-downsampled to the judge's size."""
+    size, steps, holdout_style = renders.shape[1], report["judge_steps"], report["holdout_style"]
+    judge = cached_judge(renders, labels, k, steps=steps, seed=seed)
+    for style in sorted(set(styles)):
+        pick = styles == style
+        r = report["styles"][style]
+        r["originals"] = _recognition(judge, to_size(images[pick], size), labels[pick])
+        r["reconstructions"] = _recognition(judge, to_size(recon[pick], size), labels[pick])
+        log(
+            f"{style}: recognition@5 originals {r['originals']['top5']:.3f}, "
+            f"reconstructions {r['reconstructions']['top5']:.3f}"
+        )
+    fair = cached_judge(renders[~held], labels[~held], k, steps=steps, seed=seed)
+    report["heldout"].update(
+        {
+            "renders": _recognition(fair, renders[held], labels[held]),
+            "originals": _recognition(fair, to_size(images[held], size), labels[held]),
+            "reconstructions": _recognition(fair, to_size(recon[held], size), labels[held]),
+        }
+    )
+    h = report["heldout"]
+    log(
+        f"held-out {holdout_style}, judge without it: recognition@1/@5 originals "
+        f"{h['originals']['top1']:.3f}/{h['originals']['top5']:.3f}, reconstructions "
+        f"{h['reconstructions']['top1']:.3f}/{h['reconstructions']['top5']:.3f}"
+    )

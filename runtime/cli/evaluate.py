@@ -36,6 +36,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(
             f"--guidance must be comma-separated numbers in [0, 50], got {args.guidance!r}"
         )
+    if args.no_recognition and (args.write_recommended or not args.detail_data):
+        raise InputError("--no-recognition needs --detail-data and no --write-recommended")
     if args.baseline and not args.detail_data:
         raise InputError("--baseline is measured at 64x64: add --detail-data (the 64x64 renders)")
     has_ref = "ddpm@g1" in settings or ("ddpm" in settings and 1.0 in guidance)
@@ -52,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         classifier=args.classifier,
         detail_data=args.detail_data,
         baseline=args.baseline,
+        recognition=not args.no_recognition,
         **({"detail_judge_steps": args.detail_judge_steps} if args.detail_judge_steps else {}),
     )
     if args.json:
@@ -81,6 +84,8 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> int:
         args.data,
         args.judge_data,
         holdout_style=args.holdout_style,
+        judge_steps=args.judge_steps,
+        recognition=not args.no_recognition,
         log=lambda s: print(s, file=sys.stderr),
         **({"detail_judge_steps": args.detail_judge_steps} if args.detail_judge_steps else {}),
     )
@@ -111,6 +116,11 @@ def add_eval_parsers(sub, common) -> None:
         "--baseline",
         help="a bundle (the 16x16 model) whose images, from the same prompts/seed/setting and "
         "bicubic-upscaled, give the detail distance to compare with (needs --detail-data)",
+    )
+    ev.add_argument(
+        "--no-recognition",
+        action="store_true",
+        help="skip the 16x16 judges and recognition: only the 64x64 detail figures",
     )
     ev.add_argument(
         "--detail-judge-steps", type=int, help="training steps of the 64x64 judge (default 1500)"
@@ -146,7 +156,15 @@ def add_eval_parsers(sub, common) -> None:
     )
     ea.add_argument("--holdout-style", default="twemoji", help="the unseen style (twemoji)")
     ea.add_argument(
+        "--no-recognition",
+        action="store_true",
+        help="skip the 16x16 judges and recognition: only the 64x64 detail figures",
+    )
+    ea.add_argument(
         "--detail-judge-steps", type=int, help="training steps of the 64x64 judge (default 1500)"
+    )
+    ea.add_argument(
+        "--judge-steps", type=int, help="training steps of the 16x16 judges (default: eval's rule)"
     )
     ea.add_argument("--json", help="write the report here")
     ea.add_argument("--force", action="store_true", help="replace --json if it exists")
