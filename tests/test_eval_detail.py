@@ -150,3 +150,4 @@ def test_eval_autoencoder_reports_psnr_recognition_and_floor(latent_trained, lat
         h = r["heldout"][part]
         assert 0 <= h["top1"] <= h["top5"] <= 1 and h["n"] == held.sum()
     assert r["detail"]["frechet_reconstructions"] > 0 and r["detail"]["size"] == 32
+    assert r["detail"]["n_heldout"] == held.sum() and r["detail"]["frechet_renders_heldout"] >= 0

@@ -101,11 +101,20 @@ def evaluate_autoencoder(
         **detail.describe(),
         "frechet_reconstructions": detail.frechet(recon),
         "frechet_renders_bicubic": detail.frechet(to_size(to_size(images, size), detail.size)),
+        # one image per concept, as many as one prompt set of 'ddpm-rt eval' at per_concept 1
+        # (the distance grows as the sample shrinks): the held-out style's reconstructions
+        # and, for a perfect model of that one style, its renders
+        "frechet_reconstructions_heldout": detail.frechet(recon[held]),
+        "frechet_renders_heldout": detail.frechet(images[held]),
+        "n_heldout": int(held.sum()),
     }
     log(
         f"Fréchet at {detail.size}x{detail.size}: reconstructions "
         f"{report['detail']['frechet_reconstructions']:.2f} (the floor), renders via "
-        f"{size}x{size} + bicubic {report['detail']['frechet_renders_bicubic']:.2f}"
+        f"{size}x{size} + bicubic {report['detail']['frechet_renders_bicubic']:.2f}; "
+        f"{holdout_style} only (n {held.sum()}): reconstructions "
+        f"{report['detail']['frechet_reconstructions_heldout']:.2f}, renders "
+        f"{report['detail']['frechet_renders_heldout']:.2f}"
     )
     return report
 
