@@ -151,3 +151,17 @@ def test_eval_autoencoder_reports_psnr_recognition_and_floor(latent_trained, lat
         assert 0 <= h["top1"] <= h["top5"] <= 1 and h["n"] == held.sum()
     assert r["detail"]["frechet_reconstructions"] > 0 and r["detail"]["size"] == 32
     assert r["detail"]["n_heldout"] == held.sum() and r["detail"]["frechet_renders_heldout"] >= 0
+
+
+def test_recommended_setting_is_the_bundles_own():
+    from ddpm_rt.bundle.bundle import Bundle
+    from ddpm_rt.cli.generate import default_model
+    from ddpm_rt.training.evaluate import parse_setting, recommended_setting
+
+    rec = Bundle.load(default_model(), hash_all=False).recommended
+    setting = recommended_setting(default_model())
+    parsed = parse_setting(setting)
+    assert parsed["kw"] == {k: rec[k] for k in ("sampler", "steps", "eta")}
+    assert parsed["guidance"] == rec["guidance"]
+    # numbers as a person writes them (ddim:8:1@g2, not ddim:8:1.0@g2.0): the row's key
+    assert setting == f"{rec['sampler']}:{rec['steps']}:{rec['eta']:g}@g{rec['guidance']:g}"

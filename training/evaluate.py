@@ -143,7 +143,11 @@ def recommended_setting(bundle: str | Path) -> str:
     rec = Bundle.load(bundle, hash_all=False).recommended
     if "sampler" not in rec:
         raise InputError(f"{bundle} has no recommended settings: name the setting instead")
-    spec = ":".join(str(rec[k]) for k in ("sampler", "steps", "eta") if k in rec)
+    spec = ":".join(
+        f"{rec[k]:g}" if k == "eta" else str(rec[k])
+        for k in ("sampler", "steps", "eta")
+        if k in rec
+    )
     return spec + (f"@g{rec['guidance']:g}" if "guidance" in rec else "")
 
 
