@@ -165,3 +165,21 @@ def test_recommended_setting_is_the_bundles_own():
     assert parsed["guidance"] == rec["guidance"]
     # numbers as a person writes them (ddim:8:1@g2, not ddim:8:1.0@g2.0): the row's key
     assert setting == f"{rec['sampler']}:{rec['steps']}:{rec['eta']:g}@g{rec['guidance']:g}"
+
+
+def test_eval_autoencoder_heldout_only_trains_one_judge(latent_trained, latent_data, monkeypatch):
+    import ddpm_rt.training.autoencoder_eval as ae
+
+    d32, d8 = latent_data
+    trained = []
+    real = ae.cached_judge
+    monkeypatch.setattr(
+        ae, "cached_judge", lambda im, *a, **k: trained.append(len(im)) or real(im, *a, **k)
+    )
+    r = ae.evaluate_autoencoder(
+        latent_trained["ae"], d32, d8, "c", judge_steps=5, detail_judge_steps=5,
+        log=lambda s: None, per_style=False,
+    )  # fmt: skip
+    with np.load(d8) as z:
+        assert trained == [int((z["styles"] != "c").sum())]  # only the judge without style c
+    assert "originals" not in r["styles"]["a"] and "reconstructions" in r["heldout"]

@@ -64,9 +64,11 @@ def evaluate_autoencoder(
     seed: int = 0,
     log=print,
     recognition: bool = True,
+    per_style: bool = True,
 ) -> dict:
     """The report above. ``recognition=False``: PSNR and the Fréchet floor only (no 16x16
-    judge is trained)."""
+    judge is trained); ``per_style=False``: recognition on the held-out style only (one
+    16x16 judge to train instead of two)."""
     model, meta = load_autoencoder(ae_dir)
     big, small = load_npz(data, KEYS), load_npz(judge_data, KEYS)
     for k in ("labels", "styles"):
@@ -95,7 +97,8 @@ def evaluate_autoencoder(
         log(f"{style}: PSNR {report['styles'][style]['psnr']:.2f} dB")
     report["heldout"] = {"psnr": report["styles"][holdout_style]["psnr"]}
     if recognition:
-        _judged(report, small["images"], images, recon, labels, styles, held, k, seed, log)
+        what = (images, recon, labels, styles, held)
+        _judged(report, small["images"], what, k, per_style, seed, log)
     detail = DetailReference(data, steps=detail_judge_steps, seed=seed)
     report["detail"] = {
         **detail.describe(),
@@ -119,11 +122,12 @@ def evaluate_autoencoder(
     return report
 
 
-def _judged(report, renders, images, recon, labels, styles, held, k, seed, log) -> None:
+def _judged(report, renders, what, k, per_style, seed, log) -> None:
     """Recognition of originals and reconstructions, box-downsampled to the judge's size."""
+    images, recon, labels, styles, held = what
     size, steps, holdout_style = renders.shape[1], report["judge_steps"], report["holdout_style"]
-    judge = cached_judge(renders, labels, k, steps=steps, seed=seed)
-    for style in sorted(set(styles)):
+    judge = cached_judge(renders, labels, k, steps=steps, seed=seed) if per_style else None
+    for style in sorted(set(styles)) if per_style else ():
         pick = styles == style
         r = report["styles"][style]
         r["originals"] = _recognition(judge, to_size(images[pick], size), labels[pick])

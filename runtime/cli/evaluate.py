@@ -86,6 +86,7 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> int:
         holdout_style=args.holdout_style,
         judge_steps=args.judge_steps,
         recognition=not args.no_recognition,
+        per_style=not args.heldout_only,
         log=lambda s: print(s, file=sys.stderr),
         **({"detail_judge_steps": args.detail_judge_steps} if args.detail_judge_steps else {}),
     )
@@ -162,6 +163,11 @@ def add_eval_parsers(sub, common) -> None:
     )
     ea.add_argument(
         "--detail-judge-steps", type=int, help="training steps of the 64x64 judge (default 1500)"
+    )
+    ea.add_argument(
+        "--heldout-only",
+        action="store_true",
+        help="recognition on the held-out style only (one 16x16 judge to train, not two)",
     )
     ea.add_argument(
         "--judge-steps", type=int, help="training steps of the 16x16 judges (default: eval's rule)"
