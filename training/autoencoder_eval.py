@@ -25,8 +25,8 @@ from ddpm_rt.errors import InputError
 
 from .autoencoder import decode, encode, load_autoencoder, psnr, to_pixels
 from .detail import DETAIL_JUDGE_STEPS, DetailReference, load_npz, to_size
-from .evaluate import judge_steps_for, standard_error
-from .judge import cached_judge, judge_outputs, topk_hits
+from .evaluate import judge_steps_for, recognition_of
+from .judge import cached_judge
 
 KEYS = ("images", "labels", "label_names", "styles")
 
@@ -44,14 +44,7 @@ def reconstruct(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
 
 
 def _recognition(judge, images: np.ndarray, labels: np.ndarray) -> dict:
-    logits, _ = judge_outputs(judge, images)
-    top5 = topk_hits(logits, labels, 5)
-    return {
-        "top1": topk_hits(logits, labels, 1),
-        "top5": top5,
-        "top5_se": standard_error(top5, len(labels)),
-        "n": len(labels),
-    }
+    return {**recognition_of(judge, images, labels)[0], "n": len(labels)}
 
 
 def evaluate_autoencoder(

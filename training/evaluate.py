@@ -299,15 +299,17 @@ def evaluate(
     return report
 
 
-def _recognition(judge, real_feats, images: np.ndarray, want: np.ndarray) -> dict:
+def recognition_of(judge, images: np.ndarray, want: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(recognition@1/@5 with the standard error of @5, judge features) of ``images``."""
     logits, feats = judge_outputs(judge, images)
     top5 = topk_hits(logits, want, 5)
-    return {
-        "top1": topk_hits(logits, want, 1),
-        "top5": top5,
-        "top5_se": standard_error(top5, len(want)),
-        "frechet": frechet_distance(feats, real_feats),
-    }
+    hits = {"top1": topk_hits(logits, want, 1), "top5": top5}
+    return {**hits, "top5_se": standard_error(top5, len(want))}, feats
+
+
+def _recognition(judge, real_feats, images: np.ndarray, want: np.ndarray) -> dict:
+    hits, feats = recognition_of(judge, images, want)
+    return {**hits, "frechet": frechet_distance(feats, real_feats)}
 
 
 def _summary(r: dict) -> str:
