@@ -7,7 +7,12 @@
    (c) where the data set has them, the free paraphrases written for about 50 concepts
    (:mod:`.paraphrases`), through the runtime ``Generator`` exactly as a user would.
 3. Report recognition@1/@5 (the prompted emoji among the judge's top 1/5) and the Fréchet
-   distance between judge features of generated and real images.
+   distance between judge features of generated and real images. Images larger than the
+   judge's data (a 64x64 latent model's) are box-downsampled to it first (:mod:`.detail`).
+4. With ``detail_data`` (the 64x64 renders), the Fréchet distance at 64x64 in a 64x64
+   judge's features (``frechet_detail``; smaller images bicubic-upscaled), and with
+   ``baseline`` (another bundle, the 16x16 model) the same for its images from the same
+   prompts, seed and setting, and the ratio of the two (issue 19's target: <= 0.7).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ddpm_rt.core.samplers import EVAL_GRID, SAMPLERS
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
 
+from .detail import DETAIL_JUDGE_STEPS, DOWNSAMPLE, DetailReference, load_npz, to_size
 from .judge import cached_judge, frechet_distance, judge_outputs, topk_hits
 
 DEFAULT_SETTINGS: tuple[str, ...] = ("ddpm", "ddim:50", "ddim:25")
@@ -130,16 +136,31 @@ def judge_steps_for(concepts: int) -> int:
     return max(1500, 10 * concepts)
 
 
-def _load(data: Path) -> dict:
-    try:
-        with np.load(data, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {data}: {e}") from None
-    for k in ("images", "labels", "label_names", "styles", "heldout"):
-        if k not in d:
-            raise InputError(f"{data} lacks {k!r}: build it with 'ddpm-rt data emoji'")
-    return d
+def recommended_setting(bundle: str | Path) -> str:
+    """The bundle's own recommended settings as a setting string (``ddim:8:1@g2``)."""
+    from ddpm_rt.bundle.bundle import Bundle
+
+    rec = Bundle.load(bundle, hash_all=False).recommended
+    if "sampler" not in rec:
+        raise InputError(f"{bundle} has no recommended settings: name the setting instead")
+    spec = ":".join(
+        f"{rec[k]:g}" if k == "eta" else str(rec[k])
+        for k in ("sampler", "steps", "eta")
+        if k in rec
+    )
+    return spec + (f"@g{rec['guidance']:g}" if "guidance" in rec else "")
+
+
+def _generate(gen: Generator, prompts: list[str], seed: int, g: float, kw: dict) -> np.ndarray:
+    ctx = np.stack([gen.context(p) for p in prompts])
+    return gen.generate(
+        context=ctx,
+        num=len(ctx),
+        seed=seed,
+        guidance=g,
+        batch_size=64,
+        **{a: v for a, v in kw.items() if v is not None},
+    )
 
 
 def evaluate(
@@ -153,12 +174,24 @@ def evaluate(
     judge_steps: int | None = None,
     log=print,
     classifier: bool = False,
+    detail_data: str | Path | None = None,
+    baseline: str | Path | None = None,
+    detail_judge_steps: int = DETAIL_JUDGE_STEPS,
+    recognition: bool = True,
 ) -> dict:
     """``judge_steps``: default :func:`judge_steps_for` the number of concepts.
     ``classifier``: also rank concepts by the U-Net's own denoising error
-    (:mod:`.diffclass`), a read of conditioning that works long before samples do."""
+    (:mod:`.diffclass`), a read of conditioning that works long before samples do.
+    ``detail_data``, ``baseline``: step 4 above. A setting ``recommended`` is the bundle's.
+    ``recognition=False``: step 4 only (no 16x16 judge is trained: minutes instead of half
+    an hour on a CPU without cached judges)."""
+    if baseline is not None and detail_data is None:
+        raise InputError("a baseline is measured at 64x64: give the detail data too")
+    if not recognition and detail_data is None:
+        raise InputError("without recognition only the detail distance is left: give its data")
+    settings = [recommended_setting(bundle) if s == "recommended" else s for s in settings]
     parsed_settings = [parse_setting(s) for s in settings]  # refused before the judge trains
-    d = _load(Path(data))
+    d = load_npz(Path(data), ("images", "labels", "label_names", "styles", "heldout"))
     images, labels, names = d["images"], d["labels"], [str(n) for n in d["label_names"]]
     k = len(names)
     report: dict = {
@@ -174,7 +207,7 @@ def evaluate(
     torch.manual_seed(seed)
     # (1) The judge, checked on an art style it never saw.
     styles = d["styles"].astype(str)
-    if holdout_style in set(styles):
+    if recognition and holdout_style in set(styles):
         tr, te = styles != holdout_style, styles == holdout_style
         j = cached_judge(images[tr], labels[tr], k, steps=judge_steps, seed=seed)
         logits, _ = judge_outputs(j, images[te])
@@ -198,8 +231,18 @@ def evaluate(
             r = diffusion_classifier(gen0, images[pick], labels[pick], prompts, seed=seed)
             report["diffusion_classifier"][kind] = r
             log(f"diffusion classifier, {kind}: top1 {r['top1']:.3f}, top5 {r['top5']:.3f}")
-    judge = cached_judge(images, labels, k, steps=judge_steps, seed=seed)
-    _, real_feats = judge_outputs(judge, images)
+    judge = real_feats = None
+    if recognition:
+        judge = cached_judge(images, labels, k, steps=judge_steps, seed=seed)
+        _, real_feats = judge_outputs(judge, images)
+    detail = None
+    if detail_data is not None:
+        detail = DetailReference(detail_data, steps=detail_judge_steps, seed=seed)
+        report["detail"] = {
+            **detail.describe(),
+            "baseline": None if baseline is None else str(baseline),
+        }
+        base_gen = None if baseline is None else Generator(baseline)
 
     # (2)+(3) Generate and score.
     gens = {}
@@ -236,34 +279,61 @@ def evaluate(
                     for i in range(per_concept if alternatives else 0):
                         prompts.append(alternatives[i % len(alternatives)])
                         want.append(c)
-                ctx = np.stack([gen.context(p) for p in prompts])
-                gen_imgs = gen.generate(
-                    context=ctx,
-                    num=len(ctx),
-                    seed=seed,
-                    guidance=g,
-                    batch_size=64,
-                    **{a: v for a, v in parsed["kw"].items() if v is not None},
-                )
-                want = np.array(want)
-                logits, feats = judge_outputs(judge, gen_imgs)
-                row[kind] = {
-                    "top1": topk_hits(logits, want, 1),
-                    "top5": topk_hits(logits, want, 5),
-                    "frechet": frechet_distance(feats, real_feats),
-                    "seconds": time.perf_counter() - t0,
-                }
-                row[kind]["top5_se"] = standard_error(row[kind]["top5"], len(want))
-                log(
-                    f"{key} {kind}: recognition@1 {row[kind]['top1']:.3f} @5 "
-                    f"{row[kind]['top5']:.3f}, Fréchet {row[kind]['frechet']:.2f}"
-                )
+                gen_imgs = _generate(gen, prompts, seed, g, parsed["kw"])
+                if gen_imgs.shape[1] > images.shape[1]:
+                    report["judged_after"] = (
+                        f"{DOWNSAMPLE} downsampling {gen_imgs.shape[1]} -> {images.shape[1]}"
+                    )
+                row[kind] = {"seconds": time.perf_counter() - t0, "n": len(want)}
+                if recognition:
+                    small = to_size(gen_imgs, images.shape[1])
+                    row[kind].update(_recognition(judge, real_feats, small, np.array(want)))
+                if detail is not None:
+                    row[kind].update(_detail(detail, gen_imgs, base_gen, prompts, seed, g, parsed))
+                log(f"{key} {kind}: " + _summary(row[kind]))
                 row[kind]["_images"] = gen_imgs
             report["settings"][key] = row
-    if "ddpm@g1" in report["settings"]:
+    if recognition and "ddpm@g1" in report["settings"]:
         report["default"] = choose_default(report)
         log(f"default by the rule: {report['default']}")
     return report
+
+
+def recognition_of(judge, images: np.ndarray, want: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(recognition@1/@5 with the standard error of @5, judge features) of ``images``."""
+    logits, feats = judge_outputs(judge, images)
+    top5 = topk_hits(logits, want, 5)
+    hits = {"top1": topk_hits(logits, want, 1), "top5": top5}
+    return {**hits, "top5_se": standard_error(top5, len(want))}, feats
+
+
+def _recognition(judge, real_feats, images: np.ndarray, want: np.ndarray) -> dict:
+    hits, feats = recognition_of(judge, images, want)
+    return {**hits, "frechet": frechet_distance(feats, real_feats)}
+
+
+def _summary(r: dict) -> str:
+    parts = []
+    if "top1" in r:
+        parts.append(
+            f"recognition@1 {r['top1']:.3f} @5 {r['top5']:.3f}, Fréchet {r['frechet']:.2f}"
+        )
+    if "frechet_detail" in r:
+        parts.append(f"Fréchet detail {r['frechet_detail']:.2f}")
+    if "baseline_frechet_detail" in r:
+        parts.append(f"baseline {r['baseline_frechet_detail']:.2f} (x{r['detail_ratio']:.3f})")
+    return ", ".join(parts)
+
+
+def _detail(detail, gen_imgs, base_gen, prompts, seed, g, parsed) -> dict:
+    """Step 4 for one prompt set: the detail distance, and the baseline's with the ratio."""
+    out = {"frechet_detail": detail.frechet(gen_imgs)}
+    if base_gen is not None:
+        base = _generate(base_gen, prompts, seed, g, parsed["kw"])
+        out["baseline_frechet_detail"] = detail.frechet(base)
+        out["detail_ratio"] = out["frechet_detail"] / max(out["baseline_frechet_detail"], 1e-12)
+        out["_baseline_images"] = base
+    return out
 
 
 def save_report(report: dict, path: Path) -> None:
@@ -272,4 +342,5 @@ def save_report(report: dict, path: Path) -> None:
         for v in row.values():
             if isinstance(v, dict):
                 v.pop("_images", None)
+                v.pop("_baseline_images", None)
     atomic_write(path, lambda f: f.write((json.dumps(clean, indent=2) + "\n").encode()))

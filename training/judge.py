@@ -16,16 +16,31 @@ from ddpm_rt.bundle.fileio import atomic_write
 
 # Bump when Judge, _augment or train_judge change what a given seed trains.
 JUDGE_VERSION = 1
+# The size the judge's body was designed at (the 16x16 renders); larger images go through a
+# stem that halves them down to it first.
+BODY_SIZE = 16
 
 
 class Judge(nn.Module):
-    """(B, 3, H, W) in [-1, 1] -> logits (B, K); ``features`` gives the 128-d penultimate."""
+    """(B, 3, H, W) in [-1, 1] -> logits (B, K); ``features`` gives the 128-d penultimate.
 
-    def __init__(self, num_classes: int, width: int = 48):
+    ``image_size`` above :data:`BODY_SIZE` adds a stem: per halving, a 3x3 convolution at the
+    full resolution (16, then 32 channels) and a 2x2 max-pool, so the 64x64 judge sees every
+    pixel yet costs about twice the 16x16 one. At ``image_size`` <= 16 there is no stem and
+    the module (and its state dict) is the original judge's, so cached judges stay valid."""
+
+    def __init__(self, num_classes: int, width: int = 48, image_size: int = BODY_SIZE):
         super().__init__()
         w = width
+        stem, c, size = [], 3, image_size
+        while size > BODY_SIZE:
+            out = min(2 * c if stem else 16, w)  # 16, 32, 48 channels
+            stem += [nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(8, out), nn.GELU()]
+            stem.append(nn.MaxPool2d(2))
+            c, size = out, size // 2
+        self.stem = nn.Sequential(*stem)  # empty (the identity, no weights) at 16x16
         self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1),
+            nn.Conv2d(c, w, 3, padding=1),
             nn.GroupNorm(8, w),
             nn.GELU(),
             nn.Conv2d(w, w, 3, padding=1),
@@ -46,10 +61,10 @@ class Judge(nn.Module):
         self.head = nn.Linear(128, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.features(x))
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -57,11 +72,13 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Shifts of up to 1 px, brightness/contrast jitter and light noise: enough variety for
-    the judge to accept a generated image that is not pixel-identical to a render."""
+    """Shifts of up to 1/16 of the image (1 px at 16x16, 4 at 64x64), brightness/contrast
+    jitter and light noise: enough variety for the judge to accept a generated image that is
+    not pixel-identical to a render."""
     b = x.shape[0]
-    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-    dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
+    s = max(1, x.shape[2] // BODY_SIZE)
+    padded = nn.functional.pad(x, (s, s, s, s), mode="replicate")
+    dx, dy = torch.randint(0, 2 * s + 1, (2,), generator=gen).tolist()
     x = padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
     scale = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
     shift = 0.1 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
@@ -79,7 +96,7 @@ def train_judge(
 ) -> Judge:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    judge = Judge(num_classes)
+    judge = Judge(num_classes, image_size=images.shape[1])
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     x_all, y_all = _to_tensor(images), torch.from_numpy(labels)
@@ -114,7 +131,7 @@ def cached_judge(
     h.update(json.dumps([num_classes, steps, seed, torch.__version__, JUDGE_VERSION]).encode())
     path = cache_root() / "judges" / f"{h.hexdigest()}.safetensors"
     if enabled() and path.is_file():
-        judge = Judge(num_classes)
+        judge = Judge(num_classes, image_size=images.shape[1])
         try:
             judge.load_state_dict(load_file(str(path)))
             return judge.eval()

@@ -1,4 +1,5 @@
-"""``ddpm-rt train|export|eval|text export|data``: the commands that need torch.
+"""``ddpm-rt train|export|text export|data``: the commands that need torch (``eval`` and
+``eval-autoencoder``: :mod:`ddpm_rt.cli.evaluate`).
 
 Each imports its stage lazily (never on the generation path) and says which extra to
 install when it is missing.
@@ -12,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ddpm_rt.cli import signals_deferred
-from ddpm_rt.cli.generate import default_model, fields_of
+from ddpm_rt.cli.evaluate import add_eval_parsers
+from ddpm_rt.cli.generate import fields_of
 from ddpm_rt.errors import InputError
 from ddpm_rt.extras import require
 
@@ -76,54 +78,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
     cfg = exp.ExportConfig(**fields_of(exp.ExportConfig, args, **extra))
     exp.export_bundle(cfg, log=lambda s: print(s, file=sys.stderr))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    ev = _load("ddpm_rt.training.evaluate", "train")
-    from ddpm_rt.bundle.fileio import check_writable
-
-    for out in (args.json, args.grid):
-        if out:
-            check_writable(Path(out), force=args.force)
-    if args.settings == "full":
-        settings = ev.FULL_GRID
-    else:
-        settings = tuple(s.strip() for s in args.settings.split(","))
-    try:
-        guidance = tuple(float(g) for g in args.guidance.split(","))
-    except ValueError:
-        guidance = ()
-    if not guidance or not all(0 <= g <= 50 for g in guidance):  # NaN fails here too
-        raise InputError(
-            f"--guidance must be comma-separated numbers in [0, 50], got {args.guidance!r}"
-        )
-    has_ref = "ddpm@g1" in settings or ("ddpm" in settings and 1.0 in guidance)
-    if args.write_recommended and not has_ref:
-        raise InputError("--write-recommended needs the rule's reference row: add ddpm@g1")
-    report = ev.evaluate(
-        args.bundle or default_model(),
-        args.data,
-        settings,
-        args.per_concept,
-        guidance,
-        args.seed,
-        log=lambda s: print(s, file=sys.stderr),
-        classifier=args.classifier,
-    )
-    if args.json:
-        ev.save_report(report, Path(args.json))
-    if args.write_recommended:
-        from ddpm_rt.bundle.bundle import write_recommended
-
-        rec = {k: report["default"][k] for k in ("sampler", "steps", "eta", "guidance")}
-        digest = write_recommended(args.bundle or default_model(), rec)
-        print(f"recommended settings written: {rec}; manifest digest now {digest}")
-    if args.grid:
-        from ddpm_rt.images import save_png
-
-        first = next(iter(report["settings"].values()))["train_captions"]["_images"]
-        save_png(args.grid, first, ncols=args.per_concept * 8, scale=2)
     return 0
 
 
@@ -310,34 +264,7 @@ def add_train_parsers(sub, common) -> None:
     common(qz)
     qz.set_defaults(func=cmd_quantize)
 
-    ev = sub.add_parser("eval", help="judge-based evaluation of an emoji model")
-    ev.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
-    ev.add_argument("--data", required=True, help="emoji.npz from 'ddpm-rt data emoji'")
-    ev.add_argument(
-        "--settings",
-        default="ddpm,ddim:50,ddim:25",
-        help="sampler[:steps[:eta]][@precision][@gG] list (@gG: this setting at guidance G "
-        "only), or 'full' for the speed grid (default ddpm,ddim:50,ddim:25)",
-    )
-    ev.add_argument("--per-concept", type=int, default=4)
-    ev.add_argument(
-        "--classifier",
-        action="store_true",
-        help="also score the U-Net as a zero-shot classifier (early read of conditioning)",
-    )
-    ev.add_argument("--guidance", default="1", help="guidance scale(s), comma-separated")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", help="write the report here")
-    ev.add_argument("--grid", help="PNG of the first setting's images")
-    ev.add_argument("--force", action="store_true", help="replace --json/--grid if they exist")
-    ev.add_argument(
-        "--write-recommended",
-        action="store_true",
-        help="write the rule's choice into the bundle's manifest as its recommended settings "
-        "(needs the ddpm@g1 row; prints the new digest)",
-    )
-    common(ev)
-    ev.set_defaults(func=cmd_eval)
+    add_eval_parsers(sub, common)
 
     tx = sub.add_parser("text", help="text encoder tools (need ddpm-rt[export])")
     txsub = tx.add_subparsers(dest="text_command", metavar="ACTION", required=True)
