@@ -22,22 +22,21 @@ from .onnx_export import ExportConfig, ExportError, trace_to_onnx
 
 class LatentDecoder(torch.nn.Module):
     """The bundle's decoder graph: the U-Net's latents (scaled, shifted) -> pixels in
-    [-1, 1]. The un-scaling ``x / scale_factor + shift`` is part of the graph, so a caller
-    feeds it what the sampler produced and nothing else."""
+    [-1, 1]. The un-scaling ``x / scale_factor + shift`` is part of the graph (the training
+    side's own :func:`from_model_latents`), so a caller feeds it what the sampler produced
+    and nothing else."""
 
-    def __init__(self, autoencoder: torch.nn.Module, scale_factor: float, shift):
+    def __init__(self, autoencoder: torch.nn.Module, info: dict):
         super().__init__()
         self.ae = autoencoder
-        self.inv_scale = 1.0 / float(scale_factor)
-        c = autoencoder.config.latent_channels
-        self.register_buffer(
-            "shift", torch.tensor(shift if shift is not None else [0.0] * c).reshape(1, c, 1, 1)
-        )
+        self.info = {"scale_factor": float(info["scale_factor"]), "shift": info.get("shift")}
+        if self.info["shift"] is None:
+            self.info["shift"] = [0.0] * autoencoder.config.latent_channels
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        from ddpm_rt.training.autoencoder import decode
+        from ddpm_rt.training.autoencoder import decode, from_model_latents
 
-        return decode(self.ae, latent * self.inv_scale + self.shift).clamp(-1.0, 1.0)
+        return decode(self.ae, from_model_latents(latent, self.info)).clamp(-1.0, 1.0)
 
 
 @dataclass
@@ -69,7 +68,7 @@ def latent_decoder(cfg: ExportConfig, info: dict) -> _Decoder:
             "differs, and so does its encoder or latent scaling); pass --autoencoder with "
             "the right folder"
         )
-    module = LatentDecoder(ae, info["scale_factor"], info.get("shift")).eval()
+    module = LatentDecoder(ae, info).eval()
     return _Decoder(module, info, ae_meta, sha)
 
 

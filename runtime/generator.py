@@ -106,6 +106,7 @@ class Generator:
                 f"this bundle's U-Net comes in {', '.join(variants)}, not {unet_precision!r:.20}"
             )
         self.unet_precision = unet_precision
+        self.text_precision: str | None = None  # a text bundle's encoder precision
         cond = self.bundle.conditioning
         if cond["kind"] == "text":
             t = cond["text"]
@@ -158,7 +159,7 @@ class Generator:
         text precisions, the bundle's digest, and a latent bundle's decoder and precision."""
         facts = {
             "unet_precision": self.unet_precision,
-            "text_precision": getattr(self, "text_precision", None),
+            "text_precision": self.text_precision,
             "bundle_digest": self.bundle.digest,
         }
         if self.decoder_graph is not None:

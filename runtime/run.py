@@ -158,27 +158,35 @@ class Run:
             if job.error is None:
                 job._pixels.append(pixels[self.owner == k])
 
-    def _rows(self, k: int) -> np.ndarray:
-        return np.flatnonzero(self.owner == k)
-
     def _report(self, i: int, n_steps: int, t: int, x: np.ndarray, eps: np.ndarray) -> set[int]:
         """Progress and callbacks of each live part after step ``i``'s U-Net call; returns
         the parts whose callback cancelled (or raised)."""
         ended = set()
-        for k in np.unique(self.owner):
+        step = i + 1
+        live = np.unique(self.owner)
+
+        def wants_preview(job: Job) -> bool:
+            every = job.preview_every
+            return job.callback is not None and (
+                bool(every and step % every == 0) or step == n_steps
+            )
+
+        wanting = [k for k in live if wants_preview(self.parts[k][0])]
+        previews = {}
+        if wanting:  # one x̂0 and one pixel stage (a latent bundle: one decoder call) for all
+            rows = np.flatnonzero(np.isin(self.owner, wanting))
+            x0 = predict_x0(x[rows], eps[rows], *self.gen.schedule.x0_coefficients(t))
+            pixels = self.gen.to_pixels(x0)
+            for k in wanting:
+                previews[k] = pixels[self.owner[rows] == k]
+        for k in live:
             job, start, stop = self.parts[k]
             job.steps_done += 1
             if job.progress is not None:
                 job.progress.update()
             if job.callback is None:
                 continue
-            step = i + 1
-            want = (job.preview_every and step % job.preview_every == 0) or step == n_steps
-            preview = None
-            if want:
-                rows = self._rows(k)
-                x0 = predict_x0(x[rows], eps[rows], *self.gen.schedule.x0_coefficients(t))
-                preview = self.gen.to_pixels(x0)
+            preview = previews.get(k)
             info = StepInfo(
                 job.steps_done, job.steps_total, step, n_steps, t, start, stop - start, preview
             )

@@ -264,3 +264,22 @@ def test_a_decoder_finetuned_on_the_frozen_encoder_exports(latent_trained, tmp_p
         read_manifest(out)["latent"]["autoencoder"]["sha256"]
         != read_manifest(latent_trained["bundle"])["latent"]["autoencoder"]["sha256"]
     )
+
+
+def test_finetuning_an_autoencoder_without_the_identity_records_is_refused(
+    latent_trained, tmp_path
+):
+    old = tmp_path / "old"
+    shutil.copytree(latent_trained["ae"], old)
+    meta = json.loads((old / "config.json").read_text())
+    del meta["latent"]["shift"], meta["encoder_sha256"]  # as written before both existed
+    (old / "config.json").write_text(json.dumps(meta))
+    proc = run_cli(
+        "train-autoencoder", "--data", str(latent_trained["ae"].parent / "shapes32.npz"),
+        "--out", str(tmp_path / "ft"), "--finetune-decoder", str(old), "--steps", "1",
+        "--holdout-style", "c", "--latent-channels", "4", "--encoder-width", "8",
+        "--decoder-width", "8",
+        "--no-progress", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "predates the latent shift" in proc.stderr, proc.stderr
+    assert not (tmp_path / "ft" / "config.json").exists()

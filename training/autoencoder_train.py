@@ -141,6 +141,11 @@ class AETrainer:
         from safetensors.torch import load_file
 
         meta = read_autoencoder_config(src)
+        if "shift" not in meta["latent"] or "encoder_sha256" not in meta:
+            raise InputError(
+                f"{src} predates the latent shift and encoder identity records; retrain it "
+                "(and re-run encode-latents) to fine-tune its decoder"
+            )
         if AutoencoderConfig.from_dict(meta["autoencoder"]) != self.ae_config:
             raise InputError(
                 f"--finetune-decoder {src} has another shape ({meta['autoencoder']}); give the "

@@ -216,7 +216,7 @@ class Service:
             "precisions": {
                 "unet": self.gen.unet_precision,
                 "unet_available": list(b.unet_precisions),
-                "text": getattr(self.gen, "text_precision", None),
+                "text": self.gen.text_precision,
                 "text_available": list(text.get("graphs", {})),
                 "decoder": self.gen.decoder_precision,
                 "decoder_available": list(b.decoder_precisions),
