@@ -97,6 +97,18 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_detail_flags(p) -> None:
+    """The 64x64 detail judge's flags, shared by eval and eval-autoencoder."""
+    p.add_argument(
+        "--no-recognition",
+        action="store_true",
+        help="skip the 16x16 judges and recognition: only the 64x64 detail figures",
+    )
+    p.add_argument(
+        "--detail-judge-steps", type=int, help="training steps of the 64x64 judge (default 1500)"
+    )
+
+
 def add_eval_parsers(sub, common) -> None:
     ev = sub.add_parser("eval", help="judge-based evaluation of an emoji model")
     ev.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
@@ -118,14 +130,7 @@ def add_eval_parsers(sub, common) -> None:
         help="a bundle (the 16x16 model) whose images, from the same prompts/seed/setting and "
         "bicubic-upscaled, give the detail distance to compare with (needs --detail-data)",
     )
-    ev.add_argument(
-        "--no-recognition",
-        action="store_true",
-        help="skip the 16x16 judges and recognition: only the 64x64 detail figures",
-    )
-    ev.add_argument(
-        "--detail-judge-steps", type=int, help="training steps of the 64x64 judge (default 1500)"
-    )
+    _add_detail_flags(ev)
     ev.add_argument("--per-concept", type=int, default=4)
     ev.add_argument(
         "--classifier",
@@ -156,14 +161,7 @@ def add_eval_parsers(sub, common) -> None:
         "--judge-data", required=True, help="the same renders at the judge's size (16x16)"
     )
     ea.add_argument("--holdout-style", default="twemoji", help="the unseen style (twemoji)")
-    ea.add_argument(
-        "--no-recognition",
-        action="store_true",
-        help="skip the 16x16 judges and recognition: only the 64x64 detail figures",
-    )
-    ea.add_argument(
-        "--detail-judge-steps", type=int, help="training steps of the 64x64 judge (default 1500)"
-    )
+    _add_detail_flags(ea)
     ea.add_argument(
         "--heldout-only",
         action="store_true",
