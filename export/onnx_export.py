@@ -25,7 +25,7 @@ from ddpm_rt.bundle.fileio import atomic_write, sha256_file
 from ddpm_rt.bundle.io_spec import GraphIO, unet_io
 from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.tolerances import TOLERANCES, check
-from ddpm_rt.training.model import ContextUnet, load_model
+from ddpm_rt.training.model import ContextUnet, fold_for_export, load_model
 
 
 class ExportError(DdpmRtError):
@@ -147,7 +147,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
         example = tuple(
             torch.from_numpy(v) for v in unet_parity_inputs(model, 2, meta["conditioning"]).values()
         )
-        onnx_bytes = trace_to_onnx(model, example, spec, cfg.opset)
+        onnx_bytes = trace_to_onnx(fold_for_export(model), example, spec, cfg.opset)
         parity = check_unet_parity(model, onnx_bytes, meta["conditioning"], cfg.parity_batches)
         for p in parity:
             log(f"parity unet batch {p['batch']}: max |onnx - torch| = {p['max_abs_err']:.2e} (ok)")

@@ -19,13 +19,21 @@ Differences from the course code, on purpose:
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ddpm_rt.errors import InputError, first_line
+
+
+NORMS = ("group", "batch", "ws")
+ACTIVATIONS = ("gelu", "relu")
+# ReLU's gain (NF-Nets): relu(g*z) keeps E[out^2] = E[z^2] for unit-normal z.
+_RELU_GAIN = (2 / (1 - 1 / math.pi)) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,13 @@ class UNetConfig:
     # "learned": a trained vector replaces an all-zero context inside the graph, so the
     # runtime's null context (zeros) keeps meaning "unconditional" at the interface.
     null_context: str = "zero"
+    # The residual blocks' normalisation and activation (issue 19's int8 experiment).
+    # "group" + "gelu" is the default. "batch" (BatchNorm) and "ws" (scaled weight
+    # standardisation, no activation norm) both leave a plain Conv at export: BatchNorm's
+    # eval-mode affine folds into the convolution, a standardised weight is a constant.
+    # With "relu" the int8 graph is QLinearConv(+ReLU) end to end inside the blocks.
+    norm: str = "group"
+    activation: str = "gelu"
 
     def __post_init__(self):
         if self.height % 4 or self.width % 4 or self.height < 4 or self.width < 4:
@@ -60,6 +75,12 @@ class UNetConfig:
             raise InputError(f"blocks must be in [1, 8], got {self.blocks}")
         if self.null_context not in ("zero", "learned"):
             raise InputError(f"null_context must be zero or learned, got {self.null_context!r}")
+        if self.norm not in NORMS:
+            raise InputError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise InputError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,16 +90,63 @@ class UNetConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+class WSConv2d(nn.Conv2d):
+    """Scaled weight standardisation (Brock et al. 2021): each output channel's weights are
+    centred and scaled to variance 1/fan_in, times a learned gain; no activation statistics,
+    so nothing depends on the batch, and the exported weight is a constant of the graph."""
+
+    def __init__(self, in_ch: int, out_ch: int, gain: float = 1.0):
+        super().__init__(in_ch, out_ch, 3, 1, 1)
+        self.gain = nn.Parameter(torch.full((out_ch, 1, 1, 1), gain))
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - mean) * torch.rsqrt(var * w[0].numel() + 1e-4) * self.gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.standardized_weight(), self.bias, 1, 1)
+
+
+def fold_for_export(model: nn.Module) -> nn.Module:
+    """A copy whose :class:`WSConv2d` layers are the plain convolutions they compute (same
+    outputs), so an exported graph holds constant weights, not the standardisation."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, WSConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, 3, 1, 1)
+                with torch.no_grad():
+                    conv.weight.copy_(child.standardized_weight())
+                    conv.bias.copy_(child.bias)
+                setattr(parent, name, conv.train(child.training))
+    return model
+
+
+def _conv_unit(in_ch: int, out_ch: int, groups: int, norm: str, act: str) -> nn.Sequential:
+    """conv 3x3 -> norm -> activation, as the config names them."""
+    a = nn.GELU() if act == "gelu" else nn.ReLU()
+    if norm == "ws":
+        return nn.Sequential(WSConv2d(in_ch, out_ch, _RELU_GAIN if act == "relu" else 1.0), a)
+    n = nn.GroupNorm(groups, out_ch) if norm == "group" else nn.BatchNorm2d(out_ch)
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, 1, 1), n, a)
+
+
 class ResidualConvBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, is_res: bool = False):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        groups: int,
+        is_res: bool = False,
+        norm: str = "group",
+        act: str = "gelu",
+    ):
         super().__init__()
         self.is_res = is_res
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.GroupNorm(groups, out_ch), nn.GELU()
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(out_ch, out_ch, 3, 1, 1), nn.GroupNorm(groups, out_ch), nn.GELU()
-        )
+        self.conv1 = _conv_unit(in_ch, out_ch, groups, norm, act)
+        self.conv2 = _conv_unit(out_ch, out_ch, groups, norm, act)
         # Registered (trained, saved) shortcut when a residual block changes channel count.
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if is_res and in_ch != out_ch else nn.Identity()
 
@@ -89,24 +157,27 @@ class ResidualConvBlock(nn.Module):
         return (self.shortcut(x) + h) / 1.414  # keep the variance of the sum near 1
 
 
-def _blocks(in_ch: int, out_ch: int, groups: int, n: int) -> list[nn.Module]:
-    return [ResidualConvBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(n)]
+def _blocks(in_ch: int, out_ch: int, groups: int, n: int, kind: tuple = ()) -> list[nn.Module]:
+    return [
+        ResidualConvBlock(in_ch if i == 0 else out_ch, out_ch, groups, False, *kind)
+        for i in range(n)
+    ]
 
 
 class UnetDown(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, blocks: int = 2):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, blocks: int = 2, kind: tuple = ()):
         super().__init__()
-        self.model = nn.Sequential(*_blocks(in_ch, out_ch, groups, blocks), nn.MaxPool2d(2))
+        self.model = nn.Sequential(*_blocks(in_ch, out_ch, groups, blocks, kind), nn.MaxPool2d(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
 class UnetUp(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, blocks: int = 2):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, blocks: int = 2, kind: tuple = ()):
         super().__init__()
         self.model = nn.Sequential(
-            nn.ConvTranspose2d(in_ch, out_ch, 2, 2), *_blocks(out_ch, out_ch, groups, blocks)
+            nn.ConvTranspose2d(in_ch, out_ch, 2, 2), *_blocks(out_ch, out_ch, groups, blocks, kind)
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -152,10 +223,11 @@ class ContextUnet(nn.Module):
         super().__init__()
         self.config = config
         n, g, d = config.n_feat, config.groups, config.context_dim
-        self.init_conv = ResidualConvBlock(config.in_channels, n, g, is_res=True)
+        kind = (config.norm, config.activation)
+        self.init_conv = ResidualConvBlock(config.in_channels, n, g, True, *kind)
         nb = config.blocks
-        self.down1 = UnetDown(n, n, g, nb)
-        self.down2 = UnetDown(n, 2 * n, g, nb)
+        self.down1 = UnetDown(n, n, g, nb, kind)
+        self.down2 = UnetDown(n, 2 * n, g, nb, kind)
         self.attn = SelfAttention(2 * n, g) if config.attention else nn.Identity()
         if config.null_context == "learned":
             self.null = nn.Parameter(torch.zeros(d))
@@ -168,8 +240,8 @@ class ContextUnet(nn.Module):
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n, 2 * n, k, k), nn.GroupNorm(g, 2 * n), nn.ReLU()
         )
-        self.up1 = UnetUp(4 * n, n, g, nb)
-        self.up2 = UnetUp(2 * n, n, g, nb)
+        self.up1 = UnetUp(4 * n, n, g, nb, kind)
+        self.up2 = UnetUp(2 * n, n, g, nb, kind)
         self.out = nn.Sequential(
             nn.Conv2d(2 * n, n, 3, 1, 1),
             nn.GroupNorm(g, n),

@@ -61,6 +61,8 @@ class TrainConfig:
     blocks: int = 2  # residual blocks per U-Net level
     attention: bool = False  # self-attention at the lowest resolution
     null_context: str = "zero"  # "learned": a trained vector stands in for the zero context
+    norm: str = "group"  # residual blocks: "group", "batch" or "ws" (weight standardised)
+    activation: str = "gelu"  # residual blocks: "gelu" or "relu"
     timesteps: int = 500
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -138,6 +140,8 @@ class Trainer:
             blocks=cfg.blocks,
             attention=cfg.attention,
             null_context=cfg.null_context,
+            norm=cfg.norm,
+            activation=cfg.activation,
         )
         self.schedule = NoiseSchedule(ScheduleConfig(cfg.timesteps, cfg.beta_start, cfg.beta_end))
         self.alpha_bar = torch.from_numpy(self.schedule.alpha_bar).to(self.device)
@@ -204,6 +208,9 @@ class Trainer:
         with torch.no_grad():
             for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 pe.lerp_(p, 1 - decay)
+            # BatchNorm's running statistics follow the raw model's (they are its own EMA).
+            for be, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+                be.copy_(b)
         self.step += 1
         return loss.item()
 

@@ -178,6 +178,15 @@ def add_train_parsers(sub, common) -> None:
         choices=["zero", "learned"],
         help="unconditional input: zeros (course) or a learned vector inside the graph",
     )
+    t.add_argument(
+        "--norm",
+        choices=["group", "batch", "ws"],
+        help="residual blocks' normalisation: group (default), batch, or ws (scaled weight "
+        "standardisation); batch and ws fold into the convolution at export",
+    )
+    t.add_argument(
+        "--activation", choices=["gelu", "relu"], help="residual blocks' activation (default gelu)"
+    )
     t.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
     t.add_argument("--no-progress", action="store_true")
     common(t)
