@@ -22,8 +22,10 @@ from conftest import run_cli
 
 def _args(b=3, d=4):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(b, 3, 16, 16, generator=g), torch.rand(b, 1, generator=g), torch.randn(
-        b, d, generator=g
+    return (
+        torch.randn(b, 3, 16, 16, generator=g),
+        torch.rand(b, 1, generator=g),
+        torch.randn(b, d, generator=g),
     )
 
 
@@ -39,7 +41,9 @@ def test_ws_standardises_each_output_channel():
     w = conv.standardized_weight().detach()
     fan_in = 5 * 9
     np.testing.assert_allclose(w.mean(dim=(1, 2, 3)).numpy(), 0, atol=1e-6)
-    np.testing.assert_allclose((w.var(dim=(1, 2, 3), unbiased=False) * fan_in).numpy(), 1, rtol=1e-3)
+    np.testing.assert_allclose(
+        (w.var(dim=(1, 2, 3), unbiased=False) * fan_in).numpy(), 1, rtol=1e-3
+    )
 
 
 def test_fold_for_export_keeps_the_outputs_and_drops_the_standardisation():

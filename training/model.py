@@ -29,7 +29,6 @@ from torch import nn
 
 from ddpm_rt.errors import InputError, first_line
 
-
 NORMS = ("group", "batch", "ws")
 ACTIVATIONS = ("gelu", "relu")
 # ReLU's gain (NF-Nets): relu(g*z) keeps E[out^2] = E[z^2] for unit-normal z.
