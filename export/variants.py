@@ -22,7 +22,7 @@ from ddpm_rt.bundle.manifest import validate_manifest
 from ddpm_rt.errors import DdpmRtError
 
 # The CPU format's quantised ops (module docstring of :mod:`.quantize`: what was measured).
-OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm", "Relu", "MaxPool"]
 # TensorRT's explicit quantisation takes int8 Q/DQ with zero-point 0 only; weights
 # per-channel along the output-channel axis. ConvTranspose stays float: its per-channel
 # axis (1) is the one layouts disagree on, and it is 2 of the graph's ~30 layers.

@@ -477,6 +477,31 @@ MUTATIONS: tuple[Mutation, ...] = (
         "*self.gen.schedule.x0_coefficients(t - 1))",
         (T + "test_goldens.py::test_callback_progress_preview_and_cancel",),
     ),
+    # -- the int8-friendlier U-Net blocks (issue 19) ------------------------------------------
+    Mutation(
+        "ema-batchnorm-stats",
+        "EMA weights carry BatchNorm's running statistics",
+        "training/train.py",
+        "                be.copy_(b)",
+        "                pass",
+        (T + "test_int8_blocks.py::test_batch_norm_statistics_reach_the_ema_weights",),
+    ),
+    Mutation(
+        "ws-fold-bias",
+        "weight standardisation folded at export keeps the bias",
+        "training/model.py",
+        "                    conv.bias.copy_(child.bias)",
+        "                    pass",
+        (T + "test_int8_blocks.py::test_ws_fold_keeps_the_outputs",),
+    ),
+    Mutation(
+        "ws-fold-at-export",
+        "export traces the folded model (constant weights, no standardisation ops)",
+        "export/onnx_export.py",
+        "trace_to_onnx(fold_for_export(model), example",
+        "trace_to_onnx(model, example",
+        (T + "test_int8_blocks.py::test_cli_trains_and_exports_a_plain_conv_relu_graph",),
+    ),
 )
 
 

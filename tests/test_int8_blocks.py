@@ -46,7 +46,7 @@ def test_ws_standardises_each_output_channel():
     )
 
 
-def test_fold_for_export_keeps_the_outputs_and_drops_the_standardisation():
+def test_ws_fold_keeps_the_outputs():
     torch.manual_seed(1)
     m = ContextUnet(UNetConfig(n_feat=16, context_dim=4, norm="ws", activation="relu")).eval()
     with torch.no_grad():  # trained-looking gains and biases, not the init's ones and zeros
