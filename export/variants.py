@@ -22,6 +22,8 @@ from ddpm_rt.bundle.manifest import validate_manifest
 from ddpm_rt.errors import DdpmRtError
 
 # The CPU format's quantised ops (module docstring of :mod:`.quantize`: what was measured).
+# Relu and MaxPool stay uint8 when their input is quantised (ReLU folds into the producing
+# QLinearConv's output range): the ReLU blocks' int8 graph has no float islands (issue 19).
 OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm", "Relu", "MaxPool"]
 # TensorRT's explicit quantisation takes int8 Q/DQ with zero-point 0 only; weights
 # per-channel along the output-channel axis. ConvTranspose stays float: its per-channel

@@ -495,6 +495,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         (T + "test_int8_blocks.py::test_ws_fold_keeps_the_outputs",),
     ),
     Mutation(
+        "int8-relu-fused",
+        "the CPU int8 graph folds ReLU into the quantised convolution",
+        "export/variants.py",
+        '"Gemm", "Relu", "MaxPool"]',
+        '"Gemm", "MaxPool"]',
+        (T + "test_int8_blocks.py::test_cli_trains_and_exports_a_plain_conv_relu_graph",),
+    ),
+    Mutation(
         "ws-fold-at-export",
         "export traces the folded model (constant weights, no standardisation ops)",
         "export/onnx_export.py",

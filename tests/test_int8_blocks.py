@@ -97,3 +97,20 @@ def test_cli_trains_and_exports_a_plain_conv_relu_graph(tmp_path, shapes_npz, no
         assert ops[op] == 0, (op, ops)
     assert ops["InstanceNormalization"] == 2  # up0's and the output head's GroupNorm only
     assert ops["Relu"] >= 20 and ops["Erf"] <= 5, ops
+    # The CPU int8 graph folds each block's ReLU into its QLinearConv's output range: no
+    # float ReLU between a convolution and the next is left to dequantise around.
+    # (the quantiser itself, on random calibration feeds: four steps of training leave a model
+    # too rough for `ddpm-rt quantize`'s parity check, which is not what is tested here)
+    from ddpm_rt import Bundle
+    from ddpm_rt.export.variants import static_int8
+
+    rng = np.random.default_rng(0)
+    d = Bundle.load(bundle).context_dim
+    calib = [
+        {"x": rng.standard_normal((4, 3, 16, 16), np.float32),
+         "t": rng.random((4, 1), np.float32), "c": rng.random((4, d), np.float32)}
+        for _ in range(4)
+    ]  # fmt: skip
+    int8 = static_int8((bundle / "unet.onnx").read_bytes(), calib)
+    q = Counter(n.op_type for n in onnx.load_from_string(int8).graph.node)
+    assert q["QLinearConv"] >= 20 and q["Relu"] <= 2, q  # 2: after up0's and the head's GroupNorm
