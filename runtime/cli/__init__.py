@@ -59,6 +59,15 @@ def signals_deferred():
         raise Signalled(_received[0])
 
 
+def load_stage(module: str, extra: str):
+    """A training, export or evaluation module (they import torch), imported with signals
+    deferred, or an error naming the extra to install."""
+    from ddpm_rt.extras import require
+
+    with signals_deferred():
+        return require(module, extra)
+
+
 def build_parser():
     import argparse
 

@@ -7,14 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ddpm_rt.cli import load_stage as _load
 from ddpm_rt.cli.generate import default_model
 from ddpm_rt.errors import InputError
-
-
-def _load(module: str, extra: str):
-    from ddpm_rt.cli.train import _load as load
-
-    return load(module, extra)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

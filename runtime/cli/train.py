@@ -12,17 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from ddpm_rt.cli import signals_deferred
+from ddpm_rt.cli import load_stage as _load
 from ddpm_rt.cli.evaluate import add_eval_parsers
 from ddpm_rt.cli.generate import fields_of
 from ddpm_rt.errors import InputError
-from ddpm_rt.extras import require
-
-
-def _load(module: str, extra: str):
-    """A training or export module, imported with signals deferred (it imports torch)."""
-    with signals_deferred():
-        return require(module, extra)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
