@@ -3,7 +3,8 @@
 # and two int8-friendlier blocks, and the 107-concept pixel block experiment, all at once, the
 # step counts fitted to SECONDS from a 200-step probe of the same runs side by side.
 #
-#   bash scripts/gpu_train.sh OUT [SECONDS] [DEVICE]        RUNS="name kind norm act batch" ...
+#   bash scripts/gpu_train.sh OUT [SECONDS] [DEVICE]   (env: RUNS="name kind norm act batch\n…",
+#                                                     NFEAT=64, STATE=name, PROBE=200)
 #
 # Needs only torch, numpy, safetensors, tokenizers, onnxruntime, tqdm (the package runs from
 # the source tree, nothing installed). Its inputs are in $DATA (default runs/gpu, carried):
@@ -37,7 +38,7 @@ train() { # name kind norm act batch steps dir
   if [ $2 = lat ]; then data=$G/latents64.npz; cache=$G/lat_cache.npz; else data=$G/emoji16c.npz; cache=$G/pix_cache.npz; fi
   mkdir -p $7; cp $cache $7/caption_embeddings.npz
   timeout $TO $CLI train --data $data --text-encoder $G/minilm --out $7 --steps $6 --batch-size $5 \
-    --context-gate tanh --n-feat 64 --norm $3 --activation $4 --sample-every 0 \
+    --context-gate tanh --n-feat ${NFEAT:-64} --norm $3 --activation $4 --sample-every 0 \
     --checkpoint-every 1000 --no-progress --device $DEV > $7.log 2>&1
 }
 t0=$(date +%s)
