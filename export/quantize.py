@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm_rt.backends import cpu_kernels
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
 from ddpm_rt.tolerances import TOLERANCES
@@ -48,8 +49,9 @@ from .variants import (  # noqa: F401 - OPS, QDQ_OPS, QuantizeError: this module
 INT8_FILE = "unet.int8-qoperator-u8s8.onnx"
 INT8_GRAPH = "unet_int8"
 INT8_FORMAT = (
-    "ONNX Runtime QOperator; uint8 activations (asymmetric), int8 per-channel weights; "
-    "Conv, ConvTranspose, MatMul, Gemm quantised; static MinMax calibration"
+    "ONNX Runtime QOperator; uint8 activations (asymmetric), int8 per-channel weights in 7 "
+    "bits (reduce_range: no CPU family's kernels saturate); Conv, ConvTranspose, MatMul, Gemm "
+    "quantised; static MinMax calibration"
 )
 
 
@@ -222,6 +224,7 @@ def _check_variant(gen: Generator, precision: str, data: bytes, feeds: list[dict
     log(
         f"{precision} vs fp32 eps on {len(feeds)} batches of recorded x_t: "
         + ", ".join(f"{k} {v:.5g}" for k, v in figures.items())
+        + f" (on {cpu_kernels.describe(cpu_kernels.family())})"
     )
     if not ok:
         raise QuantizeError(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm_rt.backends import cpu_kernels
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
 from ddpm_rt.tolerances import TOLERANCES
@@ -113,4 +114,4 @@ def _check_decoder(gen: Generator, precision: str, data: bytes, feeds: list[dict
             + ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
             + " (nothing was written; the bundle is unchanged)"
         )
-    return figures
+    return {**figures, "cpu_family": cpu_kernels.family()}

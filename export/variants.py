@@ -31,6 +31,21 @@ OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm", "Relu", "MaxPool"]
 QDQ_OPS = ["Conv", "MatMul", "Gemm"]
 
 
+# Why the CPU int8 graphs (this U-Net's, the text encoder's) keep their weights in 7 bits.
+# ONNX Runtime's x86-64 u8 x s8 kernels without VNNI (AVX2, AVX-512BW: most AMD CPUs before
+# Zen 4, many Intel desktops and laptops) multiply with VPMADDUBSW, which adds two u8 x s8
+# products into a *saturating* int16: 2 x 255 x 127 = 64,770 overflows 32,767, so those
+# CPUs compute another graph than a VNNI CPU (VPDPBUSD sums into int32) or ARM64 (SDOT/UDOT,
+# or widening multiplies). MLAS runs u8 x u8 graphs through the same kernel (it flips the
+# weights' sign bit), so U8U8 is no way out. With weights in [-64, 63] a pair sums to at
+# most 2 x 255 x 64 = 32,640: nothing saturates, and every CPU family computes the same
+# integers. Measured on the shipped U-Net (eps cosine vs fp32 on doctor's recorded x_t, mean
+# / worst at t > T/10): 8-bit weights 0.9914 / 0.9956 with VNNI but 0.9874 / 0.9894 on an
+# AVX2 CPU model (QEMU's Haswell: refused); 7-bit weights 0.9912 / 0.9948 on both, the same
+# figures to every digit; the same ops, so the same speed (BENCHMARKS.md).
+REDUCE_RANGE_WHY = "7-bit weights: no CPU family's int8 kernels saturate"
+
+
 class QuantizeError(DdpmRtError):
     """The quantised graph misses its parity check against fp32."""
 
@@ -75,6 +90,8 @@ def static_int8(fp32: bytes, calib: list[dict], qdq: bool = False) -> bytes:
             quant_format=QuantFormat.QOperator,
             op_types_to_quantize=OPS,
             activation_type=QuantType.QUInt8,
+            # 7-bit weights (int8 in [-64, 63]): see :data:`REDUCE_RANGE_WHY`.
+            reduce_range=True,
         )
     with tempfile.TemporaryDirectory() as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"

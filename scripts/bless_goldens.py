@@ -130,8 +130,14 @@ def shipped_unet_eps() -> dict[str, np.ndarray]:
 
 def machine() -> dict:
     """What decides the last bits of a run: CPU model and instruction set, ONNX Runtime and
-    NumPy versions, architecture."""
+    NumPy versions, architecture, and -- measured, since /proc/cpuinfo is not what the
+    libraries see under an emulator or a CPUID mask -- the kernels themselves: the int8
+    family (:func:`ddpm_rt.backends.cpu_kernels.family`) and a digest of the shipped fp32
+    U-Net's eps on fixed inputs (fp32 kernels differ in their last bits between AVX-512 and
+    AVX2, e.g. ONNX Runtime's NCHWc convolution blocks of 16 or 8 channels)."""
     import onnxruntime
+
+    from ddpm_rt.backends import cpu_kernels
 
     info: dict[str, str] = {}
     try:
@@ -149,6 +155,10 @@ def machine() -> dict:
         "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
+        "kernels": cpu_kernels.family(),
+        "fp32_unet_eps_sha256": hashlib.sha256(
+            b"".join(v.tobytes() for k, v in sorted(shipped_unet_eps().items()) if k[0] == "t")
+        ).hexdigest(),
     }
 
 

@@ -92,7 +92,7 @@ class Bundle:
         """A listed file's bytes, checked against the declared size and sha256."""
         meta = self.manifest["files"][name] if name in self.manifest["files"] else None
         path = self.file_path(name)
-        data = _read_regular(path, meta["bytes"], f"bundle file {name}")
+        data = read_regular(path, meta["bytes"], f"bundle file {name}")
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise BundleError(
                 f"bundle file {path} does not match its sha256 in {MANIFEST} (corrupt or "
@@ -169,7 +169,7 @@ class Bundle:
         mpath = root / MANIFEST
         if not os.path.lexists(mpath):
             raise BundleError(f"not a bundle (no {MANIFEST}): {path}")
-        data = _read_regular(_inside(root, MANIFEST), None, MANIFEST, MAX_MANIFEST_BYTES)
+        data = read_regular(_inside(root, MANIFEST), None, MANIFEST, MAX_MANIFEST_BYTES)
         digest = hashlib.sha256(data).hexdigest()
         if expected_digest is not None and digest != expected_digest:
             raise BundleError(
@@ -247,7 +247,7 @@ def _open_regular(path: Path, size: int | None, what: str, limit: int | None = N
     return fd
 
 
-def _read_regular(path: Path, size: int | None, what: str, limit: int | None = None) -> bytes:
+def read_regular(path: Path, size: int | None, what: str, limit: int | None = None) -> bytes:
     """Read a regular file whole through one descriptor (size checked first)."""
     fd = _open_regular(path, size, what, limit)
     with os.fdopen(fd, "rb") as f:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ddpm_rt import __version__
-from ddpm_rt.backends import gpu, make_backend
+from ddpm_rt.backends import cpu_kernels, gpu, make_backend
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.errors import DdpmRtError
 from ddpm_rt.generator import Generator
@@ -65,6 +65,44 @@ def image_check(
 
 
 PROMPTS = ("red apple", "a snowman", "thumbs up", "a cup of coffee")
+
+
+def recorded_families(bundle: Bundle) -> dict[str, str]:
+    """What each CPU-side figure of the bundle says about where it was measured: ``U-Net
+    <precision>`` / ``text encoder int8`` -> its recorded ``cpu_family`` (``"not recorded"``
+    for figures written before it was recorded)."""
+    out = {}
+    for p, entry in bundle.manifest.get("unet_precisions", {}).items():
+        if "checks" in entry:
+            out[f"U-Net {p}"] = str(entry["checks"].get("cpu_family", "not recorded"))[:80]
+    text = bundle.conditioning.get("text") or {}
+    if "int8" in (text.get("graphs") or {}):
+        checks = text.get("checks") or {}
+        out["text encoder int8"] = str(checks.get("cpu_family", "not recorded"))[:80]
+    return out
+
+
+def cpu_family_notes(bundle: Bundle, rows: list[tuple]) -> list[str]:
+    """Lines saying, for each figure recorded on another CPU kernel family than this one's,
+    that this report measured it here, and, for a CPU int8 row that failed, what to use."""
+    here = cpu_kernels.family()
+    lines = [f"this CPU: {here} ({cpu_kernels.describe(here)})"]
+    failed = {p for b, p, what, *_ in rows if b == "ort" and not what.startswith(("ok", "ref"))}
+    for what, fam in recorded_families(bundle).items():
+        if fam == here:
+            continue
+        lines.append(
+            f"{what}: its figures in the manifest were measured on {fam}, not on this CPU's "
+            "family: the rows above are measured here"
+        )
+        precision = what.split()[-1]
+        if what.startswith("U-Net") and precision in failed:
+            lines.append(
+                f"  {precision} misses its check on this CPU: use --precision fp32 here, or "
+                f"re-quantise it (ddpm-rt quantize {bundle.path} --precision {precision} "
+                "--force), which writes 7-bit weights that every CPU family computes alike"
+            )
+    return lines
 
 
 def _latency(run: Callable[[], object], repeats: int = 20) -> float:
@@ -282,6 +320,8 @@ def run_doctor(
     log("backend  precision  U-Net ms/step b1   b8   check vs ort fp32 (tolerance table)")
     for backend, precision, what, b1, b8 in rows:
         log(f"{backend:<8} {precision:<10} {b1:>12.2f} {b8:>6.2f}   {what}")
+    for line in cpu_family_notes(bundle, rows):
+        log(line)
     if bundle.latent is not None:
         latents = np.concatenate([f["x"] for f in feeds])[ts == 1]  # (B, C, h, w), ~x_0
         failed += check_decoders(bundle, report, ref, latents, engine_cache, log)
