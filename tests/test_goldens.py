@@ -96,7 +96,8 @@ def test_shipped_unet_matches_golden():
 # same CPU under the CPUID mask (AVX2 kernels; fp32 eps differ by <= 3e-6): identical bytes
 # with the 7-bit int8 text encoder, while the 8-bit encoder it replaced, whose dot products
 # saturate on AVX2, moved the images by a mean of 2.8 levels (46 % off by more than one) --
-# a wrong context, which this tolerance refuses. ``.ci/run`` runs this test on both families. Measured against this golden, DDIM's last step
+# a wrong context, which this tolerance refuses. ``.ci/run`` runs this test on both families.
+# Measured against this golden, DDIM's last step
 # landing at t = 1 instead of 0 gives a mean of 0.86 and 20 % off by more than one level
 # (60 % of values changed): refused either way (test_golden_tolerance_refuses_ddim_ending_at_t1).
 E2E_MEAN_MAX, E2E_OFF_BY_MORE_THAN_1_MAX = 0.25, 0.02
