@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from ddpm_rt.errors import BundleError, InputError, NumericalError
 from ddpm_rt.progress import StepInfo, progress_bar
 from ddpm_rt.run import Job, run_jobs
 from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
-from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL
+from ddpm_rt.tolerances import CONTEXT_ABS_MAX, CONTEXT_NORM_ATOL, DECODER_ABS_MAX
 
 __all__ = ["GenerateConfig", "Generator", "StepInfo"]
 # The U-Net precision used when a bundle offers it and the caller does not choose; set by
@@ -239,16 +240,21 @@ class Generator:
     def to_pixels(self, x0: np.ndarray) -> np.ndarray:
         """The final stage: x_0 (B, C, h, w) as the U-Net samples it -> images (B, H, W, 3)
         uint8. A latent bundle's decoder graph turns the latents into pixels first (its
-        output is checked finite: a broken or overflowed decoder is an error, not an image)."""
+        output is checked against :data:`DECODER_ABS_MAX`: a broken or overflowed decoder is
+        an error, not an all-black or all-white image)."""
         if self.decoder_graph is None:
             return to_uint8(x0)
         latent = np.ascontiguousarray(x0, dtype=np.float32)
         image = self.backend.run(self.decoder_graph, {"latent": latent})["image"]
-        if not np.isfinite(image).all():
+        peak = float(np.abs(image).max()) if image.size else 0.0
+        if not peak <= DECODER_ABS_MAX:  # NaN fails too
+            shown = "NaN" if math.isnan(peak) else "Inf" if math.isinf(peak) else f"{peak:.3g}"
+            file = self.bundle.manifest["graphs"][self.decoder_graph]["file"]
             raise NumericalError(
-                f"the decoder's output is not finite (backend {self.backend.name}, decoder "
-                f"precision {self.decoder_precision}): the graph is broken or overflowed; no "
-                "image was produced"
+                f"the decoder's output reaches {shown}: its contract is pixels in [-1, 1] "
+                f"(limit +-{DECODER_ABS_MAX:g}; graph {self.decoder_graph} ({file}), backend "
+                f"{self.backend.name}, decoder precision {self.decoder_precision}): the graph "
+                "is broken or overflowed; no image was produced"
             )
         return to_uint8(image)
 

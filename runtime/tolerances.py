@@ -92,6 +92,13 @@ CONTEXT_NORM_ATOL = 1e-2
 # blended labels are <= 1 per entry; 1e3 leaves room for user-made vectors and refuses
 # values that can only overflow the U-Net.
 CONTEXT_ABS_MAX = 1e3
+# Largest magnitude accepted in a latent bundle's decoder output. Its contract is pixels in
+# [-1, 1] (the image is clipped to that when written); a decoder without a final tanh may
+# overshoot on sharp edges by a few hundredths. A value a whole range beyond (|v| > 2) is no
+# pixel anyone meant: a broken graph or an overflow, which would otherwise be written as an
+# all-black or all-white PNG. models/latent64's decoder (tanh-bounded) measured a max |v| of
+# 1.0 over 27 decodes (4 prompts x 3 seeds: every step's preview and the images).
+DECODER_ABS_MAX = 2.0
 # Largest magnitude accepted in the predicted noise or in x_t at any step. A healthy eps is
 # about N(0, 1) and x_t stays within a few units (guidance 50 still stays far below this);
 # anything beyond is a broken graph or an overflow (fp16 is the classic cause), and also

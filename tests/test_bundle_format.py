@@ -47,6 +47,8 @@ def _paths(obj, prefix=""):
 
 
 def _ok_type(kind: str, value) -> bool:
+    if " or " in kind:
+        return any(_ok_type(k, value) for k in kind.split(" or "))
     if kind.startswith("list"):
         return isinstance(value, list)
     want = TYPES[kind]

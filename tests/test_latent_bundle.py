@@ -174,12 +174,26 @@ def test_decoder_precision_is_checked(latent_trained, trained, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_a_decoder_that_returns_nan_is_an_error(bundle_copy):
-    (bundle_copy / "decoder.onnx").write_bytes(decoder_graph(4, 8, 8, 32, bad_value=np.nan))
+@pytest.mark.parametrize(
+    ("bad", "shown"), [(np.nan, "NaN"), (-1e30, "1e[+]30"), (1e30, "1e[+]30"), (np.inf, "Inf")]
+)
+def test_a_decoder_output_beyond_its_contract_is_an_error(bundle_copy, tmp_path, bad, shown):
+    """Pixels in [-1, 1] is the decoder's contract: -1e30 (+1e30) was written as an all-black
+    (all-white) PNG with exit 0 before (issue 25), NaN was already refused. Now each is an
+    error naming the graph, and no file is written."""
+    (bundle_copy / "decoder.onnx").write_bytes(decoder_graph(4, 8, 8, 32, bad_value=bad))
     rehash(bundle_copy, "decoder.onnx")
     gen = Generator(bundle_copy)
-    with pytest.raises(NumericalError, match=r"decoder's output is not finite.*no image"):
+    want = rf"decoder's output reaches {shown}: its contract is pixels in \[-1, 1\].*decoder.onnx"
+    with pytest.raises(NumericalError, match=want + ".*no image"):
         gen.generate("a small red circle", num=1, **GEN)
+    out = tmp_path / "x.png"
+    proc = run_cli(
+        "--model", str(bundle_copy), "--prompt", "a small red circle", "--out", str(out),
+        "--steps", "2", "--sampler", "ddim", check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "decoder's output reaches" in proc.stderr, proc.stderr
+    assert not out.exists()
 
 
 def test_the_live_decoder_is_checked_against_the_manifest(bundle_copy):
