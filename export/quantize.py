@@ -99,7 +99,7 @@ def quantize_bundle(
             INT8_FORMAT,
         )
     )
-    bundle, m = open_for_variant(bundle_dir, precision, graph_name, force, log)
+    bundle, m = open_for_variant(bundle_dir, precision, graph_name, force, log, file=file)
     if bundle is None:
         return m["unet_precisions"][precision]
     gen = Generator(bundle)
@@ -173,7 +173,7 @@ def fp16_bundle(
     same. Keeping ops in fp32 buys no accuracy on this model, so none are kept; the check
     below (the tolerance table's ``("ort", "fp16")``) guards a model where it would.
     """
-    bundle, m = open_for_variant(bundle_dir, "fp16", FP16_GRAPH, force, log)
+    bundle, m = open_for_variant(bundle_dir, "fp16", FP16_GRAPH, force, log, file=FP16_FILE)
     if bundle is None:
         return m["unet_precisions"]["fp16"]
     gen = Generator(bundle)
@@ -231,4 +231,4 @@ def _check_variant(gen: Generator, precision: str, data: bytes, feeds: list[dict
             f"{precision} U-Net misses its parity check {TOLERANCES[key]}: {figures} "
             "(the bundle is unchanged)"
         )
-    return figures
+    return {**figures, "cpu_family": cpu_kernels.family()}

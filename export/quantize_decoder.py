@@ -53,7 +53,9 @@ def decoder_variant(
             f"a decoder variant is one of {', '.join(DECODER_VARIANTS)}, not {precision!r:.20}"
         )
     graph, file = DECODER_VARIANTS[precision]
-    bundle, m = open_for_variant(bundle_dir, precision, graph, force, log, what="decoder")
+    bundle, m = open_for_variant(
+        bundle_dir, precision, graph, force, log, what="decoder", file=file
+    )
     if bundle is None:
         return m["latent"]["decoder"].get("variants", {}).get(precision, {"graph": graph})
     if bundle.latent is None:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -120,14 +121,24 @@ def fp16_graph(fp32: bytes) -> bytes:
     ).SerializeToString()
 
 
-def open_for_variant(bundle_dir, precision: str, graph: str, force: bool, log, what="U-Net"):
+def open_for_variant(
+    bundle_dir, precision: str, graph: str, force: bool, log, what="U-Net", file=None
+):
     """(bundle, a copy of its manifest to extend), or (None, manifest) when the bundle
-    already has this variant and ``force`` is off."""
+    already has this variant and ``force`` is off. A ``file`` of that name in the bundle
+    folder that the manifest does not list is not the bundle's, so not ours to replace:
+    refused before any work unless ``force``."""
     bundle = Bundle.load(bundle_dir)
     m = copy.deepcopy(bundle.manifest)
     if not force and graph in m["graphs"]:
         log(f"{bundle.path} already has an {precision} {what} (pass --force to redo it)")
         return None, m
+    if not force and file is not None and file not in m["files"]:
+        if os.path.lexists(bundle.path / file):
+            raise QuantizeError(
+                f"{bundle.path / file} exists but the manifest does not list it: pass --force "
+                "to replace it (nothing was written)"
+            )
     return bundle, m
 
 

@@ -193,3 +193,89 @@ def test_int8_graphs_compute_the_same_numbers_under_qemu_haswell(feeds_npz, qemu
     emulated = _figures(feeds_npz / "quarter.npz", prefix=qemu, env=env)
     assert emulated["family"] == f"x86_64/{cpu_kernels.U8S8_SATURATING}"
     _same_numbers(here, emulated)
+
+
+def test_doctor_says_when_a_figure_was_measured_on_another_family(tmp_path):
+    """A manifest whose int8 figures were recorded on another family: doctor says so, and
+    for a CPU int8 row that failed here, what to use instead."""
+    import copy
+
+    from ddpm_rt import Bundle
+    from ddpm_rt.tools.doctor import cpu_family_notes, recorded_families
+
+    bundle = Bundle.load(DEFAULT, hash_all=False)
+    here = cpu_kernels.family()
+    rec = recorded_families(bundle)
+    assert rec["U-Net int8"].startswith(("x86_64/", "aarch64/"))
+    assert rec["text encoder int8"] == rec["U-Net int8"]
+    other = "aarch64/u8s8-exact" if here != "aarch64/u8s8-exact" else "x86_64/u8s8-saturating"
+    m = copy.deepcopy(bundle.manifest)
+    m["unet_precisions"]["int8"]["checks"]["cpu_family"] = other
+    bundle.manifest = m
+    rows = [("ort", "fp32", "reference", 1, 1), ("ort", "int8", "FAILED: eps ...", 1, 1)]
+    notes = "\n".join(cpu_family_notes(bundle, rows))
+    assert f"this CPU: {here} (" in notes
+    assert f"U-Net int8: its figures in the manifest were measured on {other}" in notes
+    assert "int8 misses its check on this CPU: use --precision fp32 here" in notes
+    ok_rows = [("ort", "fp32", "reference", 1, 1), ("ort", "int8", "ok: eps ...", 1, 1)]
+    assert "use --precision fp32" not in "\n".join(cpu_family_notes(bundle, ok_rows))
+
+
+@pytest.mark.slow
+def test_doctor_passes_on_avx2_kernels(cpuid_mask):
+    """`ddpm-rt doctor` on the shipped bundle with the AVX-512/VNNI kernels hidden: every
+    check passes (it ended "1 check(s) FAILED" there before), and it names the family."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_rt.cli", "doctor", "--no-build"],
+        env={**cpuid_mask, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"this CPU: x86_64/{cpu_kernels.U8S8_SATURATING}" in proc.stdout
+    assert "all checks passed" in proc.stdout
+
+
+# The int8 graph's eps on fixed inputs, as this process's kernels compute them (sha256).
+INT8_DIGEST = """
+import hashlib, sys
+import numpy as np
+from ddpm_rt import Generator
+gen = Generator(sys.argv[1], unet_precision="int8", threads=1)
+d = np.load(sys.argv[2])
+run = lambda i: gen.backend.run(gen.unet_graph, {k: d[f"{k}{i}"] for k in "xtc"})["eps"]
+out = [run(i).tobytes() for i in range(len(d.files) // 3)]
+print(hashlib.sha256(b"".join(out)).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_quantize_writes_a_graph_every_family_computes_alike(trained, tmp_path, cpuid_mask):
+    """`ddpm-rt quantize` itself (not only the shipped file): the int8 graph it writes for the
+    test model gives the same eps bytes on VNNI and on AVX2 kernels, on x_t recorded along
+    that model's own trajectories (8-bit weights: different bytes)."""
+    import shutil
+
+    from ddpm_rt import Generator
+    from ddpm_rt.export.quantize import quantize_bundle
+    from ddpm_rt.tools.parity import record
+
+    b = tmp_path / "b"
+    shutil.copytree(trained["bundle"], b)
+    quantize_bundle(b, log=lambda s: None)
+    gen = Generator(b)
+    contexts = np.eye(gen.bundle.context_dim, dtype=np.float32)
+    feeds = record(gen, contexts, every=5, batch=8)
+    np.savez(tmp_path / "feeds.npz", **{f"{k}{i}": f[k] for i, f in enumerate(feeds) for k in f})
+    digests = []
+    for env in (os.environ, cpuid_mask):
+        proc = subprocess.run(
+            [sys.executable, "-c", INT8_DIGEST, str(b), str(tmp_path / "feeds.npz")],
+            env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+            timeout=300, check=True,
+        )  # fmt: skip
+        digests.append(proc.stdout.strip())
+    if masked_here():
+        pytest.skip("this pass already runs on AVX2 kernels: both digests are of one family")
+    assert digests[0] == digests[1]

@@ -316,6 +316,10 @@ def test_doctor_on_a_machine_without_gpu():
             ln.startswith(f"ort      {precision} ") and " ok: " in ln for ln in out.splitlines()
         )
     assert "all checks passed" in out
+    # which kernel family measured it, said plainly (issue 25)
+    from ddpm_rt.backends import cpu_kernels
+
+    assert f"this CPU: {cpu_kernels.family()} (" in out
 
 
 # -- the symmetric Q/DQ int8 graph TensorRT consumes ------------------------------------------

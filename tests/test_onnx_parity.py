@@ -76,6 +76,10 @@ def test_quantize_adds_a_checked_int8_unet(trained, tmp_path):
     shutil.copytree(trained["bundle"], b)
     entry = quantize_bundle(b, log=lambda s: None)
     assert entry["checks"]["mean_cosine"] >= 0.98
+    from ddpm_rt.backends import cpu_kernels
+
+    assert entry["checks"]["cpu_family"] == cpu_kernels.family()  # where it was measured
+    assert "7 bits (reduce_range" in entry["format"]
     bundle = Bundle.load(b)
     assert bundle.unet_precisions == {"fp32": "unet", "int8": INT8_GRAPH}
     gen = Generator(b, unet_precision="int8")

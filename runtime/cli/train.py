@@ -76,6 +76,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    # ONNX Runtime's quantisation and float16 tools import onnx only when they run: asked
+    # here, before any work, so its absence is a one-line error naming the extra
+    _load("onnx", "export")
     if args.graph == "decoder":
         from ddpm_rt.bundle.manifest import DECODER_PRECISIONS
 

@@ -7,13 +7,14 @@ oversized prompt is refused with a 4xx body naming the field, and no work starts
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 
 from ddpm_rt.config import MAX_GUIDANCE, MAX_SEED, GenerateConfig, check_int, check_real
 from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
 from ddpm_rt.errors import InputError
-from ddpm_rt.text import check_prompt
+from ddpm_rt.text import check_prompt, parse_blend
 
 # A seed chosen for a request that names none: below 2**53, so a browser's JSON numbers
 # (doubles) carry it exactly.
@@ -96,6 +97,7 @@ def _checked(name: str, fn, *args):
 def _prompt(value, name: str, limits: Limits) -> str:
     try:
         check_prompt(value, name)
+        parse_blend(value)  # a blend's weights are checked here, where the field is known
     except InputError as e:
         raise RequestError(422, str(e), name) from None
     if len(value) > limits.max_prompt_chars:
@@ -226,7 +228,12 @@ def parse_openai(body, limits: Limits, image_size: str) -> GenerateRequest:
     if "preview_every" in body:
         raise RequestError(422, "unknown field 'preview_every'", "preview_every")
     body["response_format"] = "json"
-    return parse_generate(body, limits)
+    try:
+        return parse_generate(body, limits)
+    except RequestError as e:  # the client sent n: say n
+        if e.param == "num":
+            e.param, e.message = "n", re.sub(r"\bnum\b", "n", e.message)
+        raise
 
 
 def openapi_schema(title: str, version: str, limits: Limits) -> dict:

@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as _StarletteJSON
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -55,6 +56,16 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 PUBLIC = ("/", "/api/health", "/openapi.json")  # no token needed; nothing here runs the model
+
+
+class JSONResponse(_StarletteJSON):
+    """Every JSON body as ASCII (non-ASCII as \\uXXXX escapes): a request can carry strings
+    UTF-8 cannot encode (a lone surrogate, e.g. a field named "\\ud800", which Python's json
+    reads into a str), and an error that echoes one must still be a 422, not a 500."""
+
+    def render(self, content) -> bytes:
+        text = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        return text.encode()
 
 
 def error_response(status: int, message: str, param: str | None = None, headers=None):
@@ -317,6 +328,7 @@ def create_app(
 
         async def body():
             work = asyncio.ensure_future(ticket.wait())
+            get = None  # the wait for the next step event, while one is pending
             try:
                 yield sse("queued", {"seed": r.config.seed, "images": r.images})
                 # every step's event is queued before the work's end is signalled (both go
@@ -346,6 +358,8 @@ def create_app(
                 if not work.done():
                     ticket.cancel()
                     work.cancel()
+                if get is not None and not get.done():
+                    get.cancel()  # else asyncio logs "Task was destroyed but it is pending!"
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
