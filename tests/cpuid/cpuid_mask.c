@@ -98,6 +98,21 @@ int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
     return 0;
 }
 
+/* signal() and bsd_signal() reach the kernel through glibc's internal sigaction, not the
+   one above: they are routed through it too (cc1 installs its crash handler with signal). */
+sighandler_t signal(int sig, sighandler_t handler) {
+    struct sigaction act, old;
+    memset(&act, 0, sizeof act);
+    act.sa_handler = handler;
+    act.sa_flags = SA_RESTART;
+    sigemptyset(&act.sa_mask);
+    if (sigaction(sig, &act, &old) != 0)
+        return SIG_ERR;
+    return old.sa_handler;
+}
+
+sighandler_t bsd_signal(int sig, sighandler_t handler) { return signal(sig, handler); }
+
 __attribute__((constructor)) static void arm(void) {
     real_sigaction = dlsym(RTLD_NEXT, "sigaction");
     struct sigaction sa;
