@@ -91,10 +91,13 @@ def cpu_family_notes(bundle: Bundle, rows: list[tuple]) -> list[str]:
     for what, fam in recorded_families(bundle).items():
         if fam == here:
             continue
-        lines.append(
-            f"{what}: its figures in the manifest were measured on {fam}, not on this CPU's "
-            "family: the rows above are measured here"
+        where = (
+            "do not say on which CPU family they were measured"
+            if fam == "not recorded"
+            else f"were measured on {fam}, not on this CPU's family"
         )
+        here_too = "its contexts above are" if what.startswith("text") else "the rows above are"
+        lines.append(f"{what}: its figures in the manifest {where}: {here_too} this CPU's")
         precision = what.split()[-1]
         if what.startswith("U-Net") and precision in failed:
             lines.append(
