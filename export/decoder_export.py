@@ -17,7 +17,7 @@ from ddpm_rt.bundle.io_spec import GraphIO, decoder_io
 from ddpm_rt.errors import InputError
 from ddpm_rt.tolerances import TOLERANCES, check
 
-from .onnx_export import ExportConfig, ExportError, trace_to_onnx
+from .tracing import ExportConfig, ExportError, trace_to_onnx
 
 
 class LatentDecoder(torch.nn.Module):

@@ -6,12 +6,10 @@ checkpoint weights with the same settings, the graph is reused (and the log says
 
 from __future__ import annotations
 
-import io
 import json
 import platform
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,50 +20,12 @@ import torch
 import ddpm_rt
 from ddpm_rt.bundle.bundle import MANIFEST, SCHEMA_VERSION, Bundle
 from ddpm_rt.bundle.fileio import atomic_write, sha256_file
-from ddpm_rt.bundle.io_spec import GraphIO, unet_io
-from ddpm_rt.errors import DdpmRtError, InputError
+from ddpm_rt.bundle.io_spec import unet_io
+from ddpm_rt.errors import InputError
 from ddpm_rt.tolerances import TOLERANCES, check
 from ddpm_rt.training.model import ContextUnet, fold_for_export, load_model
 
-
-class ExportError(DdpmRtError):
-    """Export produced a graph that fails validation or parity."""
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    checkpoint: str
-    out: str
-    opset: int = 17
-    parity_batches: tuple[int, ...] = (1, 8)
-    force: bool = False  # re-export even when a matching graph exists
-    text_encoder: str | None = None  # default: the folder the checkpoint was trained with
-    text_precisions: tuple[str, ...] = ("fp32", "int8")  # encoder graphs to ship
-    autoencoder: str | None = None  # a latent U-Net's: default the folder it was trained with
-
-
-def trace_to_onnx(model: torch.nn.Module, args: tuple, spec: GraphIO, opset: int) -> bytes:
-    """TorchScript-based exporter: a plain, stable graph (Conv, Gemm, GroupNorm...)."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            model,
-            args,
-            buf,
-            dynamo=False,
-            opset_version=opset,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(),
-            do_constant_folding=True,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected the {spec.name} graph: {e}") from None
-    return buf.getvalue()
+from .tracing import ExportConfig, ExportError, trace_to_onnx
 
 
 def unet_parity_inputs(model: ContextUnet, batch: int, conditioning: dict, seed: int = 0):

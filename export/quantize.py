@@ -16,7 +16,7 @@ Calibration: the fp32 bundle itself samples DDPM trajectories (all T steps) for 
 prompts -- the training captions of ``export/captions.py`` for a text bundle, every label for
 a label bundle -- and records (x_t, t, c) at timesteps spread over 1..T. One trajectory in
 four is held out to check the result against fp32, judged as ``ddpm-rt doctor`` judges a
-backend: :func:`ddpm_rt.tools.parity.compare` with the tolerance table's ``("ort",
+backend: :func:`ddpm_rt.parity.compare` with the tolerance table's ``("ort",
 precision)`` entry (for int8, the cosine of eps; the entry says why). A bundle whose fp32
 U-Net is not finite along its own trajectories is refused before calibrating, and nothing
 is written until the new manifest has passed the runtime's validation: no file the bundle
@@ -33,8 +33,8 @@ import numpy as np
 from ddpm_rt.backends import cpu_kernels
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
+from ddpm_rt.parity import compare, record
 from ddpm_rt.tolerances import TOLERANCES
-from ddpm_rt.tools.parity import compare, record
 
 from .variants import (  # noqa: F401 - OPS, QDQ_OPS, QuantizeError: this module's API too
     OPS,
@@ -207,7 +207,7 @@ _NOT_FINITE = (
 
 def _check_variant(gen: Generator, precision: str, data: bytes, feeds: list[dict], log) -> dict:
     """The variant's eps against the bundle's fp32 U-Net on recorded x_t, judged as ``ddpm-rt
-    doctor`` judges a backend: :func:`ddpm_rt.tools.parity.compare` with the tolerance
+    doctor`` judges a backend: :func:`ddpm_rt.parity.compare` with the tolerance
     table's ``("ort", precision)`` entry. Returns its figures; raises
     :class:`QuantizeError` when it misses (or when fp32 itself is not finite there)."""
     import onnxruntime as ort

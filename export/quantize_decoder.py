@@ -4,8 +4,8 @@
 the latents the decoder is given in use: the bundle's own U-Net samples trajectories at its
 recommended settings for the calibration prompts, and every predicted x̂0 along them (what a
 step preview decodes) and each final x_0 (the image) is recorded
-(:func:`ddpm_rt.tools.parity.record_latents`). The variant's pixels are compared with the
-fp32 decoder's on them by :func:`ddpm_rt.tools.parity.compare` with the tolerance table's
+(:func:`ddpm_rt.parity.record_latents`). The variant's pixels are compared with the
+fp32 decoder's on them by :func:`ddpm_rt.parity.compare` with the tolerance table's
 ``("ort", "decoder-<precision>")`` entry (pixel error in grey levels); a variant that misses
 is refused and nothing is written. int8 is the same static QOperator u8/s8 format as the
 CPU int8 U-Net, calibrated on three batches in four and checked on the fourth: it is added
@@ -22,8 +22,8 @@ import numpy as np
 from ddpm_rt.backends import cpu_kernels
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
+from ddpm_rt.parity import compare, record_latents
 from ddpm_rt.tolerances import TOLERANCES
-from ddpm_rt.tools.parity import compare, record_latents
 
 from .quantize import FP16_FORMAT, INT8_FORMAT, calibration_contexts
 from .variants import (

@@ -36,8 +36,8 @@ from ddpm_rt.errors import DdpmRtError, InputError
 from ddpm_rt.text import TEXT_FORMAT, TEXT_MANIFEST, load_tokenizer, tokenize
 
 from .captions import eval_captions
-from .onnx_export import trace_to_onnx
 from .text_encoder import SentenceEncoder, default_model_dir, load_hf_bert, max_tokens_of
+from .tracing import trace_to_onnx
 
 FP32_FILE, INT8_FILE, TOKENIZER_FILE = (
     "text_encoder.onnx",

@@ -134,8 +134,8 @@ def feeds_npz(tmp_path_factory) -> Path:
     timestep: 21 batches of 8), its eps on them, and the prompts for the text encoder."""
     from ddpm_rt import Generator
     from ddpm_rt.export.quantize import calibration_contexts
+    from ddpm_rt.parity import record
     from ddpm_rt.tools.doctor import PROMPTS
-    from ddpm_rt.tools.parity import record
 
     gen = Generator(DEFAULT, threads=1)
     _, contexts = calibration_contexts(gen, limit=8)
@@ -262,7 +262,7 @@ def test_quantize_writes_a_graph_every_family_computes_alike(trained, tmp_path, 
 
     from ddpm_rt import Generator
     from ddpm_rt.export.quantize import quantize_bundle
-    from ddpm_rt.tools.parity import record
+    from ddpm_rt.parity import record
 
     b = tmp_path / "b"
     shutil.copytree(trained["bundle"], b)

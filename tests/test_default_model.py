@@ -57,7 +57,7 @@ def test_shipped_int8_unet_agrees_with_fp32():
     """On x_t recorded from real trajectories, under the tolerance table's int8 entry."""
     from ddpm_rt import Generator
     from ddpm_rt.export.quantize import calibration_contexts
-    from ddpm_rt.tools.parity import compare, record
+    from ddpm_rt.parity import compare, record
 
     gen = Generator(DEFAULT)
     int8 = Generator(DEFAULT, unet_precision="int8")

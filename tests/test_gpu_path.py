@@ -380,7 +380,7 @@ def test_trt_engine_matches_ort_cpu(tmp_path, precision):
         pytest.skip(why)
     from ddpm_rt import Generator
     from ddpm_rt.backends.trt_build import build_engines
-    from ddpm_rt.tools.parity import compare, record
+    from ddpm_rt.parity import compare, record
 
     build_engines(DEFAULT, (precision,), EngineCache(tmp_path), log=lambda s: None)
     ref = Generator(DEFAULT, unet_precision="fp32")

@@ -13,7 +13,7 @@ LAYERS = [
     {"core"},
     {"bundle"},
     {"backends"},
-    {"config", "text", "images", "progress", "run", "generator"},
+    {"config", "text", "images", "progress", "run", "generator", "parity"},
     {"tools"},
     {"cli", "capi"},
 ]
@@ -69,3 +69,49 @@ def test_runtime_imports_only_downward():
             if _layer(target) > mine and (module, target) not in ALLOWED_UP:
                 bad.append(f"{path.relative_to(RUNTIME.parent)}:{line} imports {target}")
     assert not bad, "imports running up the layers:\n" + "\n".join(bad)
+
+
+ROOT = RUNTIME.parent
+
+
+def _module_imports(path: Path, package: str):
+    """Every ddpm_rt module ``path`` imports, lazily or not (relative imports resolved)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                base = f"{package}.{node.module}" if node.module else package
+                names = [base] if node.module else [f"{package}.{a.name}" for a in node.names]
+                yield from names
+            elif node.module and node.module.startswith("ddpm_rt"):
+                yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("ddpm_rt"))
+
+
+def test_export_and_training_use_no_runtime_tool_and_export_has_no_import_circle():
+    """Issue 26: export/ and training/ may import the runtime's library layers but never its
+    tools, CLI or C ABI; and the exporters' modules import each other without a circle."""
+    bad, edges = [], {}
+    for folder, package in (("export", "ddpm_rt.export"), ("training", "ddpm_rt.training")):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            me = f"{package}.{path.stem}"
+            targets = set(_module_imports(path, package))
+            for t in sorted(targets):
+                if t.startswith(("ddpm_rt.tools", "ddpm_rt.cli", "ddpm_rt.capi")):
+                    bad.append(f"{folder}/{path.name} imports {t}")
+            if folder == "export":
+                edges[me] = {t for t in targets if t.startswith("ddpm_rt.export.")}
+    assert not bad, "\n".join(bad)
+
+    def cycle_from(node, path):
+        for nxt in sorted(edges.get(node, ())):
+            if nxt in path:
+                return [*path[path.index(nxt) :], nxt]
+            found = cycle_from(nxt, [*path, nxt])
+            if found:
+                return found
+        return None
+
+    for start in sorted(edges):
+        found = cycle_from(start, [start])
+        assert found is None, " -> ".join(found)

@@ -29,8 +29,8 @@ from ddpm_rt.backends import cpu_kernels, gpu, make_backend
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.errors import DdpmRtError
 from ddpm_rt.generator import Generator
+from ddpm_rt.parity import compare, record
 from ddpm_rt.tolerances import TOLERANCES
-from ddpm_rt.tools.parity import compare, record
 
 # A full seeded generation (the default sampler, 4 prompts) against ONNX Runtime CPU fp32:
 # mean and 99th-percentile absolute difference in 8-bit levels. fp32 elsewhere (another CPU,

@@ -20,7 +20,7 @@ import numpy as np
 
 from ddpm_rt import Generator
 from ddpm_rt.backends import cpu_kernels
-from ddpm_rt.tools.parity import compare
+from ddpm_rt.parity import compare
 
 DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"
 

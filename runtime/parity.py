@@ -2,7 +2,9 @@
 
 Shared by ``ddpm-rt quantize`` (checking a new precision variant on this CPU) and
 ``ddpm-rt doctor`` (checking every backend and precision a machine offers), so both judge a
-graph the same way: by the tolerance table (:mod:`ddpm_rt.tolerances`).
+graph the same way: by the tolerance table (:mod:`ddpm_rt.tolerances`). It sits in the
+generator's layer, below ``tools/``: the exporters (``export/quantize*.py``) import it, and
+nothing outside ``runtime/`` imports a runtime tool.
 """
 
 from __future__ import annotations
