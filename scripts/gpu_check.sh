@@ -174,7 +174,7 @@ if what == "decoder":
     from ddpm_rt.backends import make_backend
     from ddpm_rt.backends.engine_cache import EngineCache
     from ddpm_rt.backends.trt_build import trt_decoder_precisions
-    from ddpm_rt.tools.parity import compare
+    from ddpm_rt.parity import compare
 
     b = Bundle.load(bundle, hash_all=False)
     if b.latent is None:
