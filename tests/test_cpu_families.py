@@ -220,6 +220,9 @@ def test_doctor_says_when_a_figure_was_measured_on_another_family(tmp_path):
     del m["unet_precisions"]["int8"]["checks"]["cpu_family"]  # written before issue 25
     notes = "\n".join(cpu_family_notes(bundle, rows))
     assert "U-Net int8: its figures in the manifest do not say on which CPU family" in notes
+    for junk in ([1, 2], "x" * 10_000, None, {"cpu_family": 7}):  # untrusted: any type
+        m["unet_precisions"]["int8"]["checks"] = junk
+        assert recorded_families(bundle)["U-Net int8"] == "not recorded"
     ok_rows = [("ort", "fp32", "reference", 1, 1), ("ort", "int8", "ok: eps ...", 1, 1)]
     assert "use --precision fp32" not in "\n".join(cpu_family_notes(bundle, ok_rows))
 

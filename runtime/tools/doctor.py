@@ -71,14 +71,17 @@ def recorded_families(bundle: Bundle) -> dict[str, str]:
     """What each CPU-side figure of the bundle says about where it was measured: ``U-Net
     <precision>`` / ``text encoder int8`` -> its recorded ``cpu_family`` (``"not recorded"``
     for figures written before it was recorded)."""
+    def family(checks) -> str:  # informational fields: any type may come in a bundle
+        fam = checks.get("cpu_family") if isinstance(checks, dict) else None
+        return fam[:80] if isinstance(fam, str) else "not recorded"
+
     out = {}
     for p, entry in bundle.manifest.get("unet_precisions", {}).items():
         if "checks" in entry:
-            out[f"U-Net {p}"] = str(entry["checks"].get("cpu_family", "not recorded"))[:80]
+            out[f"U-Net {p}"] = family(entry["checks"])
     text = bundle.conditioning.get("text") or {}
     if "int8" in (text.get("graphs") or {}):
-        checks = text.get("checks") or {}
-        out["text encoder int8"] = str(checks.get("cpu_family", "not recorded"))[:80]
+        out["text encoder int8"] = family(text.get("checks"))
     return out
 
 
