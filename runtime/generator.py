@@ -392,10 +392,10 @@ class Generator:
         large) raises :class:`NumericalError` and nothing is returned.
 
         ``callback(info)`` is called after every step with a :class:`StepInfo` (step and total
-        across the call, the chunk's images, and every ``preview_every`` steps and at each
-        chunk's last step a uint8 preview of the current clean-image estimate x̂0). Returning
-        ``False`` stops the call cleanly: it raises :class:`Cancelled`. The callback runs in
-        the calling thread; what it holds is a copy.
+        across the call, the chunk's images, and -- when ``preview_every`` > 0 -- every
+        ``preview_every`` steps and at each chunk's last step a uint8 preview of the current
+        clean-image estimate x̂0). Returning ``False`` stops the call cleanly: it raises
+        :class:`Cancelled`. The callback runs in the calling thread; what it holds is a copy.
         """
         job = self.prepare(
             prompt,

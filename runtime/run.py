@@ -167,8 +167,8 @@ class Run:
 
         def wants_preview(job: Job) -> bool:
             every = job.preview_every
-            return job.callback is not None and (
-                bool(every and step % every == 0) or step == n_steps
+            return job.callback is not None and bool(
+                every and (step % every == 0 or step == n_steps)
             )
 
         wanting = [k for k in live if wants_preview(self.parts[k][0])]

@@ -254,6 +254,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        raise",
         (T + "test_signals.py::test_signal_during_png_write",),
     ),
+    Mutation(
+        "commit-after-signal",
+        "no file is committed once a signal arrived (its exception swallowed by native code)",
+        "runtime/bundle/fileio.py",
+        "            check()",
+        "            pass",
+        (T + "test_signals.py::test_no_file_is_committed_once_a_signal_arrived",),
+    ),
+    Mutation(
+        "signal-checked-each-step",
+        "a swallowed signal stops the sampling at the next step",
+        "runtime/cli/generate.py",
+        "        raise_if_signalled()  # a signal",
+        "        pass  # a signal",
+        (T + "test_signals.py::test_a_swallowed_signal_still_stops_the_work_and_writes_nothing",),
+    ),
     # -- caches -----------------------------------------------------------------------------------
     Mutation(
         "ort-cache-sha256",

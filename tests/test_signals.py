@@ -256,3 +256,66 @@ def test_a_signal_in_a_deferred_block_is_raised_when_it_ends():
         assert reached == [True]
     finally:
         cli._received.clear()
+
+
+# The CLI, with the Generator's constructor wrapped so that a signal arriving while the
+# graphs load has its exception swallowed -- as native code did under load (an extension
+# module's import, the compiler): CI once found the PNG of an interrupted run.
+_SWALLOWING = r"""
+import os, signal, sys
+import ddpm_rt.generator as g
+from ddpm_rt import cli
+real = g.Generator.__init__
+def init(self, *a, **k):
+    real(self, *a, **k)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0)  # a point where the pending handler runs
+        for _ in range(1000):
+            pass
+    except BaseException:
+        pass
+g.Generator.__init__ = init
+import ddpm_rt.images as images
+real_save = images.save_png
+def save_png(*a, **k):  # reached only if the sampling ran to its end
+    print("sampling finished", file=sys.stderr)
+    return real_save(*a, **k)
+images.save_png = save_png
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_swallowed_signal_still_stops_the_work_and_writes_nothing(slow_bundle, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    args = ["--model", str(slow_bundle), "--prompt", "thing 1", "--sampler", "ddpm"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SWALLOWING, *args, "--num", "64", "--out", str(out / "a.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        preexec_fn=_default_signals,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: interrupted by SIGTERM"]
+    assert list(out.iterdir()) == []
+
+
+def test_no_file_is_committed_once_a_signal_arrived(tmp_path):
+    """The last line of defence: atomic_write runs the CLI's check before its rename."""
+    from ddpm_rt import cli
+    from ddpm_rt.bundle.fileio import add_commit_check, atomic_write
+
+    add_commit_check(cli.raise_if_signalled)
+    try:
+        cli._received.append(signal.SIGINT)
+        with pytest.raises(cli.Signalled):
+            atomic_write(tmp_path / "a.png", lambda f: f.write(b"x"))
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        cli._received.clear()
+    atomic_write(tmp_path / "a.png", lambda f: f.write(b"x"))  # no signal: written
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]

@@ -12,6 +12,19 @@ from typing import BinaryIO
 
 from ddpm_rt.errors import InputError
 
+# Called just before a finished temp file is renamed over its target; one that raises
+# leaves the target untouched. The CLI installs one that raises once SIGINT/SIGTERM has
+# arrived: native code (an extension module's import, the compiler) can swallow the
+# exception the signal raised, and the work then runs on, but its output must not land.
+_commit_checks: list[Callable[[], None]] = []
+
+
+def add_commit_check(check: Callable[[], None]) -> None:
+    """Run ``check()`` before every :func:`atomic_write` commits (once per callable)."""
+    if check not in _commit_checks:
+        _commit_checks.append(check)
+
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
@@ -37,6 +50,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
+        for check in _commit_checks:
+            check()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

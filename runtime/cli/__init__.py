@@ -43,6 +43,15 @@ def _raise_signalled(signum, frame):
         raise Signalled(signum)
 
 
+def raise_if_signalled() -> None:
+    """Raise :class:`Signalled` if SIGINT/SIGTERM arrived and was not acted on. The signal
+    handler raises at once, but native code can swallow that exception (seen: an extension
+    module's import and the compiler, under load), and the work then runs on: this is
+    called before every file the CLI writes is committed and after every sampling step."""
+    if _received and not _finishing and not _deferring:
+        raise Signalled(_received[0])
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """SIGINT/SIGTERM are recorded, not raised, while the block runs, and raised once it is
@@ -100,7 +109,11 @@ def _commands(parser) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ddpm_rt.bundle.fileio import add_commit_check
+
     _finishing.clear()
+    _received.clear()
+    add_commit_check(raise_if_signalled)
     for s in _SIGNALS:
         # an inherited "ignore" is kept (a shell's background job starts with SIGINT ignored)
         if signal.getsignal(s) != signal.SIG_IGN:

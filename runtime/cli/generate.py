@@ -75,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ddpm_rt.bundle.bundle import Bundle
     from ddpm_rt.bundle.fileio import check_writable
+    from ddpm_rt.cli import raise_if_signalled
     from ddpm_rt.config import GenerateConfig, check_memory, check_threads, estimate_bytes
     from ddpm_rt.generator import Generator
     from ddpm_rt.images import check_png, save_gif, save_png
@@ -154,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     frames: dict[int, np.ndarray] = {}  # step within a chunk -> x̂0 of every image
     every = 1 if trajectory is not None else (args.preview_every or 0)
 
-    def keep_previews(info) -> None:
+    def after_step(info) -> None:
+        raise_if_signalled()  # a signal whose exception native code swallowed stops here
         if info.preview is not None and (every and info.chunk_step % every == 0):
             if info.chunk_step not in frames:
                 frames[info.chunk_step] = np.zeros((cfg.num * len(prompts), h, w, 3), np.uint8)
@@ -168,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         config=cfg,
         progress=not args.no_progress and sys.stderr.isatty(),  # a bar only for a person
-        callback=keep_previews if every else None,
+        callback=after_step,
         preview_every=every,
     )
     from ddpm_rt import __version__
