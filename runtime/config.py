@@ -56,6 +56,9 @@ class GenerateConfig:
     guidance: float | None = None  # classifier-free guidance scale in [0, 50]; 1 = plain
     batch_size: int = 16
     spacing: str | None = None  # few-step samplers: "time" (default) or "logsnr"
+    # picture height: None = the bundle's image; a cascade also gives its base picture
+    # (e.g. 16 of a 64x64 cascade: the U-Net's own picture, no decoder)
+    size: int | None = None
 
     def validate(self) -> None:
         """Types and ranges of every field; raises :class:`InputError` naming the field."""
@@ -74,6 +77,8 @@ class GenerateConfig:
         if self.guidance is not None:
             check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)
         check_int("seed", self.seed, 0, MAX_SEED)
+        if self.size is not None:
+            check_int("size", self.size, 1, 1 << 16)
         if self.spacing is not None and (
             not isinstance(self.spacing, str) or self.spacing not in SPACINGS
         ):

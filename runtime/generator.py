@@ -237,12 +237,13 @@ class Generator:
         return arr
 
     # -- sampling -----------------------------------------------------------------------
-    def to_pixels(self, x0: np.ndarray) -> np.ndarray:
+    def to_pixels(self, x0: np.ndarray, size: int | None = None) -> np.ndarray:
         """The final stage: x_0 (B, C, h, w) as the U-Net samples it -> images (B, H, W, 3)
         uint8. A latent bundle's decoder graph turns the latents into pixels first (its
         output is checked against :data:`DECODER_ABS_MAX`: a broken or overflowed decoder is
-        an error, not an all-black or all-white image)."""
-        if self.decoder_graph is None:
+        an error, not an all-black or all-white image); a cascade's base picture (``size``
+        its height) is taken as it is, without the decoder."""
+        if self.decoder_graph is None or self.bundle.output_shape(size) != self.bundle.image_shape:
             return to_uint8(x0)
         latent = np.ascontiguousarray(x0, dtype=np.float32)
         image = self.backend.run(self.decoder_graph, {"latent": latent})["image"]
@@ -312,6 +313,9 @@ class Generator:
         cfg = replace(config or GenerateConfig(), **overrides)
         cfg.validate()
         cfg = cfg.with_defaults(self.bundle.recommended)  # what the caller left to the model
+        if cfg.size is not None:  # one the bundle gives; the image's own is the default
+            shape = self.bundle.output_shape(cfg.size)
+            cfg = replace(cfg, size=None if shape == self.bundle.image_shape else cfg.size)
         if (prompt is None) == (context is None):
             raise InputError("give exactly one of prompt or context")
         prompts = None
@@ -337,7 +341,9 @@ class Generator:
         rows = len(prompts) if prompts else 1
         check_memory(
             f"generating {rows * cfg.num} images",
-            estimate_bytes(cfg, self.bundle.image_shape, rows, sample=self.bundle.sample_shape),
+            estimate_bytes(
+                cfg, self.bundle.output_shape(cfg.size), rows, sample=self.bundle.sample_shape
+            ),
         )
         d = self.bundle.context_dim
         if prompts is not None:

@@ -55,9 +55,10 @@ class Job:
 
     @property
     def batch_key(self) -> tuple:
-        """Jobs with equal keys may share a batch: the same sampler, steps, eta, spacing."""
+        """Jobs with equal keys may share a batch: the same sampler, steps, eta, spacing,
+        and picture size."""
         c = self.config
-        return (c.sampler, c.steps, c.eta, c.spacing)
+        return (c.sampler, c.steps, c.eta, c.spacing, c.size)
 
     @property
     def settings(self) -> dict:
@@ -70,6 +71,7 @@ class Job:
             "spacing": c.spacing,
             "guidance": c.guidance,
             "seed": c.seed,
+            **({"size": c.size} if c.size is not None else {}),
         }
 
 
@@ -102,6 +104,7 @@ class Run:
         if not self.parts:
             return
         gen = self.gen
+        self.size = self.parts[0][0].config.size  # one per batch (batch_key)
         d = gen.bundle.context_dim
         sizes = [stop - start for _, start, stop in self.parts]
         # part number of every row; rows of ended parts are dropped as the run goes
@@ -153,10 +156,14 @@ class Run:
                     self.owner = self.owner[keep]
                     for state in (self.unet, noise, sampler):
                         state.keep(keep)
-        pixels = gen.to_pixels(x)
+        pixels = self._pixels(x)
         for k, (job, _, _) in enumerate(self.parts):
             if job.error is None:
                 job._pixels.append(pixels[self.owner == k])
+
+    def _pixels(self, x: np.ndarray) -> np.ndarray:
+        """The batch's pictures at its size (the bundle's image unless a cascade's base)."""
+        return self.gen.to_pixels(x) if self.size is None else self.gen.to_pixels(x, self.size)
 
     def _report(self, i: int, n_steps: int, t: int, x: np.ndarray, eps: np.ndarray) -> set[int]:
         """Progress and callbacks of each live part after step ``i``'s U-Net call; returns
@@ -176,7 +183,7 @@ class Run:
         if wanting:  # one x̂0 and one pixel stage (a latent bundle: one decoder call) for all
             rows = np.flatnonzero(np.isin(self.owner, wanting))
             x0 = predict_x0(x[rows], eps[rows], *self.gen.schedule.x0_coefficients(t))
-            pixels = self.gen.to_pixels(x0)
+            pixels = self._pixels(x0)
             for k in wanting:
                 previews[k] = pixels[self.owner[rows] == k]
         for k in live:

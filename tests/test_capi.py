@@ -109,6 +109,53 @@ def test_cpp_example_matches_the_python_api_on_a_latent_bundle(built, latent_tra
         assert pixels == want.tobytes(), options
 
 
+def test_cpp_example_gives_a_cascade_base_picture_with_the_size_option(built, tmp_path):
+    """A cascade bundle (issue 27): 32x32 by default, its 8x8 base picture with
+    ``{"size": 8}`` (no decoder), each the Python API's bytes; a size it lacks is refused at
+    open."""
+    import numpy as np
+    import torch
+    from craft import write_bundle
+
+    from ddpm_rt import Generator
+    from ddpm_rt.export.cascade import build_cascade
+    from ddpm_rt.training.shapes_dataset import make_shapes
+    from ddpm_rt.training.upscaler_train import UpscalerTrainConfig, train_upscaler
+
+    torch.set_num_threads(1)
+    data = tmp_path / "d.npz"
+    np.savez(data, **make_shapes(16, size=32, seed=1))
+    up = tmp_path / "up"
+    cfg = UpscalerTrainConfig(
+        data=str(data),
+        out=str(up),
+        width=8,
+        blocks=(1, 1, 1),
+        steps=2,
+        batch_size=4,
+        holdout_style="",
+        device="cpu",
+    )
+    train_upscaler(cfg, progress=False)
+    c = build_cascade(write_bundle(tmp_path / "base"), up, tmp_path / "c", log=lambda s: None)
+    out = tmp_path / "a.ppm"
+    gen = Generator(c)
+    for options, size in ((None, 32), ('{"size": 8}', 8)):
+        args = [str(built["example"]), str(c), "thing 1", "5", "2", str(out), "4", "2"]
+        proc = subprocess.run(
+            args + ([options] if options else []), capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        header, pixels = out.read_bytes().split(b"\n255\n", 1)
+        assert header == f"P6\n{size} {2 * size}".encode()
+        want = gen.generate("thing 1", num=2, seed=5, steps=4, guidance=2.0, size=size)
+        assert pixels == want.tobytes(), options
+    args = [str(built["example"]), str(c), "thing 1", "5", "2", str(out), "4", "2"]
+    proc = subprocess.run([*args, '{"size": 12}'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "size 12 is not one this model gives (choose from: 32, 8)" in proc.stderr
+
+
 def test_c_abi_error_paths(built):
     proc = subprocess.run(
         [str(built["errors"]), str(DEFAULT)], capture_output=True, text=True, timeout=120

@@ -53,9 +53,31 @@ class Bundle:
         self.sample_shape = (
             (lat["channels"], lat["height"], lat["width"]) if lat else self.image_shape
         )
+        # a cascade (latent kind "pixels"): the base model's picture, which a caller may take
+        # without the decoder
+        self.base_shape = self.sample_shape if lat and lat.get("kind") == "pixels" else None
         self.schedule = ScheduleConfig.from_dict(manifest["schedule"])
         self.conditioning: dict = manifest["conditioning"]
         self.graphs = {k: GraphIO.from_dict(k, v) for k, v in manifest["graphs"].items()}
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The picture heights this bundle gives: its image's, and a cascade's base picture's."""
+        base = () if self.base_shape is None else (self.base_shape[1],)
+        return (self.image_shape[1], *base)
+
+    def output_shape(self, size: int | None = None) -> tuple[int, int, int]:
+        """(3, H, W) of the pictures at ``size`` (one of :attr:`sizes`; None: the image's)."""
+        if size is None or size == self.image_shape[1]:
+            return self.image_shape
+        if self.base_shape is not None and size == self.base_shape[1]:
+            return self.base_shape
+        from ddpm_rt.errors import InputError
+
+        raise InputError(
+            f"size {size} is not one this model gives (choose from: "
+            f"{', '.join(map(str, self.sizes))})"
+        )
 
     @property
     def context_dim(self) -> int:

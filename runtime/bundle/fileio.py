@@ -25,7 +25,6 @@ def add_commit_check(check: Callable[[], None]) -> None:
         _commit_checks.append(check)
 
 
-
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
 

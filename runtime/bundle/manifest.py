@@ -50,6 +50,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 CONDITIONING_KINDS = ("label", "text", "vector")
 UNET_PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 DECODER_PRECISIONS = ("fp32", "fp16", "int8")
+# ``latent.kind``: "learned" (an autoencoder's latent space; the default when absent) or
+# "pixels" (a cascade: the latent is the base model's RGB picture at a whole fraction of
+# the image's size, in [-1, 1], scale 1, shift 0; the decoder is a super-resolution
+# network, and a caller may take the small picture without decoding).
+LATENT_KINDS = ("learned", "pixels")
 MAX_LATENT_CHANNELS = 64
 MAX_SCALE_FACTOR = 1e6
 
@@ -235,6 +240,13 @@ def _validate(m: Any) -> None:
         ):
             _fail("latent.shift", f"must be a list of {lc} finite numbers, got {_show(shift)}")
         sample = (lc, lh, lw)
+        if "kind" in latent and _str(latent, "latent", "kind", choices=LATENT_KINDS) == "pixels":
+            if lc != 3:
+                _fail("latent", f"a 'pixels' latent is an RGB picture: 3 channels, got {lc}")
+            if latent["scale_factor"] != 1 or any(v != 0 for v in (shift or [])):
+                _fail(
+                    "latent", "a 'pixels' latent has scale_factor 1 and shift 0 (it is the picture)"
+                )
 
     sched = _dict(m, "", "schedule")
     _str(sched, "schedule", "kind", choices=("linear",))

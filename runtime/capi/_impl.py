@@ -10,6 +10,7 @@ import logging
 import numpy as np
 
 from ddpm_rt import __version__
+from ddpm_rt.config import check_int
 from ddpm_rt.errors import (
     BackendError,
     BundleError,
@@ -30,8 +31,10 @@ _CODES = (  # most specific first
 
 
 class _Handle:
-    def __init__(self, gen):
+    def __init__(self, gen, size: int | None = None):
         self.gen = gen
+        self.size = size  # the pictures' height: None = the bundle's image
+        self.shape = gen.bundle.output_shape(size)  # refuses a size the bundle does not give
         self.error = b""
 
 
@@ -87,12 +90,16 @@ def bind(ffi) -> None:
                     "threads",
                     "providers",
                     "expected_digest",
+                    "size",
                 }
                 if not isinstance(options, dict) or set(options) - allowed:
                     raise InputError(f"options_json may hold only {', '.join(sorted(allowed))}")
             path = ffi.string(bundle_dir).decode("utf-8", "surrogateescape")
+            size = options.pop("size", None)
+            if size is not None:
+                check_int("size", size, 1, 1 << 16)
             gen = Generator(path, **options)
-            handle = _Handle(gen)
+            handle = _Handle(gen, size)
             keep = ffi.new_handle(handle)
             cdata = ffi.cast("ddpm_rt_handle *", keep)
             handles[int(ffi.cast("uintptr_t", cdata))] = (keep, handle)
@@ -105,7 +112,7 @@ def bind(ffi) -> None:
     @ffi.def_extern()
     def ddpm_rt_image_shape(h, height, width, channels):
         try:
-            c, hh, w = get(h).gen.bundle.image_shape  # the pixels (a latent bundle's decoded)
+            c, hh, w = get(h).shape  # the pixels (a latent bundle's decoded), at its size
             state["errors"].pop(int(ffi.cast("uintptr_t", h)), None)
             for ptr, v in ((height, hh), (width, w), (channels, c)):
                 if ptr != ffi.NULL:
@@ -128,7 +135,7 @@ def bind(ffi) -> None:
                 raise InputError("prompt is not valid UTF-8") from None
             if num < 1:
                 raise InputError(f"num must be >= 1, got {num}")
-            c, hh, w = handle.gen.bundle.image_shape
+            c, hh, w = handle.shape
             need = num * hh * w * c
             written[0] = 0
             if out_capacity < need:
@@ -140,7 +147,7 @@ def bind(ffi) -> None:
                 def callback(info):
                     return bool(progress(info.step, info.total, user))
 
-            kw = {"num": num, "seed": int(seed), "callback": callback}
+            kw = {"num": num, "seed": int(seed), "callback": callback, "size": handle.size}
             if steps > 0:
                 kw["steps"] = steps
             if guidance > 0:

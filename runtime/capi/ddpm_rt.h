@@ -51,11 +51,13 @@ const char *ddpm_rt_version(void);
  * "unet_precision" ("fp32"|"int8"), "text_precision", "decoder_precision" (a latent
  * bundle's decoder: "fp32", or a variant it lists: "fp16"|"int8"), "threads" (int),
  * "providers" (list of ONNX Runtime providers), "expected_digest" (sha256 of
- * manifest.json). */
+ * manifest.json), "size" (the pictures' height: the bundle's image by default; a cascade
+ * bundle also gives its base picture, e.g. 16: the U-Net's own, without the decoder). */
 int ddpm_rt_open(const char *bundle_dir, const char *options_json, ddpm_rt_handle **out);
 
 /* The images' shape: height, width and channels (3, RGB). For a latent bundle these are the
- * decoded pixels' (what ddpm_rt_generate writes), not the latent's. */
+ * decoded pixels' (what ddpm_rt_generate writes), not the latent's; with the "size" option,
+ * that size's. */
 int ddpm_rt_image_shape(ddpm_rt_handle *handle, int *height, int *width, int *channels);
 
 /* Generate `num` images for a UTF-8 prompt into out_rgb: num * height * width * 3 bytes,

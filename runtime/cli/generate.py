@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = cfg.with_defaults(bundle.recommended)  # settings not given: the model's own
     if args.negative_prompt is not None and cfg.guidance == 1.0:
         raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
-    _, h, w = bundle.image_shape
+    _, h, w = bundle.output_shape(cfg.size)  # refuses a size the model does not give
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
     frames_kept = 0  # x̂0 grids held until the end: every step's for --trajectory
     if args.preview_every or trajectory is not None:
@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         what += f" with a {frames_kept}-frame --trajectory"
     need = estimate_bytes(
         cfg,
-        bundle.image_shape,
+        (3, h, w),
         len(prompts),
         frames_kept,
         args.scale,
@@ -175,6 +175,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from ddpm_rt import __version__
 
+    facts = gen.provenance()  # precisions, bundle digest, a latent bundle's decoder
+    if (3, h, w) != bundle.image_shape:  # a cascade's base picture: no decoder ran
+        facts = {k: v for k, v in facts.items() if not k.startswith("decoder")}
     used = cfg.resolved(gen.schedule)  # the settings as the run used them, defaults filled in
     provenance = {
         "prompts": prompts,
@@ -186,7 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "eta": used.eta,
         "spacing": used.spacing,
         "guidance": cfg.guidance,
-        **gen.provenance(),  # precisions, bundle digest, a latent bundle's decoder
+        **({"size": h} if (3, h, w) != bundle.image_shape else {}),
+        **facts,
         "ddpm_rt": __version__,
     }
     save_png(out, images, scale=args.scale, ncols=ncols, provenance=provenance)
@@ -268,7 +272,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"digest      {b.digest}  (sha256 of manifest.json; pins every file)",
         f"image       {c}x{h}x{w}",
     ]
-    if b.latent:
+    if b.base_shape is not None:
+        lc, lh, lw = b.base_shape
+        lines.append(
+            f"cascade     the U-Net draws {lc}x{lh}x{lw} pictures, a super-resolution decoder "
+            f"makes them {h}x{w} ({', '.join(f'{p}: {g}' for p, g in b.decoder_precisions.items())}"
+            f"); sizes {', '.join(map(str, b.sizes))} (--size)"
+        )
+    elif b.latent:
         lc, lh, lw = b.sample_shape
         lines.append(
             f"latent      {lc}x{lh}x{lw} (scale factor {b.latent['scale_factor']:.4g}), decoded "
@@ -401,6 +412,12 @@ def add_generate_parsers(sub, common) -> None:
         help=f"ddim stochasticity in [0, 1]: 0 deterministic (default {DEFAULT_DDIM_ETA:g})",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    g.add_argument(
+        "--size",
+        type=int,
+        help="picture height: the model's (default), or a cascade's base picture (16: the "
+        "U-Net's own sprite, no super-resolution decoder); 'ddpm-rt info' lists them",
+    )
     g.add_argument(
         "--guidance",
         type=float,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ddpm_rt.cli import load_stage as _load
 from ddpm_rt.cli.evaluate import add_eval_parsers
-from ddpm_rt.cli.generate import fields_of
+from ddpm_rt.cli.generate import bundle_arg, fields_of
 from ddpm_rt.errors import InputError
 
 
@@ -50,6 +50,36 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
         f"{held}, latent scale factor {s['scale_factor']:.4f}, decoder "
         f"{s['decoder_gflop']:.2f} GFLOP/image; checkpoint in {s['out']}",
         file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_train_upscaler(args: argparse.Namespace) -> int:
+    up = _load("ddpm_rt.training.upscaler_train", "train")
+    cfg = up.UpscalerTrainConfig(**fields_of(up.UpscalerTrainConfig, args))
+    s = up.train_upscaler(cfg, resume=args.resume, progress=not args.no_progress)
+    held = (
+        ""
+        if s["psnr_heldout"] is None
+        else f", held-out PSNR {s['psnr_heldout']:.2f} dB (bicubic {s['psnr_bicubic']:.2f})"
+    )
+    print(
+        f"trained to step {s['steps']} at {s['it_per_s']:.2f} it/s, loss {s['final_loss']:.4f}"
+        f"{held}, {s['gflop']:.2f} GFLOP/image; checkpoint in {s['out']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_cascade(args: argparse.Namespace) -> int:
+    cas = _load("ddpm_rt.export.cascade", "export")
+    cas.build_cascade(
+        bundle_arg(args.base, "the base bundle"),
+        args.upscaler,
+        args.out,
+        aug=args.aug,
+        force=args.force,
+        log=lambda s: print(s, file=sys.stderr),
     )
     return 0
 
@@ -221,6 +251,56 @@ def add_train_parsers(sub, common) -> None:
     a.add_argument("--no-progress", action="store_true")
     common(a)
     a.set_defaults(func=cmd_train_autoencoder)
+
+    u = sub.add_parser(
+        "train-upscaler",
+        help="train the cascade's 16x16 -> 64x64 super-resolution decoder (ddpm-rt[train])",
+    )
+    u.add_argument("--data", required=True, help="emoji.npz from 'ddpm-rt data emoji --size 64'")
+    u.add_argument("--out", required=True, help="checkpoint folder")
+    u.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    for flag, typ, what in (
+        ("width", int, "channels (default 48)"),
+        ("steps", int, "total optimiser steps (default 3000)"),
+        ("batch-size", int, "images per step (default 16)"),
+        ("lr", float, "Adam learning rate, decays linearly to 0 (default 1e-3)"),
+        ("edge-weight", float, "weight of the L1 edge (pixel-difference) term (default 1)"),
+        ("max-aug", float, "conditioning augmentation: noise level up to this (default 0.3)"),
+        ("max-blur", float, "conditioning augmentation: blur sigma up to this (default 1)"),
+        ("seed", int, "weight init, batch order, augmentation (default 0)"),
+        ("checkpoint-every", int, "steps between checkpoints + PSNR (default 500)"),
+    ):
+        u.add_argument(f"--{flag}", type=typ, help=what)
+    u.add_argument(
+        "--blocks",
+        type=lambda s: tuple(int(b) for b in s.split(",")),
+        help="blocks per level, comma-separated; 3 levels = 4x (default 3,3,1)",
+    )
+    u.add_argument(
+        "--holdout-style",
+        help="art style kept out of training, for PSNR on unseen art (default twemoji; '' = none)",
+    )
+    u.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    u.add_argument("--no-progress", action="store_true")
+    common(u)
+    u.set_defaults(func=cmd_train_upscaler)
+
+    cs = sub.add_parser(
+        "cascade",
+        help="a 16x16 bundle + an upscaler checkpoint -> a 64x64 cascade bundle (ddpm-rt[export])",
+    )
+    cs.add_argument("base", help="the 16x16 pixel bundle (copied byte for byte)")
+    cs.add_argument("upscaler", help="checkpoint folder from 'ddpm-rt train-upscaler'")
+    cs.add_argument("--out", required=True, help="bundle folder to write")
+    cs.add_argument(
+        "--aug",
+        type=float,
+        help="conditioning-augmentation level the decoder runs at (default: the checkpoint's "
+        "measured choice, else 0)",
+    )
+    cs.add_argument("--force", action="store_true", help="replace --out if it exists")
+    common(cs)
+    cs.set_defaults(func=cmd_cascade)
 
     el = sub.add_parser(
         "encode-latents", help="pixel .npz -> latent .npz for 'ddpm-rt train' (ddpm-rt[train])"

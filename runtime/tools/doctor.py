@@ -71,6 +71,7 @@ def recorded_families(bundle: Bundle) -> dict[str, str]:
     """What each CPU-side figure of the bundle says about where it was measured: ``U-Net
     <precision>`` / ``text encoder int8`` -> its recorded ``cpu_family`` (``"not recorded"``
     for figures written before it was recorded)."""
+
     def family(checks) -> str:  # informational fields: any type may come in a bundle
         fam = checks.get("cpu_family") if isinstance(checks, dict) else None
         return fam[:80] if isinstance(fam, str) else "not recorded"

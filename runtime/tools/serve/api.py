@@ -62,9 +62,9 @@ class GenerateRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests that may run as one batch: same sampler, steps, eta and spacing."""
+        """Requests that may run as one batch: same sampler, steps, eta, spacing, size."""
         c = self.config
-        return (c.sampler, c.steps, c.eta, c.spacing)
+        return (c.sampler, c.steps, c.eta, c.spacing, c.size)
 
 
 # name -> (JSON type, description). Ranges come from Limits and config at check time.
@@ -78,6 +78,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "eta": ("number", "ddim stochasticity in [0, 1]"),
     "spacing": ("string", f"few-step samplers' timesteps: {', '.join(SPACINGS)}"),
     "guidance": ("number", f"classifier-free guidance in [0, {MAX_GUIDANCE:g}]"),
+    "size": ("integer", "picture height: the model's (default) or a cascade's base picture"),
     "response_format": ("string", "png (default; several images form a grid) or json"),
     "preview_every": ("integer", "streaming only: an x̂0 preview every k steps (0 = none)"),
 }
@@ -175,6 +176,9 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
             "a negative prompt only acts through guidance: set guidance != 1",
             "negative_prompt",
         )
+    size = body.get("size")  # None: the model's image; Generator.prepare checks the bundle's
+    if size is not None:
+        size = _checked("size", check_int, size, 1, 1 << 16)
     fmt = body.get("response_format", "png")
     if fmt not in ("png", "json"):
         raise RequestError(
@@ -190,6 +194,7 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
         eta=eta,
         guidance=guidance,
         spacing=spacing,
+        size=size,
         batch_size=num * len(prompts),
     )
     try:
@@ -199,11 +204,12 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     return GenerateRequest(prompts, neg, cfg, seed_was_random, fmt, every)
 
 
-def parse_openai(body, limits: Limits, image_size: str) -> GenerateRequest:
+def parse_openai(body, limits: Limits, sizes: dict[str, int]) -> GenerateRequest:
     """The OpenAI images API's request (``POST /v1/images/generations``): ``prompt``, ``n``,
     ``response_format`` (``b64_json`` only: this server keeps no files to link to), ``size``
-    (only this model's), ``model``/``user``/``quality``/``style`` accepted and ignored, and
-    this API's own settings (``seed``, ``steps``, ...) as extensions."""
+    (``WxH``: this model's, or a cascade's base picture), ``model``/``user``/``quality``/
+    ``style`` accepted and ignored, and this API's own settings (``seed``, ``steps``, ...)
+    as extensions."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
     body = dict(body)
@@ -215,10 +221,12 @@ def parse_openai(body, limits: Limits, image_size: str) -> GenerateRequest:
             422, f"response_format must be b64_json here, got {fmt!r:.20}", "response_format"
         )
     size = body.pop("size", None)
-    if size is not None and size != image_size:
-        raise RequestError(
-            422, f"size must be {image_size} (this model's), got {size!r:.20}", "size"
-        )
+    if size is not None:
+        if not isinstance(size, str) or size not in sizes:
+            raise RequestError(
+                422, f"size must be {' or '.join(sizes)} (this model's), got {size!r:.20}", "size"
+            )
+        body["size"] = sizes[size]
     if "prompt" in body and not isinstance(body["prompt"], str):
         raise RequestError(422, "prompt must be a string", "prompt")
     if "n" in body:

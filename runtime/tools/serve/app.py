@@ -102,8 +102,9 @@ class Service:
         self.limits = limits
         self.token = token
         self.batcher = Batcher(generator, limits)
-        _, h, w = generator.bundle.image_shape
-        self.size = f"{w}x{h}"
+        b = generator.bundle
+        shapes = [b.output_shape(s) for s in b.sizes]
+        self.sizes = {f"{w}x{h}": h for _, h, w in shapes}  # the OpenAI route's "WxH"
 
     # -- requests -----------------------------------------------------------------------
     async def read_json(self, request: Request):
@@ -212,6 +213,7 @@ class Service:
             "latent": None
             if b.latent is None
             else dict(zip(("channels", "height", "width"), b.sample_shape, strict=True)),
+            "sizes": list(b.sizes),
             "conditioning": b.conditioning["kind"],
             "labels": b.label_names or None,
             "defaults": {
@@ -315,7 +317,7 @@ def create_app(
         return await answer(request, lambda b: parse_generate(b, svc.limits), as_png_or_json)
 
     async def openai(request: Request):
-        parse = lambda b: parse_openai(b, svc.limits, svc.size)  # noqa: E731
+        parse = lambda b: parse_openai(b, svc.limits, svc.sizes)  # noqa: E731
         return await answer(request, parse, as_openai)
 
     async def stream(request: Request):
