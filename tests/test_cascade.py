@@ -262,3 +262,31 @@ def test_cascade_refuses_what_it_cannot_build(cascade, trained, tmp_path):
         proc = run_cli("cascade", *args, check=False)
         assert proc.returncode == 1, proc.stderr
         assert msg in proc.stderr.strip().splitlines()[-1]
+
+
+def test_server_gives_either_size(cascade):
+    pytest.importorskip("starlette", reason="pip install 'ddpm-rt[serve]'")
+    import base64
+    import io
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from ddpm_rt.tools.serve import create_app
+
+    _, c = cascade
+    gen = Generator(Bundle.load(c))
+    with TestClient(create_app(gen)) as client:
+        assert client.get("/api/info").json()["sizes"] == [32, 8]
+        r = client.post("/api/generate", json={"prompt": "thing 1", "seed": 2, "size": 8})
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+        assert np.array_equal(got, gen.generate("thing 1", seed=2, size=8)[0])
+        bad = client.post("/api/generate", json={"prompt": "thing 1", "size": 12})
+        assert bad.status_code == 422 and "size 12 is not one this model gives" in bad.text
+        r = client.post("/v1/images/generations", json={"prompt": "thing 1", "size": "8x8"})
+        assert r.status_code == 200, r.text
+        png = base64.b64decode(r.json()["data"][0]["b64_json"])
+        assert Image.open(io.BytesIO(png)).size == (8, 8)
+        bad = client.post("/v1/images/generations", json={"prompt": "x", "size": "16x16"})
+        assert bad.status_code == 422 and "size must be 32x32 or 8x8" in bad.text
