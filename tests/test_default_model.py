@@ -11,7 +11,6 @@ import pytest
 from conftest import run_cli
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
-LATENT64 = DEFAULT.parent / "latent64"
 pytestmark = pytest.mark.skipif(
     not (DEFAULT / "manifest.json").is_file(), reason="no default model in models/default"
 )
@@ -70,40 +69,3 @@ def test_shipped_int8_unet_agrees_with_fp32():
     ok, figures = compare(("ort", "int8"), got, ref, ts, T)
     assert ok, figures
     # its images: test_gpu_path.py::test_doctor_image_check_passes_int8_and_fails_another_picture
-
-
-@pytest.mark.skipif(not (LATENT64 / "manifest.json").is_file(), reason="no models/latent64")
-def test_latent64_ships_beside_the_default_and_draws_64x64_without_torch(tmp_path):
-    """The 64x64 latent model (issue 19) is a valid latent bundle with its card, stays out of
-    the wheel, and `ddpm-rt --model models/latent64` draws prompt-dependent 64x64 pictures."""
-    import tomllib
-
-    from ddpm_rt import Bundle
-
-    b = Bundle.load(LATENT64)
-    assert "latent" in b.manifest["requires"]
-    assert (b.image_shape, b.sample_shape) == ((3, 64, 64), (4, 16, 16))
-    assert set(b.decoder_precisions) == {"fp32", "fp16"} and set(b.unet_precisions) >= {"fp16"}
-    assert (LATENT64 / "MODEL_CARD.md").is_file()
-    data = tomllib.loads((DEFAULT.parents[1] / "pyproject.toml").read_text())
-    shipped = data["tool"]["setuptools"]["package-data"]["ddpm_rt.models"]
-    assert shipped and all(p.startswith("default/") for p in shipped)  # the wheel: default only
-    outs = [tmp_path / "apple.png", tmp_path / "rocket.png"]
-    code = textwrap.dedent(f"""
-        import sys
-        from ddpm_rt.cli import main
-        for prompt, out in (("red apple", {str(outs[0])!r}), ("a rocket", {str(outs[1])!r})):
-            assert main(["--model", {str(LATENT64)!r}, "--prompt", prompt, "--seed", "3",
-                         "--out", out, "--no-progress"]) == 0
-        assert "torch" not in sys.modules
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    from PIL import Image
-
-    a, r = (np.asarray(Image.open(p).convert("RGB"), np.float32) for p in outs)
-    assert a.shape == r.shape == (64, 64, 3)
-    assert np.abs(a - r).mean() > 10  # the prompt reaches the picture
-    # an apple is red: more red than green or blue over the drawn (non-white) pixels
-    drawn = a[a.min(axis=2) < 200]
-    assert drawn[:, 0].mean() > drawn[:, 1].mean() + 30 and drawn[:, 0].mean() > drawn[:, 2].mean()
