@@ -74,7 +74,9 @@ def box_down(x: torch.Tensor, f: int) -> torch.Tensor:
 
 
 def up_nearest(x: torch.Tensor, f: int) -> torch.Tensor:
-    return x.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+    """Each pixel repeated f x f (ONNX Resize, nearest: the op DecoderTiny's own
+    upsampling exports to)."""
+    return F.interpolate(x, scale_factor=float(f), mode="nearest")
 
 
 def project(sr: torch.Tensor, low: torch.Tensor, f: int) -> torch.Tensor:
@@ -117,11 +119,14 @@ def fit_in_range(y: torch.Tensor, low: torch.Tensor, f: int) -> torch.Tensor:
     moves every pixel the same fraction of its way up to 1, one too high the same fraction
     down to -1. Clamping a projected picture moves the averages of blocks that touch the
     range's ends; this restores them exactly, with no second clamp needed."""
+    # Relu, Max and Min rather than one-sided clamps: ONNX Runtime's symbolic shape
+    # inference (run by int8 calibration) stops at a Clip with an empty bound
+    tiny, one = torch.tensor(1e-12, dtype=y.dtype), torch.tensor(1.0, dtype=y.dtype)
     need = low - box_down(y, f)
-    room_up = box_down(1.0 - y, f).clamp_min(1e-12)
-    room_down = box_down(y + 1.0, f).clamp_min(1e-12)
-    a = (need.clamp_min(0.0) / room_up).clamp_max(1.0)
-    b = ((-need).clamp_min(0.0) / room_down).clamp_max(1.0)
+    room_up = torch.maximum(box_down(1.0 - y, f), tiny)
+    room_down = torch.maximum(box_down(y + 1.0, f), tiny)
+    a = torch.minimum(torch.relu(need) / room_up, one)
+    b = torch.minimum(torch.relu(-need) / room_down, one)
     return y + up_nearest(a, f) * (1.0 - y) - up_nearest(b, f) * (y + 1.0)
 
 
@@ -136,9 +141,13 @@ class ExportedUpscaler(torch.nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         x = latent.clamp(-1.0, 1.0)
-        level = torch.full((x.shape[0],), self.aug, dtype=x.dtype, device=x.device)
-        y = self.model(x, level).clamp(-1.0, 1.0)
-        return fit_in_range(y, x, self.model.cfg.factor).clamp(-1.0, 1.0)  # rounding only
+        f = self.model.cfg.factor
+        # the level's channel as plain arithmetic on the input (Slice, Mul, Add): ONNX
+        # Runtime's symbolic shape inference, which int8 calibration runs, follows it
+        level = x[:, :1] * 0.0 + self.aug
+        sr = self.model.body(torch.cat([x, level], dim=1))
+        y = project(sr, x, f).clamp(-1.0, 1.0)
+        return fit_in_range(y, x, f).clamp(-1.0, 1.0)  # the last clamp: float rounding only
 
 
 def upscaler_gflop(cfg: UpscalerConfig) -> float:
