@@ -49,6 +49,15 @@ async function loadInfo() {
     sel.appendChild(o);
   }
   $("guidance").value = info.defaults.guidance;
+  const size = $("size");  // a cascade also gives its base picture: offer both
+  size.replaceChildren();
+  for (const s of info.sizes || []) {
+    const o = document.createElement("option");
+    o.value = s;
+    o.textContent = `${s}x${s}`;
+    size.appendChild(o);
+  }
+  $("size-label").hidden = (info.sizes || []).length < 2;
   $("num").max = info.limits.max_images;
   $("steps").max = info.limits.max_steps;
   stepsPlaceholder();
@@ -70,6 +79,7 @@ function body() {
   if ($("sampler").value) b.sampler = $("sampler").value;
   if ($("steps").value !== "") b.steps = Number($("steps").value);
   if ($("guidance").value !== "") b.guidance = Number($("guidance").value);
+  if (!$("size-label").hidden && $("size").value) b.size = Number($("size").value);
   return b;
 }
 
