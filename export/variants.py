@@ -97,6 +97,10 @@ def static_int8(fp32: bytes, calib: list[dict], qdq: bool = False) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         (Path(tmp) / "fp32.onnx").write_bytes(fp32)
+        # quant_pre_process writes scratch files into the working directory (and leaves
+        # them there when its symbolic shape inference fails): run it inside tmp
+        cwd = os.getcwd()
+        os.chdir(tmp)
         try:
             quant_pre_process(str(Path(tmp) / "fp32.onnx"), str(pre))
         except Exception as e:  # its symbolic shape inference gave up on a graph
@@ -105,6 +109,8 @@ def static_int8(fp32: bytes, calib: list[dict], qdq: bool = False) -> bytes:
             # ONNX's own shape inference (which still runs) knows every shape of the graphs
             # here; ORT's symbolic pass stops at the cascade decoder's projection
             quant_pre_process(str(Path(tmp) / "fp32.onnx"), str(pre), skip_symbolic_shape=True)
+        finally:
+            os.chdir(cwd)
         quantize_static(
             str(pre),
             str(out),

@@ -48,6 +48,7 @@ E2E_GENERATOR = {
     "providers": ["CPUExecutionProvider"],
     "unet_precision": "fp32",
     "text_precision": "int8",
+    "decoder_precision": "fp32",  # the cascade's decoder (issue 27)
     "threads": 1,
 }
 # (sampler, steps, eta, spacing, step indices) of the sampler-step golden

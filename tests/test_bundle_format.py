@@ -20,6 +20,8 @@ WILDCARD_PARENTS = {
     "conditioning.text.graphs",
     "unet_precisions",
     "conditioning.text.checks",
+    "latent.decoder.graphs",
+    "latent.decoder.variants",
 }
 TYPES = {"int": int, "number": (int, float), "string": str, "object": dict}
 
@@ -40,8 +42,10 @@ def _paths(obj, prefix=""):
         yield path, value
         if (
             isinstance(value, dict)
-            and path not in ("producer", "source", "model", "parity")
-            and not path.startswith(("unet_precisions.*", "graphs.*."))
+            and path not in ("producer", "source", "model", "parity", "latent.upscaler")
+            and not path.startswith(
+                ("unet_precisions.*", "graphs.*.", "latent.decoder.variants.*")
+            )
         ):
             yield from _paths(value, path + ".")
 

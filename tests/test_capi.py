@@ -70,7 +70,8 @@ def test_cpp_example_matches_the_python_api(built):
     n = Bundle.load(DEFAULT).recommended["steps"]  # the model's own settings, as the C call asked
     assert f"step {n}/{n}" in proc.stderr
     header, pixels = out.read_bytes().split(b"\n255\n", 1)
-    assert header == b"P6\n16 48"
+    _, h, w = Bundle.load(DEFAULT).image_shape  # the cascade's 64x64
+    assert header == f"P6\n{w} {3 * h}".encode()
     want = Generator(DEFAULT).generate("red apple", num=3, seed=7)
     assert pixels == want.tobytes()
     # steps and guidance pass through
@@ -168,7 +169,11 @@ def test_c_abi_error_paths(built):
     assert got["null-out"].startswith("1 ")
     assert got["open"].strip() == "0"
     assert got["num-zero"] == "1 num must be >= 1, got 0"
-    assert got["too-small"] == "6 1536 out_capacity 16 < 1536 bytes needed"
+    from ddpm_rt.bundle.bundle import Bundle
+
+    c, h, w = Bundle.load(DEFAULT).image_shape  # 2 images of the shipped model's size
+    need = 2 * c * h * w
+    assert got["too-small"] == f"6 {need} out_capacity 16 < {need} bytes needed"
     assert got["null-prompt"].startswith("1 ")
     assert got["bad-utf8"] == "1 prompt is not valid UTF-8"
     assert got["guidance-huge"].startswith("1 guidance must be a finite number")

@@ -65,7 +65,9 @@ def test_health_info_openapi_and_page(client, gen):
     assert h["status"] == "ok" and h["queued"] == 0 and h["auth"] is False
     info = client.get("/api/info").json()
     assert info["bundle_digest"] == gen.bundle.digest
-    assert info["image"] == {"channels": 3, "height": 16, "width": 16}
+    c, h, w = gen.bundle.image_shape  # the shipped cascade's 64x64
+    assert info["image"] == {"channels": c, "height": h, "width": w}
+    assert info["sizes"] == list(gen.bundle.sizes)
     assert info["defaults"]["sampler"] == "ddim" and info["defaults"]["steps"]["ddim"] == 8
     assert info["precisions"]["unet"] == gen.unet_precision
     assert "int8" in info["precisions"]["unet_available"]
@@ -146,7 +148,7 @@ def test_openai_images_api_shape(client, gen):
             "n": 2,
             "response_format": "b64_json",
             "model": "anything",
-            "size": "16x16",
+            "size": "{0}x{0}".format(gen.bundle.image_shape[1]),
             "seed": 3,
         },
     )
@@ -426,8 +428,9 @@ def test_batched_requests_are_byte_identical_to_each_alone(gen):
                     else int(np.ceil(np.sqrt(len(alone))))
                 )
                 row, col = divmod(k, ncols)
-                y, x = 1 + row * 17, 1 + col * 17
-                np.testing.assert_array_equal(grid[y : y + 16, x : x + 16], img)
+                s = img.shape[0]
+                y, x = 1 + row * (s + 1), 1 + col * (s + 1)
+                np.testing.assert_array_equal(grid[y : y + s, x : x + s], img)
 
 
 def test_a_cancelled_request_ends_alone_and_its_batch_finishes(gen):
@@ -454,8 +457,10 @@ def test_a_cancelled_request_ends_alone_and_its_batch_finishes(gen):
     assert r.status_code == 200, r.text
     grid, _ = decode(r.content)
     alone = gen.generate("a blue ball", num=2, seed=4, steps=40)
+    s = alone.shape[1]
     for k in range(2):
-        np.testing.assert_array_equal(grid[1:17, 1 + 17 * k : 17 + 17 * k], alone[k])
+        x = 1 + (s + 1) * k
+        np.testing.assert_array_equal(grid[1 : s + 1, x : x + s], alone[k])
 
 
 # -- the command ------------------------------------------------------------------------

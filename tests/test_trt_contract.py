@@ -140,9 +140,13 @@ def test_build_engines_every_precision(monkeypatch, tmp_path, version):
     doubles.install(monkeypatch, tensorrt=version)
     cache = EngineCache(tmp_path)
     records, lines = _build(cache, ("fp32", "fp16", "int8"), max_images=2)
-    assert [r.flags.precision for r in records] == ["fp32", "fp16", "int8"]
-    assert [r.graph for r in records] == ["unet", "unet_fp16", "unet_int8_qdq"]
-    assert all(r.tensorrt_version == version and r.flags.profile["x"][2][0] == 4 for r in records)
+    unets = [r for r in records if r.graph.startswith("unet")]
+    assert [r.flags.precision for r in unets] == ["fp32", "fp16", "int8"]
+    assert [r.graph for r in unets] == ["unet", "unet_fp16", "unet_int8_qdq"]
+    # the shipped cascade's decoder: its default precision's engine beside them
+    assert [r.graph for r in records if not r.graph.startswith("unet")] == ["decoder"]
+    assert all(r.tensorrt_version == version for r in records)
+    assert all(r.flags.profile["x"][2][0] == 4 for r in unets)  # 2 images with guidance
     assert cache.timing_cache_path(_here()).is_file()
     again, lines = _build(cache, ("fp32", "fp16", "int8"), max_images=2)
     assert again == records and all(ln.startswith("reusing the cached") for ln in lines)
@@ -163,7 +167,7 @@ def test_build_engines_on_two_gpus_sharing_one_cache(monkeypatch, tmp_path):
     doubles.use_device(state, 1)
     records, _lines = _build(cache)
     assert records[0].gpu_name == A100[0]
-    assert len(cache.entries()) == 2
+    assert len(cache.entries()) == 2 * len(records)  # U-Net + the cascade's decoder, per GPU
 
 
 def test_build_engines_with_a_timing_cache_from_another_gpu(monkeypatch, tmp_path):
@@ -203,7 +207,7 @@ def test_build_engines_cli_in_process(monkeypatch, tmp_path, capsys):
     assert main([*argv, "--unet-precision", "fp16,bf16"]) == 1
     assert "--unet-precision takes fp32, fp16, int8" in capsys.readouterr().err
     assert main(["build-engines", "--clear", "--engine-cache", str(tmp_path)]) == 0
-    assert "removed 2 engine(s)" in capsys.readouterr().err
+    assert "removed 3 engine(s)" in capsys.readouterr().err  # 2 U-Nets + the decoder
 
 
 def test_the_text_encoder_is_refused_by_the_parser(monkeypatch):
@@ -264,7 +268,8 @@ def test_a_failed_capture_turns_graphs_off_for_that_shape(built, monkeypatch, ca
         images = _trt_images(cache, num=1, **KW)
     assert "cudaGraphLaunch" not in state.calls
     assert "CUDA graph capture failed for unet" in caplog.text
-    assert len(caplog.records) == 1  # once per shape, not every step
+    # once per graph and shape (the U-Net's, the cascade's decoder's), not every step
+    assert len(caplog.records) == 2
     _same(images, _cpu_images(num=1, **KW))
 
 

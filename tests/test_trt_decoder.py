@@ -104,16 +104,19 @@ def test_build_engines_cli_decoder_precision(monkeypatch, tmp_path, capsys, late
     from ddpm_rt.cli import main
 
     doubles.install(monkeypatch)
-    argv = ["build-engines", "--engine-cache", str(tmp_path), "--max-batch", "2"]
+    argv = ["build-engines", "--engine-cache", str(tmp_path / "engines"), "--max-batch", "2"]
     assert main([*argv, str(latent["qop"]), "--decoder-precision", "fp32,fp16"]) == 0
     assert "building the fp16 decoder engine" in capsys.readouterr().err
     assert main([*argv, str(latent["qop"]), "--decoder-precision", "int8"]) == 1
     assert "error: this bundle's int8 decoder" in capsys.readouterr().err
     assert main([*argv, str(latent["qop"]), "--decoder-precision", "bf16"]) == 1
     assert "--decoder-precision takes default, all, none or" in capsys.readouterr().err
-    assert main([*argv, str(DEFAULT), "--decoder-precision", "fp32"]) == 1
+    from craft import write_bundle
+
+    pixels = write_bundle(tmp_path / "pixel-bundle")  # (the shipped model is a cascade)
+    assert main([*argv, str(pixels), "--decoder-precision", "fp32"]) == 1
     assert "this bundle has no decoder" in capsys.readouterr().err
-    assert main([*argv, str(DEFAULT)]) == 0  # default: a pixel bundle has none to build
+    assert main([*argv, str(pixels)]) == 0  # default: a pixel bundle has none to build
     assert "decoder engine" not in capsys.readouterr().err
 
 
