@@ -108,7 +108,7 @@ def build_cascade(
     }
     m["source"] = {
         **(m.get("source") or {}),
-        "cascade_base": {"digest": b.digest, "path": str(base)},
+        "cascade_base": {"digest": b.digest},  # the 16x16 bundle's manifest sha256
     }
     m["producer"] = {**(m.get("producer") or {}), "ddpm_rt": ddpm_rt.__version__}
     text = json.dumps(m, indent=2).encode()

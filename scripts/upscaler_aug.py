@@ -42,7 +42,7 @@ def prompt_sets(data: str) -> dict[str, list[str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("upscaler", help="checkpoint folder from 'ddpm-rt train-upscaler'")
-    ap.add_argument("--base", default="models/default", help="the 16x16 bundle")
+    ap.add_argument("--base", default="models/default", help="the 16x16 bundle, or a cascade")
     ap.add_argument("--data", required=True, help="the 16x16 emoji.npz (prompt sets)")
     ap.add_argument("--detail-data", required=True, help="the 64x64 emoji.npz (detail judge)")
     ap.add_argument("--levels", default="0,0.05,0.1,0.2")
@@ -60,8 +60,14 @@ def main() -> int:
     samples = {}
     for kind, prompts in prompt_sets(args.data).items():
         ctx = np.stack([gen.context(p) for p in prompts])
-        samples[kind] = gen.generate(
-            context=ctx, num=len(ctx), seed=args.seed, guidance=g, batch_size=64, **kw
+        samples[kind] = gen.generate(  # a cascade's own base pictures: the same U-Net's
+            context=ctx,
+            num=len(ctx),
+            seed=args.seed,
+            guidance=g,
+            batch_size=64,
+            **kw,
+            **({"size": gen.bundle.base_shape[1]} if gen.bundle.base_shape else {}),
         )
         print(f"{kind}: {len(ctx)} base samples", file=sys.stderr)
     table = {"upscaler": args.upscaler, "step": meta.get("step"), "setting": parsed, "rows": {}}
