@@ -100,8 +100,8 @@ CLASSES = [  # (key, what was tried, how it must end)
     ),
     (
         "signal",
-        "SIGINT/SIGTERM during imports, loading, sampling, PNG write, export; SIGKILL "
-        "during the write",
+        "SIGINT/SIGTERM during imports, loading, sampling, PNG write, export, and one whose "
+        "exception native code swallowed; SIGKILL during the write",
         "one line, exit 128+n, no temp file (SIGKILL: one hidden temp, removed by the next run)",
     ),
 ]
