@@ -155,18 +155,41 @@ class Generator:
                 int(cond["context_dim"]),
             )
 
-    def provenance(self) -> dict:
-        """What of this generator made an image (for a PNG's settings chunk): the U-Net and
-        text precisions, the bundle's digest, and a latent bundle's decoder and precision."""
+    def provenance(self, job: Job | None = None) -> dict:
+        """What made an image, for a PNG's settings chunk. Without ``job``: this generator's
+        part (the U-Net and text precisions, the bundle's digest, a latent bundle's decoder
+        and its precision). With a job from :meth:`prepare`: the whole record -- prompts,
+        settings as the run resolved them (steps, eta, spacing filled in; ``size`` when not
+        the bundle's image), this generator's part (no decoder when none ran) and the
+        ddpm-rt version. The CLI and the server write exactly this."""
+        from ddpm_rt import __version__
+
         facts = {
             "unet_precision": self.unet_precision,
             "text_precision": self.text_precision,
             "bundle_digest": self.bundle.digest,
         }
-        if self.decoder_graph is not None:
+        decoded = job is None or job.config.size is None  # a cascade's base picture: no decoder
+        if self.decoder_graph is not None and decoded:
             facts["decoder"] = self.decoder_graph
             facts["decoder_precision"] = self.decoder_precision
-        return facts
+        if job is None:
+            return facts
+        c = job.config
+        return {
+            "prompts": job.prompts,
+            "negative_prompt": job.negative_prompt,
+            "num": c.num,
+            "seed": c.seed,
+            "sampler": c.sampler,
+            "steps": c.steps,
+            "eta": c.eta,
+            "spacing": c.spacing,
+            "guidance": c.guidance,
+            **({"size": c.size} if c.size is not None else {}),
+            **facts,
+            "ddpm_rt": __version__,
+        }
 
     # -- conditioning -------------------------------------------------------------------
     def context(self, prompt: str) -> np.ndarray:
@@ -361,9 +384,26 @@ class Generator:
             contexts=np.ascontiguousarray(ctx, dtype=np.float32),
             image_index=np.tile(np.arange(cfg.num), rows),  # i of (prompt j, image i)
             negative=neg,
+            prompts=list(prompts) if prompts is not None else None,
+            negative_prompt=negative_prompt,
             callback=callback,
             preview_every=preview_every,
         )
+
+    def run(self, job: Job, progress: bool = False) -> np.ndarray:
+        """Run one prepared job in chunks of its ``batch_size`` (a progress bar on stderr if
+        ``progress``); returns its images, or raises what ended it."""
+        cfg = job.config
+        total = job.rows
+        chunks = -(-total // cfg.batch_size)
+        with progress_bar(
+            progress, chunks * len(job.sampler.timesteps), f"{cfg.sampler} x{total}"
+        ) as bar:
+            job.progress = bar if progress else None
+            self.run_jobs([job], batch_size=cfg.batch_size)
+        if job.error is not None:
+            raise job.error
+        return job.images
 
     def run_jobs(self, jobs: list[Job], batch_size: int | None = None) -> None:
         """Run jobs that share a :attr:`Job.batch_key` as one batch: each step is one U-Net
@@ -412,14 +452,4 @@ class Generator:
             preview_every=preview_every,
             **overrides,
         )
-        cfg = job.config
-        total = job.rows
-        chunks = -(-total // cfg.batch_size)
-        with progress_bar(
-            progress, chunks * len(job.sampler.timesteps), f"{cfg.sampler} x{total}"
-        ) as bar:
-            job.progress = bar if progress else None
-            self.run_jobs([job], batch_size=cfg.batch_size)
-        if job.error is not None:
-            raise job.error
-        return job.images
+        return self.run(job, progress)

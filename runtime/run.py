@@ -40,6 +40,8 @@ class Job:
     contexts: np.ndarray  # (N, D) float32, one row per image
     image_index: np.ndarray  # (N,) the image's index i in its seed's streams
     negative: np.ndarray | None = None  # (D,) unconditional context (negative prompt)
+    prompts: list[str] | None = None  # as asked (None: a raw context), for provenance
+    negative_prompt: str | None = None
     callback: Callable[[StepInfo], bool | None] | None = None
     preview_every: int = 0
     progress: object | None = None  # a progress bar (``update()``), or None

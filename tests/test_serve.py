@@ -107,6 +107,25 @@ def test_generate_png_is_the_generator_s_image_with_its_settings(client, gen):
     assert prov["bundle_digest"] == gen.bundle.digest
 
 
+@pytest.mark.parametrize("size", [None, 16], ids=["image", "base-picture"])
+def test_server_and_cli_write_the_same_settings(client, gen, tmp_path, size):
+    """One provenance (Generator.provenance of the job): the server's PNG chunk is the CLI's
+    for the same request, a cascade's base picture included (no decoder named)."""
+    from conftest import run_cli
+
+    body = {"prompt": "a red apple", "num": 2, "seed": 7, "negative_prompt": "green"}
+    flags = ["--prompt", "a red apple", "--num", "2", "--seed", "7", "--negative-prompt", "green"]
+    if size is not None:
+        body["size"], flags = size, [*flags, "--size", str(size)]
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    _, served = decode(r.content)
+    run_cli(*flags, "--model", str(MODEL), "--out", str(tmp_path / "a.png"), "--no-progress")
+    _, written = decode((tmp_path / "a.png").read_bytes())
+    assert served == written
+    assert ("decoder" in written) == (size is None and gen.bundle.latent is not None)
+
+
 def test_generate_json_each_image_and_a_random_seed_returned(client, gen):
     body = {
         "prompt": ["a red apple", "a blue ball"],

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ddpm_rt.bundle.manifest import DECODER_PRECISIONS, UNET_PRECISIONS
 from ddpm_rt.config import FALLBACK, GenerateConfig
 from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from ddpm_rt.errors import InputError
@@ -165,34 +166,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
 
     t0 = time.perf_counter()
-    images = gen.generate(
+    job = gen.prepare(
         prompts if len(prompts) > 1 else prompts[0],
         negative_prompt=args.negative_prompt,
         config=cfg,
-        progress=not args.no_progress and sys.stderr.isatty(),  # a bar only for a person
         callback=after_step,
         preview_every=every,
     )
-    from ddpm_rt import __version__
-
-    facts = gen.provenance()  # precisions, bundle digest, a latent bundle's decoder
-    if (3, h, w) != bundle.image_shape:  # a cascade's base picture: no decoder ran
-        facts = {k: v for k, v in facts.items() if not k.startswith("decoder")}
-    used = cfg.resolved(gen.schedule)  # the settings as the run used them, defaults filled in
-    provenance = {
-        "prompts": prompts,
-        "negative_prompt": args.negative_prompt,
-        "num": cfg.num,
-        "seed": cfg.seed,
-        "sampler": cfg.sampler,
-        "steps": used.steps,
-        "eta": used.eta,
-        "spacing": used.spacing,
-        "guidance": cfg.guidance,
-        **({"size": h} if (3, h, w) != bundle.image_shape else {}),
-        **facts,
-        "ddpm_rt": __version__,
-    }
+    bar = not args.no_progress and sys.stderr.isatty()  # a progress bar only for a person
+    images = gen.run(job, progress=bar)
+    provenance = gen.provenance(job)  # the settings as the run resolved them
     save_png(out, images, scale=args.scale, ncols=ncols, provenance=provenance)
     if args.preview_every:
         for k in sorted(frames):
@@ -361,12 +344,12 @@ def add_model_flags(p) -> None:
     )
     p.add_argument(
         "--unet-precision",
-        choices=["fp32", "fp16", "int8", "int8-qdq"],
+        choices=list(UNET_PRECISIONS),
         help="U-Net precision, if the bundle has it (default: see the model card)",
     )
     p.add_argument(
         "--decoder-precision",
-        choices=["fp32", "fp16", "int8"],
+        choices=list(DECODER_PRECISIONS),
         help="a latent bundle's decoder precision, if the bundle has it (default: the bundle's)",
     )
     p.add_argument(

@@ -60,12 +60,6 @@ class GenerateRequest:
     def images(self) -> int:
         return len(self.prompts) * self.config.num
 
-    @property
-    def batch_key(self) -> tuple:
-        """Requests that may run as one batch: same sampler, steps, eta, spacing, size."""
-        c = self.config
-        return (c.sampler, c.steps, c.eta, c.spacing, c.size)
-
 
 # name -> (JSON type, description). Ranges come from Limits and config at check time.
 FIELDS: dict[str, tuple[str, str]] = {

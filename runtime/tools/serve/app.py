@@ -127,22 +127,9 @@ class Service:
             raise RequestError(400, f"the body is not valid JSON: {first_line(e)}") from None
 
     def provenance(self, ticket: Ticket) -> dict:
-        """The settings that made a request's images: the CLI's PNG chunk, with steps, eta
-        and spacing as the run resolved them."""
-        r, c = ticket.request, ticket.job.config
-        return {
-            "prompts": r.prompts,
-            "negative_prompt": r.negative_prompt,
-            "num": c.num,
-            "seed": c.seed,
-            "sampler": c.sampler,
-            "steps": c.steps,
-            "eta": c.eta,
-            "spacing": c.spacing,
-            "guidance": c.guidance,
-            **self.gen.provenance(),
-            "ddpm_rt": __version__,
-        }
+        """The settings that made a request's images: the CLI's PNG chunk, as the run
+        resolved them (:meth:`Generator.provenance`)."""
+        return self.gen.provenance(ticket.job)
 
     def image_list(self, ticket: Ticket) -> list[dict]:
         """Each image as its own PNG whose chunk also says which (prompt, image index) it is:
