@@ -86,6 +86,13 @@ class GenerateConfig:
                 f"unknown spacing {self.spacing!r:.40} (choose from: {', '.join(SPACINGS)})"
             )
 
+    def check_negative_prompt(self, negative_prompt: str | None) -> None:
+        """The one rule for a negative prompt: it replaces classifier-free guidance's null
+        context, so it acts only when guidance != 1 (a guidance still None -- the model's --
+        is checked once it is filled in). Used by the API, the CLI and the server alike."""
+        if negative_prompt is not None and self.guidance == 1.0:
+            raise InputError("a negative prompt only acts through guidance: set guidance != 1")
+
     def with_defaults(self, recommended: dict | None = None) -> GenerateConfig:
         """These settings with each None the caller left filled in: from a bundle's
         ``recommended`` settings when it names a sampler, else from :data:`FALLBACK` (a

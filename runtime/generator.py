@@ -357,8 +357,7 @@ class Generator:
                 )
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative prompt")
-            if cfg.guidance == 1.0:
-                raise InputError("a negative prompt only acts through guidance: set guidance != 1")
+        cfg.check_negative_prompt(negative_prompt)
         sampler = cfg.make_sampler(self.schedule)  # made (and checked) once per request
         cfg = cfg.resolved(self.schedule)
         rows = len(prompts) if prompts else 1

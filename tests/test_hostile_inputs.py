@@ -207,7 +207,7 @@ CLI_CASES = [
     ("out-not-png", ["--out", "a.jpg"], "must be a .png file"),
     ("digest-bad", ["--expect-digest", "xyz"], "--expect-digest must be 64 hex digits"),
     ("providers-empty", ["--providers", "CPUExecutionProvider,"], "--providers has an empty name"),
-    ("negative-no-guidance", ["--negative-prompt", "x", "--guidance", "1"], "set --guidance != 1"),
+    ("negative-no-guidance", ["--negative-prompt", "x", "--guidance", "1"], "set guidance != 1"),
 ]
 
 

@@ -96,8 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_prompt(p, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
-        if cfg.guidance == 1.0:  # refused now when given; left to the model: once it is read
-            raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
+    cfg.check_negative_prompt(args.negative_prompt)  # a given guidance now; the model's below
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--out must be a .png file, got {out}")
@@ -115,8 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 2. The manifest (validated, no graph loaded yet) sizes the output.
     bundle = Bundle.load(model, hash_all=False, expected_digest=digest)
     cfg = cfg.with_defaults(bundle.recommended)  # settings not given: the model's own
-    if args.negative_prompt is not None and cfg.guidance == 1.0:
-        raise InputError("--negative-prompt only acts through guidance: set --guidance != 1")
+    cfg.check_negative_prompt(args.negative_prompt)
     _, h, w = bundle.output_shape(cfg.size)  # refuses a size the model does not give
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
     frames_kept = 0  # x̂0 grids held until the end: every step's for --trajectory

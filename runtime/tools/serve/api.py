@@ -164,12 +164,10 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     guidance = body.get("guidance")  # None: the model's recommended
     if guidance is not None:
         guidance = _checked("guidance", check_real, guidance, 0.0, MAX_GUIDANCE)
-    if neg is not None and guidance == 1.0:
-        raise RequestError(
-            422,
-            "a negative prompt only acts through guidance: set guidance != 1",
-            "negative_prompt",
-        )
+    try:  # the model's own guidance is checked again once Generator.prepare fills it in
+        GenerateConfig(guidance=guidance).check_negative_prompt(neg)
+    except InputError as e:
+        raise RequestError(422, str(e), "negative_prompt") from None
     size = body.get("size")  # None: the model's image; Generator.prepare checks the bundle's
     if size is not None:
         size = _checked("size", check_int, size, 1, 1 << 16)
