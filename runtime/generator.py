@@ -175,18 +175,11 @@ class Generator:
             facts["decoder_precision"] = self.decoder_precision
         if job is None:
             return facts
-        c = job.config
         return {
             "prompts": job.prompts,
             "negative_prompt": job.negative_prompt,
-            "num": c.num,
-            "seed": c.seed,
-            "sampler": c.sampler,
-            "steps": c.steps,
-            "eta": c.eta,
-            "spacing": c.spacing,
-            "guidance": c.guidance,
-            **({"size": c.size} if c.size is not None else {}),
+            "num": job.config.num,
+            **job.settings,  # seed, sampler, steps, eta, spacing, guidance (and size)
             **facts,
             "ddpm_rt": __version__,
         }

@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 import ddpm_rt
-from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.errors import CheckpointError, InputError
 from ddpm_rt.images import save_png
@@ -43,12 +42,7 @@ from .autoencoder import (
     read_autoencoder_config,
     to_pixels,
 )
-from .checkpoint import (
-    load_optimizer_tensors,
-    optimizer_tensors,
-    resume_settings,
-    trim_metrics,
-)
+from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
 from .data import _load_array
 from .train import _device, batch_indices
 
@@ -261,10 +255,6 @@ class AETrainer:
         if log is not None:
             log.write(json.dumps({"step": self.step, **ev}) + "\n")
             log.flush()
-        from safetensors.torch import save
-
-        state = optimizer_tensors(self.opt)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         c = self.ae_config
         meta = {
             "format": AE_FORMAT,
@@ -288,28 +278,18 @@ class AETrainer:
             "step": self.step,
             "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
         }
-        atomic_write(self.out / "train_state.safetensors", lambda f: f.write(save(state)))
-        atomic_write(self.out / "model.safetensors", lambda f: f.write(save(weights)))
-        text = json.dumps(meta, indent=2).encode()
-        atomic_write(self.out / "config.json", lambda f: f.write(text))
+        write_simple_checkpoint(self.out, self.model, self.opt, meta)
 
     def _load_state(self) -> None:
-        from safetensors.torch import load_file
-
         meta = read_autoencoder_config(self.out)
         if AutoencoderConfig.from_dict(meta["autoencoder"]) != self.ae_config:
             raise CheckpointError(
                 f"the autoencoder in {self.out} has another shape ({meta['autoencoder']}); "
                 "use another --out"
             )
-        try:
-            state = load_file(str(self.out / "train_state.safetensors"))
-            self.model.load_state_dict(load_file(str(self.out / "model.safetensors")))
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint in {self.out}: {e}") from None
-        load_optimizer_tensors(self.opt, state, self.device)
-        self.step = int(meta["step"])
-        trim_metrics(self.out / "metrics.jsonl", self.step)
+        self.step = restore_simple_checkpoint(
+            self.out, self.model, self.opt, self.device, int(meta["step"])
+        )
 
 
 def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool = True) -> dict:

@@ -88,6 +88,30 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, state: dict, device) -> N
     opt.load_state_dict(opt_state)
 
 
+def write_simple_checkpoint(out: Path, model: torch.nn.Module, opt, meta: dict) -> None:
+    """A single-model trainer's checkpoint (the autoencoder's, the upscaler's): optimiser
+    state and weights first, ``config.json`` (which names the step) last, each atomic."""
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = optimizer_tensors(opt)
+    atomic_write(out / "train_state.safetensors", lambda f: f.write(save(state)))
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(weights)))
+    text = json.dumps(meta, indent=2).encode()
+    atomic_write(out / "config.json", lambda f: f.write(text))
+
+
+def restore_simple_checkpoint(out: Path, model: torch.nn.Module, opt, device, step: int) -> int:
+    """Load what :func:`write_simple_checkpoint` wrote into ``model`` and ``opt``; forget the
+    metrics logged after ``step``; returns ``step``."""
+    try:
+        state = load_file(str(out / "train_state.safetensors"))
+        model.load_state_dict(load_file(str(out / "model.safetensors")))
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint in {out}: {e}") from None
+    load_optimizer_tensors(opt, state, device)
+    trim_metrics(out / "metrics.jsonl", step)
+    return step
+
+
 def trim_metrics(log: Path, step: int) -> None:
     """Forget the log lines of steps after the checkpoint (an interrupted run's tail)."""
     if log.is_file():

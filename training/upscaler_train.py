@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ddpm_rt
-from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.errors import CheckpointError, InputError
 
 from .autoencoder import to_pixels
 from .autoencoder_train import load_pixels
-from .checkpoint import load_optimizer_tensors, optimizer_tensors, resume_settings, trim_metrics
+from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
 from .train import _device, batch_indices
 from .upscaler import (
     UPSCALER_FORMAT,
@@ -240,14 +239,11 @@ class UpscalerTrainer:
         }
 
     def save(self, log=None) -> None:
-        from safetensors.torch import save
-
         self.out.mkdir(parents=True, exist_ok=True)
         self.last_eval = ev = self.evaluate()
         if log is not None:
             log.write(json.dumps({"step": self.step, **ev}) + "\n")
             log.flush()
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         meta = {
             "format": UPSCALER_FORMAT,
             "version": UPSCALER_VERSION,
@@ -259,29 +255,18 @@ class UpscalerTrainer:
             "step": self.step,
             "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
         }
-        state = optimizer_tensors(self.opt)
-        atomic_write(self.out / "train_state.safetensors", lambda f: f.write(save(state)))
-        atomic_write(self.out / "model.safetensors", lambda f: f.write(save(weights)))
-        text = json.dumps(meta, indent=2).encode()
-        atomic_write(self.out / "config.json", lambda f: f.write(text))
+        write_simple_checkpoint(self.out, self.model, self.opt, meta)
 
     def _load_state(self) -> None:
-        from safetensors.torch import load_file
-
         meta = read_upscaler_config(self.out)
         if UpscalerConfig.from_dict(meta["upscaler"]) != self.config:
             raise CheckpointError(
                 f"the upscaler in {self.out} has another shape ({meta['upscaler']}); "
                 "use another --out"
             )
-        try:
-            state = load_file(str(self.out / "train_state.safetensors"))
-            self.model.load_state_dict(load_file(str(self.out / "model.safetensors")))
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint in {self.out}: {e}") from None
-        load_optimizer_tensors(self.opt, state, self.device)
-        self.step = int(meta["step"])
-        trim_metrics(self.out / "metrics.jsonl", self.step)
+        self.step = restore_simple_checkpoint(
+            self.out, self.model, self.opt, self.device, int(meta["step"])
+        )
 
 
 def train_upscaler(cfg: UpscalerTrainConfig, resume: bool = False, progress: bool = True) -> dict:
