@@ -423,7 +423,8 @@ class Generator:
         same seed, because image i of every prompt draws its noise from the stream of
         (seed, i) (see :mod:`ddpm_rt.core.noise`). Keyword overrides are :class:`GenerateConfig`
         fields (``num``, ``seed``, ``sampler``, ``steps``, ``eta``, ``guidance``,
-        ``batch_size``, ``spacing``); a setting left None is the bundle's recommended one
+        ``batch_size``, ``spacing``, ``size``: a cascade's base picture, e.g. 16); a setting
+        left None is the bundle's recommended one
         (:meth:`GenerateConfig.with_defaults`). ``negative_prompt`` replaces the null context of
         classifier-free guidance, so it needs ``guidance != 1``. Every argument is checked
         before any work; a step whose predicted noise or result is not finite (or absurdly
