@@ -319,3 +319,22 @@ def test_no_file_is_committed_once_a_signal_arrived(tmp_path):
         cli._received.clear()
     atomic_write(tmp_path / "a.png", lambda f: f.write(b"x"))  # no signal: written
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_a_signal_as_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """A signal's exception raised just as the temp file's open returns (before its name is
+    known to the code that cleans up) leaves no file: tempfile.mkstemp's did (CI found a
+    ``.unet.onnx.PID.*.tmp`` after SIGTERM during export)."""
+    from ddpm_rt.bundle.fileio import atomic_write
+
+    real_open = os.open
+
+    def open_then_signal(*args, **kwargs):
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt  # what a signal handler raises at the next bytecode
+
+    monkeypatch.setattr(os, "open", open_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "a.png", lambda f: f.write(b"x"))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -39,21 +40,26 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     if not parent.is_dir():
         raise InputError(f"output folder does not exist: {parent}")
     remove_stale_temps(path)
+    # The name is chosen before the file exists, so a signal's exception at any point after
+    # the file is created lands in the try below, which removes it. (tempfile.mkstemp
+    # creates the file and then runs more Python before it returns the name: a SIGTERM
+    # there once left a temp file behind, found by CI.) O_EXCL: never into an existing file;
+    # mode 0666 less the umask: normal permissions.
+    tmp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    except OSError as e:
-        raise InputError(f"cannot write to {parent}: {e.strerror}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        try:  # inside the cleanup: a signal raised as the open returns still removes it
+            fd = os.open(tmp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            raise InputError(f"cannot write to {parent}: {e.strerror}") from None
         with os.fdopen(fd, "wb") as f:
             write(f)
         for check in _commit_checks:
             check()
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there when the open itself failed
+            tmp.unlink()
         raise
     return path
 
