@@ -20,7 +20,7 @@ import numpy as np
 from ddpm_rt.config import GenerateConfig
 from ddpm_rt.core.guidance import GuidedUNet
 from ddpm_rt.core.noise import ImageNoise
-from ddpm_rt.core.samplers import Sampler
+from ddpm_rt.core.samplers import Sampler, sample_loop
 from ddpm_rt.core.schedule import predict_x0, timestep_input
 from ddpm_rt.errors import Cancelled, InputError, NumericalError
 from ddpm_rt.progress import StepInfo
@@ -140,24 +140,30 @@ class Run:
         )
         noise = ImageNoise(seeds, index, draws=n_steps + 1)  # initial + at most one per step
         T = gen.schedule.timesteps
+        raw = []  # the U-Net's own output of the step (its rows name a culprit)
+
+        def eps_fn(x: np.ndarray, t: int) -> np.ndarray:
+            eps, step_raw = self.unet(x, timestep_input(t, T))
+            raw[:] = [step_raw]
+            return eps
+
+        def on_step(i, t, x, eps, x_next) -> np.ndarray | None:
+            ended = self._report(i, n_steps, t, x, eps)
+            ended |= self._check(i, n_steps, t, x_next, eps, raw[0])
+            if not ended:
+                return None
+            keep = ~np.isin(self.owner, list(ended))
+            self.owner = self.owner[keep]
+            self.unet.keep(keep)  # the loop drops x's, the sampler's and the noise's rows
+            return keep
+
         # Non-finite values are caught by the per-row check with a clear error; NumPy's own
         # warnings about them would only add noise before it.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            x = noise.standard_normal((len(contexts), *gen.bundle.sample_shape), np.float32)
-            for i in range(n_steps):
-                t = int(sampler.timesteps[i])
-                eps, raw = self.unet(x, timestep_input(t, T))
-                ended = self._report(i, n_steps, t, x, eps)
-                x = sampler.step(x, eps, i, noise)
-                ended |= self._check(i, n_steps, t, x, eps, raw)
-                if ended:
-                    keep = ~np.isin(self.owner, list(ended))
-                    if not keep.any():
-                        return
-                    x = x[keep]
-                    self.owner = self.owner[keep]
-                    for state in (self.unet, noise, sampler):
-                        state.keep(keep)
+            shape = (len(contexts), *gen.bundle.sample_shape)
+            x = sample_loop(eps_fn, sampler, shape, noise, on_step=on_step)
+        if not len(x):
+            return
         pixels = self._pixels(x)
         for k, (job, _, _) in enumerate(self.parts):
             if job.error is None:

@@ -307,22 +307,35 @@ def sample_loop(
     shape: tuple[int, ...],
     rng: np.random.Generator,
     progress: Callable[[Iterable], Iterable] | None = None,
-    on_step: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
+    on_step: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], np.ndarray | None]
+    | None = None,
 ) -> np.ndarray:
     """Run the reverse process from Gaussian noise; returns x_0 in model space (about [-1, 1]).
 
+    The one sampling loop: the runtime's :class:`ddpm_rt.run.Run`, parity's recordings,
+    training's sample grids and the torch reference all step through it, so the order of
+    random draws (initial noise first, then each step's) is fixed here once.
+
     ``eps_fn(x, t)`` predicts the noise in ``x`` at integer timestep ``t``;
-    ``on_step(i, t, eps, x)`` sees each step's predicted noise and its result (the runtime
-    checks both for non-finite values there).
+    ``on_step(i, t, x_t, eps, x_next)`` sees each step's input, predicted noise and result.
+    It may return a boolean row mask: the rows outside it leave the run (x, the sampler's
+    and ``rng``'s state follow through their ``keep``; state of the caller's own is the
+    caller's to drop), and once no row is left the loop returns the empty x at once.
     """
     x = rng.standard_normal(shape, dtype=np.float32)  # (B, C, H, W), drawn first
     steps = range(len(sampler.timesteps))
     for i in progress(steps) if progress else steps:
         t = int(sampler.timesteps[i])
         eps = eps_fn(x, t)
-        x = sampler.step(x, eps, i, rng)
-        if on_step is not None:
-            on_step(i, t, eps, x)
+        x_next = sampler.step(x, eps, i, rng)
+        keep = None if on_step is None else on_step(i, t, x, eps, x_next)
+        x = x_next
+        if keep is not None and not keep.all():
+            x = x[keep]
+            sampler.keep(keep)
+            rng.keep(keep)
+            if not len(x):
+                return x
     return x
 
 
