@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from ddpm_rt.bundle.manifest import MAX_GUIDANCE, MAX_TIMESTEPS
-from ddpm_rt.core.samplers import SAMPLERS, SPACINGS, Sampler, make_sampler, resolve_settings
+from ddpm_rt.core.samplers import (
+    DEFAULT_DDIM_ETA,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    SPACINGS,
+    Sampler,
+    make_sampler,
+    resolve_settings,
+)
 from ddpm_rt.core.schedule import NoiseSchedule
 from ddpm_rt.errors import InputError
 
+# The settings for a bundle that recommends none (FALLBACK, below), named early: the
+# settings' help texts quote them.
+_FB_SAMPLER, _FB_ETA, _FB_GUIDANCE = "ddim", 1.0, 2.0
 MAX_NUM = 100_000  # images per call; memory is checked separately, against this machine
 MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1
@@ -26,72 +37,158 @@ def _is_real(v) -> bool:
     return _is_int(v) or isinstance(v, (float, np.floating))
 
 
-def check_int(name: str, v, lo: int, hi: int) -> int:
+def check_int(name: str, v, lo: int, hi: int, field: str | None = None) -> int:
     if not _is_int(v):
-        raise InputError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
+        raise InputError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}", field)
     if not lo <= v <= hi:
-        raise InputError(f"{name} must be between {lo} and {hi}, got {v}")
+        raise InputError(f"{name} must be between {lo} and {hi}, got {v}", field)
     return int(v)
 
 
-def check_real(name: str, v, lo: float, hi: float) -> float:
+def check_real(name: str, v, lo: float, hi: float, field: str | None = None) -> float:
     if not _is_real(v):
-        raise InputError(f"{name} must be a number, got {type(v).__name__} {v!r:.40}")
+        raise InputError(f"{name} must be a number, got {type(v).__name__} {v!r:.40}", field)
     if not (math.isfinite(v) and lo <= v <= hi):  # NaN and Inf fail here
-        raise InputError(f"{name} must be a finite number between {lo:g} and {hi:g}, got {v}")
+        raise InputError(
+            f"{name} must be a finite number between {lo:g} and {hi:g}, got {v}", field
+        )
     return float(v)
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    """Sampling settings; CLI flags map one to one onto these fields."""
+class Setting:
+    """One field of a generation request, written once: its type, bounds or choices and its
+    help. :meth:`GenerateConfig.validate` checks with it; the CLI's flags
+    (``cli.generate``), the HTTP API's fields and OpenAPI schema (``tools.serve.api``) and
+    the C ABI's options (``capi``) are made from :data:`SETTINGS`."""
 
-    num: int = 1  # images per prompt
-    # None: the bundle's recommended setting (its manifest's ``recommended``, written by
+    kind: str  # "int" | "real" | "choice"
+    help: str
+    lo: float = 0
+    hi: float = 0
+    choices: tuple[str, ...] = ()
+    label: str | None = None  # the name errors use, if not the field's
+    optional: bool = True  # None allowed: the bundle's (or the sampler's) default
+
+    @property
+    def json_type(self) -> str:
+        return {"int": "integer", "real": "number", "choice": "string"}[self.kind]
+
+    def check(self, name: str, v):
+        """``v`` as this setting takes it, or :class:`InputError` naming the field."""
+        label = self.label or name
+        if self.kind == "int":
+            return check_int(label, v, int(self.lo), int(self.hi), name)
+        if self.kind == "real":
+            return check_real(label, v, self.lo, self.hi, name)
+        if not isinstance(v, str) or v not in self.choices:
+            raise InputError(
+                f"unknown {label} {v!r:.40} (choose from: {', '.join(self.choices)})", name
+            )
+        return v
+
+
+def _setting(default, setting: Setting):
+    return field(default=default, metadata={"setting": setting})
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The settings of a generation request: the one schema every interface derives from.
+
+    CLI flags, HTTP fields and C options map one to one onto these fields (their checks and
+    help are each field's :class:`Setting`, collected in :data:`SETTINGS`)."""
+
+    # Each field's check and help are its Setting (the one schema of a request); None means
+    # the bundle's recommended setting (its manifest's ``recommended``, written by
     # ``ddpm-rt eval --write-recommended``), else FALLBACK (steps, eta: the sampler's own).
-    sampler: str | None = None
-    steps: int | None = None  # None: the bundle's for its sampler, else the sampler's default
-    eta: float | None = None  # ddim only, in [0, 1]; None: the bundle's, else 1.0
-    seed: int = 0
-    guidance: float | None = None  # classifier-free guidance scale in [0, 50]; 1 = plain
-    batch_size: int = 16
-    spacing: str | None = None  # few-step samplers: "time" (default) or "logsnr"
-    # picture height: None = the bundle's image; a cascade also gives its base picture
-    # (e.g. 16 of a 64x64 cascade: the U-Net's own picture, no decoder)
-    size: int | None = None
+    num: int = _setting(
+        1, Setting("int", "images per prompt (default 1)", 1, MAX_NUM, optional=False)
+    )
+    sampler: str | None = _setting(
+        None,
+        Setting(
+            "choice",
+            "sampler (default: the model's recommended sampler, steps and eta; for a model "
+            f"without them {_FB_SAMPLER}, {DEFAULT_STEPS[_FB_SAMPLER]} steps, eta "
+            f"{_FB_ETA:g})",
+            choices=SAMPLERS,
+        ),
+    )
+    steps: int | None = _setting(
+        None,
+        Setting(
+            "int",
+            "sampling steps (ddpm: all T; "
+            + "; ".join(f"{k}: {v}" for k, v in DEFAULT_STEPS.items())
+            + ")",
+            1,
+            MAX_TIMESTEPS,
+        ),
+    )
+    eta: float | None = _setting(
+        None,
+        Setting(
+            "real",
+            f"ddim stochasticity in [0, 1]: 0 deterministic (default {DEFAULT_DDIM_ETA:g})",
+            0.0,
+            1.0,
+        ),
+    )
+    seed: int = _setting(0, Setting("int", "noise seed (default 0)", 0, MAX_SEED, optional=False))
+    guidance: float | None = _setting(
+        None,
+        Setting(
+            "real",
+            f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}]; 1 = plain conditional "
+            f"(default: the model's recommended, else {_FB_GUIDANCE:g})",
+            0.0,
+            MAX_GUIDANCE,
+        ),
+    )
+    batch_size: int = _setting(
+        16,
+        Setting(
+            "int",
+            "images per U-Net call (default 16)",
+            1,
+            MAX_BATCH_SIZE,
+            label="batch size",
+            optional=False,
+        ),
+    )
+    spacing: str | None = _setting(
+        None,
+        Setting("choice", "few-step samplers' timesteps (default time)", choices=SPACINGS),
+    )
+    size: int | None = _setting(
+        None,
+        Setting(
+            "int",
+            "picture height: the model's (default), or a cascade's base picture (16: the "
+            "U-Net's own sprite, no super-resolution decoder); 'ddpm-rt info' lists them",
+            1,
+            1 << 16,
+        ),
+    )
 
     def validate(self) -> None:
-        """Types and ranges of every field; raises :class:`InputError` naming the field."""
-        check_int("num", self.num, 1, MAX_NUM)
-        check_int("batch size", self.batch_size, 1, MAX_BATCH_SIZE)
-        if self.sampler is not None and (
-            not isinstance(self.sampler, str) or self.sampler not in SAMPLERS
-        ):
-            raise InputError(
-                f"unknown sampler {self.sampler!r:.40} (choose from: {', '.join(SAMPLERS)})"
-            )
-        if self.steps is not None:
-            check_int("steps", self.steps, 1, MAX_TIMESTEPS)
-        if self.eta is not None:
-            check_real("eta", self.eta, 0.0, 1.0)
-        if self.guidance is not None:
-            check_real("guidance", self.guidance, 0.0, MAX_GUIDANCE)
-        check_int("seed", self.seed, 0, MAX_SEED)
-        if self.size is not None:
-            check_int("size", self.size, 1, 1 << 16)
-        if self.spacing is not None and (
-            not isinstance(self.spacing, str) or self.spacing not in SPACINGS
-        ):
-            raise InputError(
-                f"unknown spacing {self.spacing!r:.40} (choose from: {', '.join(SPACINGS)})"
-            )
+        """Types and ranges of every field (:data:`SETTINGS`); raises :class:`InputError`
+        naming the field."""
+        for name, setting in SETTINGS.items():
+            value = getattr(self, name)
+            if value is not None or not setting.optional:
+                setting.check(name, value)
 
     def check_negative_prompt(self, negative_prompt: str | None) -> None:
         """The one rule for a negative prompt: it replaces classifier-free guidance's null
         context, so it acts only when guidance != 1 (a guidance still None -- the model's --
         is checked once it is filled in). Used by the API, the CLI and the server alike."""
         if negative_prompt is not None and self.guidance == 1.0:
-            raise InputError("a negative prompt only acts through guidance: set guidance != 1")
+            raise InputError(
+                "a negative prompt only acts through guidance: set guidance != 1",
+                "negative_prompt",
+            )
 
     def with_defaults(self, recommended: dict | None = None) -> GenerateConfig:
         """These settings with each None the caller left filled in: from a bundle's
@@ -130,7 +227,9 @@ class GenerateConfig:
 # the best on held-out recognition@5, Fréchet within 1.1x of DDPM-500) applied to the
 # 16x16 model's evaluation grid: DDIM, 8 steps, eta 1, guidance 2 (its MODEL_CARD.md).
 # Steps are the sampler's own default (DEFAULT_STEPS: ddim 8), clamped to a bundle's T.
-FALLBACK = {"sampler": "ddim", "eta": 1.0, "guidance": 2.0}
+FALLBACK = {"sampler": _FB_SAMPLER, "eta": _FB_ETA, "guidance": _FB_GUIDANCE}
+# The request's schema: field name -> its Setting, in the dataclass's order.
+SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(GenerateConfig)}
 
 
 def cpus_available() -> int:

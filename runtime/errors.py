@@ -16,7 +16,14 @@ class BackendError(DdpmRtError):
 
 
 class InputError(DdpmRtError):
-    """A user-supplied value (prompt, flag, data file, output path) is unusable."""
+    """A user-supplied value (prompt, flag, data file, output path) is unusable.
+
+    ``field``: the request field at fault, where one is (``GenerateConfig``'s field name,
+    ``"prompt"``, ...): the server reports it as ``error.param``."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class NumericalError(BackendError):

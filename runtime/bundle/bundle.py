@@ -76,7 +76,8 @@ class Bundle:
 
         raise InputError(
             f"size {size} is not one this model gives (choose from: "
-            f"{', '.join(map(str, self.sizes))})"
+            f"{', '.join(map(str, self.sizes))})",
+            "size",
         )
 
     @property

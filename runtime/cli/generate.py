@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from ddpm_rt.bundle.manifest import DECODER_PRECISIONS, UNET_PRECISIONS
-from ddpm_rt.config import FALLBACK, GenerateConfig
-from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
+from ddpm_rt.config import SETTINGS, GenerateConfig
 from ddpm_rt.errors import InputError
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -77,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ddpm_rt.bundle.bundle import Bundle
     from ddpm_rt.bundle.fileio import check_writable
     from ddpm_rt.cli import raise_if_signalled
-    from ddpm_rt.config import GenerateConfig, check_memory, check_threads, estimate_bytes
+    from ddpm_rt.config import check_memory, check_threads, estimate_bytes
     from ddpm_rt.generator import Generator
     from ddpm_rt.images import check_png, save_gif, save_png
     from ddpm_rt.text import check_prompt
@@ -362,6 +361,18 @@ def add_model_flags(p) -> None:
     p.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
 
 
+def add_setting_flags(p) -> None:
+    """One flag per request setting (:data:`ddpm_rt.config.SETTINGS`: ``--batch-size`` for
+    ``batch_size``), with its type, choices and help; left out, the field's own default."""
+    for name, setting in SETTINGS.items():
+        kw: dict = {"help": setting.help}
+        if setting.kind == "choice":
+            kw["choices"] = list(setting.choices)
+        else:
+            kw["type"] = int if setting.kind == "int" else float
+        p.add_argument("--" + name.replace("_", "-"), **kw)
+
+
 def add_generate_parsers(sub, common) -> None:
     g = sub.add_parser("generate", help="generate images from a prompt (default command)")
     g.add_argument(
@@ -372,42 +383,7 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--prompts", help="a UTF-8 file with one prompt per line (one row each)")
     g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
-    g.add_argument("--num", type=int, default=1, help="number of images (default 1)")
-    # the defaults' text comes from the config and the samplers, which the evaluation rule sets
-    default = GenerateConfig()
-    fb = FALLBACK
-    g.add_argument(
-        "--sampler",
-        choices=list(SAMPLERS),
-        help="sampler (default: the model's recommended sampler, steps and eta; for a model "
-        f"without them {fb['sampler']}, {DEFAULT_STEPS[fb['sampler']]} steps, eta {fb['eta']:g})",
-    )
-    steps_text = "; ".join(f"{k}: {v}" for k, v in DEFAULT_STEPS.items())
-    g.add_argument("--steps", type=int, help=f"sampling steps (ddpm: all T; {steps_text})")
-    g.add_argument(
-        "--spacing", choices=list(SPACINGS), help="few-step samplers' timesteps (default time)"
-    )
-    g.add_argument(
-        "--eta",
-        type=float,
-        help=f"ddim stochasticity in [0, 1]: 0 deterministic (default {DEFAULT_DDIM_ETA:g})",
-    )
-    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    g.add_argument(
-        "--size",
-        type=int,
-        help="picture height: the model's (default), or a cascade's base picture (16: the "
-        "U-Net's own sprite, no super-resolution decoder); 'ddpm-rt info' lists them",
-    )
-    g.add_argument(
-        "--guidance",
-        type=float,
-        help="classifier-free guidance scale in [0, 50]; 1 = plain conditional"
-        f" (default: the model's recommended, else {fb['guidance']:g})",
-    )
-    g.add_argument(
-        "--batch-size", type=int, help=f"images per U-Net call (default {default.batch_size})"
-    )
+    add_setting_flags(g)
     g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("--trajectory", help="also write the denoising (x̂0 at every step) as a GIF")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ddpm_rt.config import MAX_GUIDANCE, MAX_SEED, GenerateConfig, check_int, check_real
-from ddpm_rt.core.samplers import SAMPLERS, SPACINGS
+from ddpm_rt.config import SETTINGS, GenerateConfig, check_int
 from ddpm_rt.errors import InputError
 from ddpm_rt.text import check_prompt, parse_blend
 
@@ -61,18 +60,16 @@ class GenerateRequest:
         return len(self.prompts) * self.config.num
 
 
-# name -> (JSON type, description). Ranges come from Limits and config at check time.
+# The settings this API takes: the request schema's (config.SETTINGS), all but batch_size
+# (this server forms its own batches). Their checks and help come from there; this server
+# adds only its own limits (Limits) and a seed of its own choosing when none is given.
+SETTINGS_HERE = tuple(n for n in SETTINGS if n != "batch_size")
+HELP_HERE = {"seed": "noise seed; absent: a random one, returned in the response"}
+# name -> (JSON type, description): the request's own fields, then the settings.
 FIELDS: dict[str, tuple[str, str]] = {
     "prompt": ("string|array", "what to draw ('' = unconditional); a list: one row per prompt"),
     "negative_prompt": ("string", "what to steer away from (needs guidance != 1)"),
-    "num": ("integer", "images per prompt (default 1)"),
-    "seed": ("integer", "noise seed; absent: a random one, returned in the response"),
-    "sampler": ("string", f"one of {', '.join(SAMPLERS)} (default: the model's recommended)"),
-    "steps": ("integer", "sampling steps (default: the sampler's)"),
-    "eta": ("number", "ddim stochasticity in [0, 1]"),
-    "spacing": ("string", f"few-step samplers' timesteps: {', '.join(SPACINGS)}"),
-    "guidance": ("number", f"classifier-free guidance in [0, {MAX_GUIDANCE:g}]"),
-    "size": ("integer", "picture height: the model's (default) or a cascade's base picture"),
+    **{n: (SETTINGS[n].json_type, HELP_HERE.get(n, SETTINGS[n].help)) for n in SETTINGS_HERE},
     "response_format": ("string", "png (default; several images form a grid) or json"),
     "preview_every": ("integer", "streaming only: an x̂0 preview every k steps (0 = none)"),
 }
@@ -130,47 +127,30 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     neg = body.get("negative_prompt")
     if neg is not None:
         neg = _prompt(neg, "negative_prompt", limits)
-    num = _checked("num", check_int, body.get("num", 1), 1, limits.max_images)
-    if num * len(prompts) > limits.max_images:
+    given = {n: body[n] for n in SETTINGS_HERE if body.get(n) is not None}
+    seed_was_random = "seed" not in given
+    if seed_was_random:
+        given["seed"] = _random_seed()
+    cfg = GenerateConfig(**given)
+    try:
+        cfg.validate()  # the schema's checks, each naming its field
+    except InputError as e:
+        raise RequestError(422, str(e), e.field) from None
+    # This server's own limits.
+    _checked("num", check_int, cfg.num, 1, limits.max_images)
+    if cfg.num * len(prompts) > limits.max_images:
         raise RequestError(
             422,
-            f"{len(prompts)} prompts x num {num} is over this server's limit of "
+            f"{len(prompts)} prompts x num {cfg.num} is over this server's limit of "
             f"{limits.max_images} images per request",
             "num",
         )
-    seed = body.get("seed")
-    seed_was_random = seed is None
-    seed = _random_seed() if seed is None else _checked("seed", check_int, seed, 0, MAX_SEED)
-    sampler = body.get("sampler")  # None: the model's recommended (Generator.prepare fills it)
-    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
-        raise RequestError(
-            422, f"unknown sampler {sampler!r:.40} (choose from: {', '.join(SAMPLERS)})", "sampler"
-        )
-    steps = body.get("steps")
-    if steps is not None:
-        steps = _checked("steps", check_int, steps, 1, limits.max_steps)
-    elif sampler == "ddpm":  # ddpm's default is every timestep: over any sane server limit
+    if cfg.steps is not None:
+        _checked("steps", check_int, cfg.steps, 1, limits.max_steps)
+    elif cfg.sampler == "ddpm":  # ddpm's default is every timestep: over any sane server limit
         raise RequestError(
             422, f"sampler ddpm needs steps (at most {limits.max_steps} here)", "steps"
         )
-    eta = body.get("eta")
-    if eta is not None:
-        eta = _checked("eta", check_real, eta, 0.0, 1.0)
-    spacing = body.get("spacing")
-    if spacing is not None and (not isinstance(spacing, str) or spacing not in SPACINGS):
-        raise RequestError(
-            422, f"unknown spacing {spacing!r:.40} (choose from: {', '.join(SPACINGS)})", "spacing"
-        )
-    guidance = body.get("guidance")  # None: the model's recommended
-    if guidance is not None:
-        guidance = _checked("guidance", check_real, guidance, 0.0, MAX_GUIDANCE)
-    try:  # the model's own guidance is checked again once Generator.prepare fills it in
-        GenerateConfig(guidance=guidance).check_negative_prompt(neg)
-    except InputError as e:
-        raise RequestError(422, str(e), "negative_prompt") from None
-    size = body.get("size")  # None: the model's image; Generator.prepare checks the bundle's
-    if size is not None:
-        size = _checked("size", check_int, size, 1, 1 << 16)
     fmt = body.get("response_format", "png")
     if fmt not in ("png", "json"):
         raise RequestError(
@@ -178,21 +158,7 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
         )
     every = body.get("preview_every", limits.preview_every if stream else 0)
     every = _checked("preview_every", check_int, every, 0, limits.max_steps)
-    cfg = GenerateConfig(
-        num=num,
-        seed=seed,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        guidance=guidance,
-        spacing=spacing,
-        size=size,
-        batch_size=num * len(prompts),
-    )
-    try:
-        cfg.validate()
-    except InputError as e:  # every field was checked above; this is the config's own word
-        raise RequestError(422, str(e)) from None
+    cfg = replace(cfg, batch_size=cfg.num * len(prompts))  # one request, one batch
     return GenerateRequest(prompts, neg, cfg, seed_was_random, fmt, every)
 
 
@@ -236,39 +202,46 @@ def parse_openai(body, limits: Limits, sizes: dict[str, int]) -> GenerateRequest
         raise
 
 
-def openapi_schema(title: str, version: str, limits: Limits) -> dict:
-    """The OpenAPI 3.1 document served at ``/openapi.json``."""
-    ranges = {
-        "num": {"minimum": 1, "maximum": limits.max_images},
-        "seed": {"minimum": 0, "maximum": MAX_SEED},
-        "steps": {"minimum": 1, "maximum": limits.max_steps},
-        "eta": {"minimum": 0, "maximum": 1},
-        "guidance": {"minimum": 0, "maximum": MAX_GUIDANCE},
-        "preview_every": {"minimum": 0, "maximum": limits.max_steps},
+def setting_schema(name: str, limit: int | None = None) -> dict:
+    """The JSON schema of one request setting, from the request schema
+    (:data:`ddpm_rt.config.SETTINGS`); ``limit``: this server's lower maximum, if any."""
+    setting = SETTINGS[name]
+    schema: dict = {"type": setting.json_type}
+    if setting.kind == "choice":
+        schema["enum"] = list(setting.choices)
+    else:
+        top = setting.hi if limit is None else min(limit, setting.hi)
+        num = int if setting.kind == "int" else float
+        schema.update(minimum=num(setting.lo), maximum=num(top))
+    return schema
+
+
+def _generate_schema(limits: Limits) -> dict:
+    """``/api/generate``'s body: the request's fields (:data:`FIELDS`) with their bounds."""
+    here = {"num": limits.max_images, "steps": limits.max_steps}  # this server's limits
+    prompt = {"type": "string", "maxLength": limits.max_prompt_chars}
+    own = {
+        "prompt": {"oneOf": [prompt, {"type": "array", "items": prompt, "minItems": 1}]},
+        "negative_prompt": prompt,
+        "response_format": {"type": "string", "enum": ["png", "json"]},
+        "preview_every": {"type": "integer", "minimum": 0, "maximum": limits.max_steps},
     }
-    enums = {
-        "sampler": list(SAMPLERS),
-        "spacing": list(SPACINGS),
-        "response_format": ["png", "json"],
+    props = {
+        name: {**(own.get(name) or setting_schema(name, here.get(name))), "description": desc}
+        for name, (_, desc) in FIELDS.items()
     }
-    props = {}
-    for name, (kind, desc) in FIELDS.items():
-        if kind == "string|array":
-            prompt = {"type": "string", "maxLength": limits.max_prompt_chars}
-            schema = {"oneOf": [prompt, {"type": "array", "items": prompt, "minItems": 1}]}
-        else:
-            schema = {"type": kind, **ranges.get(name, {})}
-            if name in enums:
-                schema["enum"] = enums[name]
-            if name == "negative_prompt":
-                schema["maxLength"] = limits.max_prompt_chars
-        props[name] = {**schema, "description": desc}
-    generate = {
+    return {
         "type": "object",
         "required": ["prompt"],
         "properties": props,
         "additionalProperties": False,
     }
+
+
+def openapi_schema(title: str, version: str, limits: Limits) -> dict:
+    """The OpenAPI 3.1 document served at ``/openapi.json``."""
+    generate = _generate_schema(limits)
+    props = generate["properties"]
     error = {
         "type": "object",
         "properties": {

@@ -267,7 +267,7 @@ def create_app(
         if isinstance(e, Stopping):
             return error_response(503, "the server is stopping", headers={"Retry-After": "5"})
         if isinstance(e, InputError):  # the generator's own check (e.g. a label bundle's names)
-            return error_response(422, first_line(e))
+            return error_response(422, first_line(e), e.field)
         raise e
 
     async def answer(request: Request, parse, respond):
