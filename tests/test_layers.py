@@ -1,4 +1,4 @@
-"""The runtime's layers import only downward (DESIGN's layout table; README's "Layout")."""
+"""The runtime's layers import only downward (docs/architecture.md, "Layout")."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def _layer(module: str) -> int:
     for i, names in enumerate(LAYERS):
         if head in names:
             return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to DESIGN's table)")
+    raise AssertionError(
+        f"{module} is in no layer: add it to LAYERS (and to docs/architecture.md's table)"
+    )
 
 
 def _imports(path: Path, module: str):

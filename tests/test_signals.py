@@ -45,7 +45,7 @@ def _start(*args: str) -> subprocess.Popen:
 def _wait_for_handlers(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Until the CLI has installed its SIGINT/SIGTERM handlers (read from /proc). Before
     that, the interpreter itself is starting (~20 ms, no ddpm-rt code has run) and a signal
-    gets Python's default handling; see README, "Signals"."""
+    gets Python's default handling; see docs/cli.md, "Errors and signals"."""
     mask = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
