@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ddpm_rt.core.samplers import (
 )
 from ddpm_rt.core.schedule import NoiseSchedule
 from ddpm_rt.errors import InputError
+
+if TYPE_CHECKING:
+    from ddpm_rt.bundle.bundle import Bundle
 
 # The settings for a bundle that recommends none (FALLBACK, below), named early: the
 # settings' help texts quote them.
@@ -208,6 +212,25 @@ class GenerateConfig:
         if guidance is None:
             guidance = FALLBACK["guidance"]
         return replace(self, sampler=sampler, guidance=float(guidance), **filled)
+
+    def resolve(self, bundle: Bundle, negative_prompt: str | None = None):
+        """The one place a request's settings are completed, for ``bundle``: checked
+        (:meth:`validate`); each None filled in from the bundle's recommended settings
+        (:meth:`with_defaults`); ``size`` checked against the sizes the bundle gives (None
+        when it is the image's own); the negative-prompt rule checked with the guidance the
+        run will use; the sampler's own defaults (steps, eta, spacing) filled in. Returns
+        (these settings resolved, the sampler they make). Reads the manifest only: the CLI
+        sizes its output with it before any graph is loaded; ``Generator.prepare`` calls it
+        for every request."""
+        self.validate()
+        cfg = self.with_defaults(bundle.recommended)  # what the caller left to the model
+        if cfg.size is not None:  # one the bundle gives; the image's own is the default
+            shape = bundle.output_shape(cfg.size)
+            cfg = replace(cfg, size=None if shape == bundle.image_shape else cfg.size)
+        cfg.check_negative_prompt(negative_prompt)
+        schedule = NoiseSchedule(bundle.schedule)
+        sampler = cfg.make_sampler(schedule)  # made (and checked) once per request
+        return cfg.resolved(schedule), sampler
 
     def make_sampler(self, schedule: NoiseSchedule) -> Sampler:
         """The sampler these settings ask for (the one place one is made from settings)."""

@@ -34,6 +34,21 @@ __all__ = ["GenerateConfig", "Generator", "StepInfo"]
 DEFAULT_UNET_PRECISION = "fp32"
 
 
+def _check_call(config, callback, preview_every, overrides) -> None:
+    """The Python call's own arguments (the request's settings are GenerateConfig's)."""
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be callable, got {type(callback).__name__}")
+    check_int("preview_every", preview_every, 0, 1_000_000)
+    if config is not None and not isinstance(config, GenerateConfig):
+        raise InputError(f"config must be a GenerateConfig, got {type(config).__name__}")
+    known = {f.name for f in fields(GenerateConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InputError(
+            f"unknown argument(s) {', '.join(unknown)} (settings: {', '.join(sorted(known))})"
+        )
+
+
 class Generator:
     """Generate images from a bundle.
 
@@ -192,8 +207,12 @@ class Generator:
         ``"a:0.7 | b:0.3"`` blends prompts: for text bundles the weighted mean embedding,
         re-normalised; for label bundles the weighted multi-hot vector (the course's mixing).
         """
-        d = self.bundle.context_dim
         check_prompt(prompt)
+        return self._context(prompt)
+
+    def _context(self, prompt: str) -> np.ndarray:
+        """:meth:`context` of a prompt already checked."""
+        d = self.bundle.context_dim
         if self.text is not None:
             return self.text.context(prompt).copy()
         if not prompt.strip():
@@ -315,65 +334,29 @@ class Generator:
         negative context) without running anything: arguments as :meth:`generate`. Run it
         with :meth:`run_jobs`, alone or beside other jobs with the same
         :attr:`Job.batch_key`."""
-        if callback is not None and not callable(callback):
-            raise InputError(f"callback must be callable, got {type(callback).__name__}")
-        check_int("preview_every", preview_every, 0, 1_000_000)
-        if config is not None and not isinstance(config, GenerateConfig):
-            raise InputError(f"config must be a GenerateConfig, got {type(config).__name__}")
-        known = {f.name for f in fields(GenerateConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise InputError(
-                f"unknown argument(s) {', '.join(unknown)} (settings: {', '.join(sorted(known))})"
-            )
-        cfg = replace(config or GenerateConfig(), **overrides)
-        cfg.validate()
-        cfg = cfg.with_defaults(self.bundle.recommended)  # what the caller left to the model
-        if cfg.size is not None:  # one the bundle gives; the image's own is the default
-            shape = self.bundle.output_shape(cfg.size)
-            cfg = replace(cfg, size=None if shape == self.bundle.image_shape else cfg.size)
+        _check_call(config, callback, preview_every, overrides)
         if (prompt is None) == (context is None):
             raise InputError("give exactly one of prompt or context")
-        prompts = None
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, (list, tuple)) or not prompts:
-                raise InputError(
-                    f"prompt must be a string or a non-empty list of strings, "
-                    f"got {type(prompt).__name__}"
-                )
-            for p in prompts:
-                check_prompt(p)
-            if len(prompts) * cfg.num > MAX_NUM:
-                raise InputError(
-                    f"{len(prompts)} prompts x {cfg.num} images is over the limit of {MAX_NUM}"
-                )
+        prompts = None if prompt is None else self._prompts(prompt)
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative prompt")
-        cfg.check_negative_prompt(negative_prompt)
-        sampler = cfg.make_sampler(self.schedule)  # made (and checked) once per request
-        cfg = cfg.resolved(self.schedule)
+        cfg = replace(config or GenerateConfig(), **overrides)
+        cfg, sampler = cfg.resolve(self.bundle, negative_prompt)
         rows = len(prompts) if prompts else 1
+        if rows * cfg.num > MAX_NUM:
+            raise InputError(f"{rows} prompts x {cfg.num} images is over the limit of {MAX_NUM}")
         check_memory(
             f"generating {rows * cfg.num} images",
             estimate_bytes(
                 cfg, self.bundle.output_shape(cfg.size), rows, sample=self.bundle.sample_shape
             ),
         )
-        d = self.bundle.context_dim
-        if prompts is not None:
-            ctx = np.repeat(np.stack([self.context(p) for p in prompts]), cfg.num, axis=0)
-        else:
-            ctx = self.check_context(context)
-            if ctx.ndim == 1:
-                ctx = np.broadcast_to(ctx, (cfg.num, d))
-            if ctx.shape != (cfg.num, d):
-                raise InputError(f"context must be ({d},) or ({cfg.num}, {d}), got {ctx.shape}")
-        neg = None if negative_prompt is None else self.context(negative_prompt)
+        ctx = self._contexts(prompts, context, cfg.num)
+        neg = None if negative_prompt is None else self._context(negative_prompt)
         return Job(
             config=cfg,
             sampler=sampler,
-            contexts=np.ascontiguousarray(ctx, dtype=np.float32),
+            contexts=ctx,
             image_index=np.tile(np.arange(cfg.num), rows),  # i of (prompt j, image i)
             negative=neg,
             prompts=list(prompts) if prompts is not None else None,
@@ -381,6 +364,33 @@ class Generator:
             callback=callback,
             preview_every=preview_every,
         )
+
+    def _contexts(self, prompts: list[str] | None, context, num: int) -> np.ndarray:
+        """(rows, D) float32: ``num`` rows per prompt, prompt-major, or a raw context's."""
+        d = self.bundle.context_dim
+        if prompts is not None:
+            ctx = np.repeat(np.stack([self._context(p) for p in prompts]), num, axis=0)
+        else:
+            ctx = self.check_context(context)
+            if ctx.ndim == 1:
+                ctx = np.broadcast_to(ctx, (num, d))
+            if ctx.shape != (num, d):
+                raise InputError(f"context must be ({d},) or ({num}, {d}), got {ctx.shape}")
+        return np.ascontiguousarray(ctx, dtype=np.float32)
+
+    @staticmethod
+    def _prompts(prompt) -> list[str]:
+        """A request's prompt(s) as a checked list (one string: a list of one)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InputError(
+                f"prompt must be a string or a non-empty list of strings, "
+                f"got {type(prompt).__name__}",
+                "prompt",
+            )
+        for p in prompts:
+            check_prompt(p)
+        return list(prompts)
 
     def run(self, job: Job, progress: bool = False) -> np.ndarray:
         """Run one prepared job in chunks of its ``batch_size`` (a progress bar on stderr if

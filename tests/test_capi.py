@@ -157,6 +157,31 @@ def test_cpp_example_gives_a_cascade_base_picture_with_the_size_option(built, tm
     assert "size 12 is not one this model gives (choose from: 32, 8)" in proc.stderr
 
 
+def test_c_abi_options_are_the_request_schemas_settings(built, tmp_path):
+    """Issue 26: ddpm_rt_open's settings are GenerateConfig's (those ddpm_rt_generate does
+    not take as arguments), checked by its schema before the model loads: a sampler and a
+    spacing chosen in options_json give the Python API's bytes; a bad one is the schema's
+    one-line error naming the field."""
+    from ddpm_rt import Generator
+    from ddpm_rt.capi._impl import SETTING_OPTIONS
+    from ddpm_rt.config import SETTINGS
+
+    assert set(SETTING_OPTIONS) == set(SETTINGS) - {"num", "seed", "steps", "guidance"}
+    out = tmp_path / "a.ppm"
+    args = [str(built["example"]), str(DEFAULT), "a frog", "3", "1", str(out), "5", "2"]
+    options = '{"sampler": "dpm++2m", "spacing": "logsnr", "size": 16}'
+    proc = subprocess.run([*args, options], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    want = Generator(DEFAULT).generate(
+        "a frog", num=1, seed=3, steps=5, guidance=2.0, sampler="dpm++2m", spacing="logsnr",
+        size=16,
+    )  # fmt: skip
+    assert out.read_bytes().split(b"\n255\n", 1)[1] == want.tobytes()
+    proc = subprocess.run([*args, '{"eta": 2}'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "eta must be a finite number between 0 and 1, got 2" in proc.stderr
+
+
 def test_c_abi_error_paths(built):
     proc = subprocess.run(
         [str(built["errors"]), str(DEFAULT)], capture_output=True, text=True, timeout=120

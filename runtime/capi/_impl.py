@@ -10,7 +10,7 @@ import logging
 import numpy as np
 
 from ddpm_rt import __version__
-from ddpm_rt.config import check_int
+from ddpm_rt.config import SETTINGS, GenerateConfig
 from ddpm_rt.errors import (
     BackendError,
     BundleError,
@@ -30,11 +30,27 @@ _CODES = (  # most specific first
 )
 
 
+# ddpm_rt_open's options: how the model loads (Generator's keywords), then the request
+# settings a handle fixes for its calls -- the request schema's (config.SETTINGS) but those
+# ddpm_rt_generate takes as arguments.
+LOAD_OPTIONS = (
+    "unet_precision",
+    "text_precision",
+    "decoder_precision",
+    "threads",
+    "providers",
+    "expected_digest",
+)
+CALL_ARGUMENTS = ("num", "seed", "steps", "guidance")
+SETTING_OPTIONS = tuple(n for n in SETTINGS if n not in CALL_ARGUMENTS)
+
+
 class _Handle:
-    def __init__(self, gen, size: int | None = None):
+    def __init__(self, gen, config: GenerateConfig):
         self.gen = gen
-        self.size = size  # the pictures' height: None = the bundle's image
-        self.shape = gen.bundle.output_shape(size)  # refuses a size the bundle does not give
+        self.config = config  # the settings every call uses (size None: the bundle's image)
+        # refuses a size the bundle does not give
+        self.shape = gen.bundle.output_shape(config.size)
         self.error = b""
 
 
@@ -83,23 +99,15 @@ def bind(ffi) -> None:
                     options = json.loads(ffi.string(options_json).decode("utf-8"))
                 except ValueError as e:
                     raise InputError(f"options_json is not valid JSON: {first_line(e)}") from None
-                allowed = {
-                    "unet_precision",
-                    "text_precision",
-                    "decoder_precision",
-                    "threads",
-                    "providers",
-                    "expected_digest",
-                    "size",
-                }
+                allowed = {*LOAD_OPTIONS, *SETTING_OPTIONS}
                 if not isinstance(options, dict) or set(options) - allowed:
                     raise InputError(f"options_json may hold only {', '.join(sorted(allowed))}")
             path = ffi.string(bundle_dir).decode("utf-8", "surrogateescape")
-            size = options.pop("size", None)
-            if size is not None:
-                check_int("size", size, 1, 1 << 16)
+            settings = {k: options.pop(k) for k in SETTING_OPTIONS if k in options}
+            config = GenerateConfig(**settings)
+            config.validate()  # before the model loads
             gen = Generator(path, **options)
-            handle = _Handle(gen, size)
+            handle = _Handle(gen, config)
             keep = ffi.new_handle(handle)
             cdata = ffi.cast("ddpm_rt_handle *", keep)
             handles[int(ffi.cast("uintptr_t", cdata))] = (keep, handle)
@@ -147,12 +155,12 @@ def bind(ffi) -> None:
                 def callback(info):
                     return bool(progress(info.step, info.total, user))
 
-            kw = {"num": num, "seed": int(seed), "callback": callback, "size": handle.size}
+            kw = {"num": num, "seed": int(seed), "callback": callback}
             if steps > 0:
                 kw["steps"] = steps
             if guidance > 0:
                 kw["guidance"] = float(guidance)
-            images = np.ascontiguousarray(handle.gen.generate(text, **kw))
+            images = np.ascontiguousarray(handle.gen.generate(text, config=handle.config, **kw))
             ffi.memmove(out_rgb, ffi.from_buffer(images), images.nbytes)
             written[0] = images.nbytes
             state["errors"].pop(int(ffi.cast("uintptr_t", h)), None)

@@ -51,8 +51,12 @@ const char *ddpm_rt_version(void);
  * "unet_precision" ("fp32"|"int8"), "text_precision", "decoder_precision" (a latent
  * bundle's decoder: "fp32", or a variant it lists: "fp16"|"int8"), "threads" (int),
  * "providers" (list of ONNX Runtime providers), "expected_digest" (sha256 of
- * manifest.json), "size" (the pictures' height: the bundle's image by default; a cascade
- * bundle also gives its base picture, e.g. 16: the U-Net's own, without the decoder). */
+ * manifest.json); and the request settings every call on the handle uses (the runtime's
+ * GenerateConfig fields but those ddpm_rt_generate takes): "size" (the pictures' height:
+ * the bundle's image by default; a cascade bundle also gives its base picture, e.g. 16: the
+ * U-Net's own, without the decoder), "sampler" ("ddpm"|"ddim"|"dpm++2m"|"dpm++2m-sde"),
+ * "eta" (ddim, in [0, 1]), "spacing" ("time"|"logsnr"), "batch_size" (images per U-Net
+ * call). Left out: the model's recommended settings. */
 int ddpm_rt_open(const char *bundle_dir, const char *options_json, ddpm_rt_handle **out);
 
 /* The images' shape: height, width and channels (3, RGB). For a latent bundle these are the
@@ -63,7 +67,8 @@ int ddpm_rt_image_shape(ddpm_rt_handle *handle, int *height, int *width, int *ch
 /* Generate `num` images for a UTF-8 prompt into out_rgb: num * height * width * 3 bytes,
  * image after image, rows top to bottom, RGB interleaved (uint8). steps <= 0 and
  * guidance <= 0 mean the model's recommended settings (its manifest's, else the runtime's
- * fallback); the sampler is the model's recommended one. progress may
+ * fallback); the sampler is the model's recommended one unless the handle's options name
+ * one. progress may
  * be NULL. *written receives the bytes written (or, with DDPM_RT_BUFFER_TOO_SMALL, the
  * bytes needed). */
 int ddpm_rt_generate(ddpm_rt_handle *handle, const char *prompt, int num, uint64_t seed,

@@ -70,22 +70,80 @@ def _providers(args: argparse.Namespace) -> list[str] | None:
     return providers
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import numpy as np
+class _Outputs:
+    """What ``generate`` writes: the PNG (a grid of several), the x̂0 grid every
+    ``--preview-every`` steps (OUT.stepK.png) and the ``--trajectory`` GIF. Paths are
+    checked before anything loads; the frames are collected by :meth:`after_step` as the
+    run goes, and everything is written by :meth:`write` once it has ended."""
 
-    from ddpm_rt.bundle.bundle import Bundle
-    from ddpm_rt.bundle.fileio import check_writable
-    from ddpm_rt.cli import raise_if_signalled
-    from ddpm_rt.config import check_memory, check_threads, estimate_bytes
-    from ddpm_rt.generator import Generator
-    from ddpm_rt.images import check_png, save_gif, save_png
+    def __init__(self, args: argparse.Namespace):
+        from ddpm_rt.bundle.fileio import check_writable
+        from ddpm_rt.images import check_png
+
+        self.out, self.force, self.scale = Path(args.out), args.force, args.scale
+        if self.out.suffix.lower() != ".png":
+            raise InputError(f"--out must be a .png file, got {self.out}")
+        check_writable(self.out, force=self.force)
+        check_png(1, 1, 1, self.scale)  # the scale's range; the size once the shape is known
+        if args.preview_every is not None and args.preview_every < 1:
+            raise InputError(f"--preview-every must be >= 1, got {args.preview_every}")
+        self.preview_every = args.preview_every or 0
+        self.trajectory = Path(args.trajectory) if args.trajectory else None
+        if self.trajectory is not None:
+            if self.trajectory.suffix.lower() != ".gif":
+                raise InputError(f"--trajectory must be a .gif file, got {self.trajectory}")
+            check_writable(self.trajectory, force=self.force)
+        # x̂0 of every image every `every` steps of a chunk: every step's for --trajectory
+        self.every = 1 if self.trajectory is not None else self.preview_every
+        self.frames: dict = {}  # step within a chunk -> x̂0 of every image
+
+    def _step_png(self, k: int) -> Path:
+        return self.out.with_name(f"{self.out.stem}.step{k:04d}.png")
+
+    def plan(self, images: int, shape: tuple[int, int, int], ncols, steps: int) -> int:
+        """Check the files a run of ``steps`` steps will write, ``images`` pictures of
+        ``shape``; returns the x̂0 grids it keeps until the end."""
+        from ddpm_rt.bundle.fileio import check_writable
+        from ddpm_rt.images import check_png
+
+        self.images, self.shape, self.ncols = images, shape, ncols
+        if self.preview_every:
+            for k in range(self.preview_every, steps + 1, self.preview_every):
+                check_writable(self._step_png(k), force=self.force)
+        check_png(images, shape[1], shape[2], self.scale, ncols)
+        if self.trajectory is not None:
+            return steps
+        return steps // self.preview_every if self.preview_every else 0
+
+    def after_step(self, info) -> None:
+        """The run's step callback: stops on a received signal; keeps the frames."""
+        import numpy as np
+
+        from ddpm_rt.cli import raise_if_signalled
+
+        raise_if_signalled()  # a signal whose exception native code swallowed stops here
+        if info.preview is not None and (self.every and info.chunk_step % self.every == 0):
+            if info.chunk_step not in self.frames:
+                _, h, w = self.shape
+                self.frames[info.chunk_step] = np.zeros((self.images, h, w, 3), np.uint8)
+            rows = slice(info.first_image, info.first_image + info.images)
+            self.frames[info.chunk_step][rows] = info.preview
+
+    def write(self, images, provenance: dict) -> None:
+        from ddpm_rt.images import save_gif, save_png
+
+        save_png(self.out, images, scale=self.scale, ncols=self.ncols, provenance=provenance)
+        for k in sorted(self.frames):
+            if self.preview_every and k % self.preview_every == 0:
+                save_png(self._step_png(k), self.frames[k], self.scale, self.ncols)
+        if self.trajectory is not None:
+            frames = [self.frames[k] for k in sorted(self.frames)]
+            save_gif(self.trajectory, frames, self.scale, self.ncols)
+
+
+def _prompts_of(args: argparse.Namespace) -> list[str]:
     from ddpm_rt.text import check_prompt
 
-    # 1. Arguments and the output path, before anything is loaded.
-    model = bundle_arg(args.model, "--model")
-    check_threads(args.threads)
-    cfg = GenerateConfig(**fields_of(GenerateConfig, args))
-    cfg.validate()
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += _read_prompts(Path(args.prompts))
@@ -95,48 +153,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_prompt(p, "--prompt")
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
-    cfg.check_negative_prompt(args.negative_prompt)  # a given guidance now; the model's below
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out must be a .png file, got {out}")
-    check_writable(out, force=args.force)
-    check_png(1, 1, 1, args.scale)  # the scale's range; the PNG's size once the shape is known
-    if args.preview_every is not None and args.preview_every < 1:
-        raise InputError(f"--preview-every must be >= 1, got {args.preview_every}")
-    trajectory = Path(args.trajectory) if args.trajectory else None
-    if trajectory is not None:
-        if trajectory.suffix.lower() != ".gif":
-            raise InputError(f"--trajectory must be a .gif file, got {trajectory}")
-        check_writable(trajectory, force=args.force)
-    digest = _digest(args)
-    providers = _providers(args)
-    # 2. The manifest (validated, no graph loaded yet) sizes the output.
-    bundle = Bundle.load(model, hash_all=False, expected_digest=digest)
-    cfg = cfg.with_defaults(bundle.recommended)  # settings not given: the model's own
-    cfg.check_negative_prompt(args.negative_prompt)
-    _, h, w = bundle.output_shape(cfg.size)  # refuses a size the model does not give
-    ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
-    frames_kept = 0  # x̂0 grids held until the end: every step's for --trajectory
-    if args.preview_every or trajectory is not None:
-        from ddpm_rt.core.schedule import NoiseSchedule
+    return prompts
 
-        n = len(cfg.make_sampler(NoiseSchedule(bundle.schedule)).timesteps)
-        if args.preview_every:
-            for k in range(args.preview_every, n + 1, args.preview_every):
-                check_writable(out.with_name(f"{out.stem}.step{k:04d}.png"), force=args.force)
-        frames_kept = n if trajectory is not None else n // args.preview_every
-    check_png(cfg.num * len(prompts), h, w, args.scale, ncols)
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Arguments and output paths first; then the manifest (cheap) resolves the settings
+    and sizes the output; then the graphs load and the work runs."""
+    from ddpm_rt.bundle.bundle import Bundle
+    from ddpm_rt.config import check_memory, check_threads, estimate_bytes
+    from ddpm_rt.generator import Generator
+
+    # 1. Arguments and the output paths, before anything is loaded.
+    model = bundle_arg(args.model, "--model")
+    check_threads(args.threads)
+    cfg = GenerateConfig(**fields_of(GenerateConfig, args))
+    cfg.validate()
+    prompts = _prompts_of(args)
+    cfg.check_negative_prompt(args.negative_prompt)  # a given guidance: before any load
+    outputs = _Outputs(args)
+    digest, providers = _digest(args), _providers(args)
+    # 2. The manifest (validated, no graph loaded yet): the settings as the run will use
+    # them (GenerateConfig.resolve, as Generator.prepare does), which size the output.
+    bundle = Bundle.load(model, hash_all=False, expected_digest=digest)
+    resolved, sampler = cfg.resolve(bundle, args.negative_prompt)
+    shape = bundle.output_shape(resolved.size)
+    ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
+    frames = outputs.plan(cfg.num * len(prompts), shape, ncols, len(sampler.timesteps))
     what = f"{len(prompts)} x --num {cfg.num}"
-    if trajectory is not None:
-        what += f" with a {frames_kept}-frame --trajectory"
+    if outputs.trajectory is not None:
+        what += f" with a {frames}-frame --trajectory"
+    gif = outputs.trajectory is not None
     need = estimate_bytes(
-        cfg,
-        (3, h, w),
-        len(prompts),
-        frames_kept,
-        args.scale,
-        gif=trajectory is not None,
-        sample=bundle.sample_shape,
+        resolved, shape, len(prompts), frames, args.scale, gif=gif, sample=bundle.sample_shape
     )
     check_memory(what, need)
     # 3. The graphs, checked against the bundle; then the work.
@@ -150,38 +198,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine_cache=args.engine_cache,
         decoder_precision=args.decoder_precision,
     )
-    frames: dict[int, np.ndarray] = {}  # step within a chunk -> x̂0 of every image
-    every = 1 if trajectory is not None else (args.preview_every or 0)
-
-    def after_step(info) -> None:
-        raise_if_signalled()  # a signal whose exception native code swallowed stops here
-        if info.preview is not None and (every and info.chunk_step % every == 0):
-            if info.chunk_step not in frames:
-                frames[info.chunk_step] = np.zeros((cfg.num * len(prompts), h, w, 3), np.uint8)
-            frames[info.chunk_step][info.first_image : info.first_image + info.images] = (
-                info.preview
-            )
-
     t0 = time.perf_counter()
     job = gen.prepare(
         prompts if len(prompts) > 1 else prompts[0],
         negative_prompt=args.negative_prompt,
         config=cfg,
-        callback=after_step,
-        preview_every=every,
+        callback=outputs.after_step,
+        preview_every=outputs.every,
     )
     bar = not args.no_progress and sys.stderr.isatty()  # a progress bar only for a person
     images = gen.run(job, progress=bar)
-    provenance = gen.provenance(job)  # the settings as the run resolved them
-    save_png(out, images, scale=args.scale, ncols=ncols, provenance=provenance)
-    if args.preview_every:
-        for k in sorted(frames):
-            if k % args.preview_every == 0:
-                save_png(out.with_name(f"{out.stem}.step{k:04d}.png"), frames[k], args.scale, ncols)
-    if trajectory is not None:
-        save_gif(trajectory, [frames[k] for k in sorted(frames)], args.scale, ncols)
+    outputs.write(images, gen.provenance(job))  # the settings as the run resolved them
     print(
-        f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, "
+        f"wrote {outputs.out} ({len(images)} image{'s' * (len(images) > 1)}, "
         f"{time.perf_counter() - t0:.1f} s)",
         file=sys.stderr,
     )
