@@ -44,7 +44,7 @@ from .autoencoder import (
 )
 from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
 from .data import _load_array
-from .train import _device, batch_indices
+from .loop import batch_indices, pick_device
 
 DEFAULT_STEPS = 5000
 
@@ -118,7 +118,7 @@ class AETrainer:
             decoder_width=cfg.decoder_width,
         )
         self.decoder_gflop = check_decoder_cost(self.ae_config)  # refused before any work
-        self.device = _device(cfg.device)
+        self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build_autoencoder(self.ae_config).to(self.device)
         self.source = None  # the frozen encoder's checkpoint config, when fine-tuning

@@ -30,6 +30,7 @@ from ddpm_rt.images import save_png
 
 from .checkpoint import load_checkpoint, resume_settings, save_checkpoint
 from .data import Dataset, load_dataset
+from .loop import batch_indices, pick_device
 from .model import (
     ContextUnet,
     UNetConfig,
@@ -86,23 +87,6 @@ class TrainConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
-    """The rows of step ``step``: epoch e is the permutation ``PCG64([seed, e])`` of the n
-    rows, cut into ``max(1, n // batch)`` batches (a short last batch is dropped)."""
-    epoch, pos = divmod(step, max(1, n // batch))
-    perm = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
-    idx = perm[pos * batch : (pos + 1) * batch]
-    return idx if len(idx) else perm[:batch]
-
-
 def _dist_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
     import os
@@ -123,7 +107,7 @@ class Trainer:
         self.rank, self.world = _dist_env()
         if self.world > 1 and cfg.batch_size % self.world:
             raise InputError(f"batch size {cfg.batch_size} must divide by {self.world} processes")
-        self.device = _device(cfg.device)
+        self.device = pick_device(cfg.device)
         if self.world > 1 and self.device.type == "cuda":
             import os
 

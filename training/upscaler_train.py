@@ -35,7 +35,7 @@ from ddpm_rt.errors import CheckpointError, InputError
 from .autoencoder import to_pixels
 from .autoencoder_train import load_pixels
 from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
-from .train import _device, batch_indices
+from .loop import batch_indices, pick_device
 from .upscaler import (
     UPSCALER_FORMAT,
     UPSCALER_VERSION,
@@ -154,7 +154,7 @@ class UpscalerTrainer:
             )
         self.config = UpscalerConfig(width=cfg.width, blocks=cfg.blocks, low_size=size // factor)
         self.gflop = check_upscaler_cost(self.config)  # refused before any work
-        self.device = _device(cfg.device)
+        self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight init
         self.model = Upscaler(self.config).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
