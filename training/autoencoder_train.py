@@ -12,14 +12,12 @@ the uninterrupted one. Checkpoints are atomic, weights first and config.json las
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import ddpm_rt
 from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.errors import CheckpointError, InputError
 from ddpm_rt.images import save_png
@@ -39,9 +37,9 @@ from .autoencoder import (
     read_autoencoder_config,
     to_pixels,
 )
-from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
+from .checkpoint import resume_settings
 from .data import _load_array
-from .loop import TrainLoop, batch_indices, pick_device
+from .loop import SingleModelLoop, batch_indices, pick_device
 
 DEFAULT_STEPS = 5000
 
@@ -102,8 +100,9 @@ def load_pixels(path: str | Path, holdout_style: str) -> tuple[np.ndarray, np.nd
     return images, held
 
 
-class AETrainer(TrainLoop):
-    desc = "autoencoder"
+class AETrainer(SingleModelLoop):
+    desc = kind = "autoencoder"
+    read_config = staticmethod(read_autoencoder_config)
 
     def __init__(self, cfg: AETrainConfig, resume: bool = False):
         cfg.validate()
@@ -205,16 +204,19 @@ class AETrainer(TrainLoop):
     def summary(self) -> dict:
         return {"decoder_gflop": self.decoder_gflop, **self.last_eval, "out": str(self.out)}
 
-    # -- checkpoints --------------------------------------------------------------------
-    def save(self, log=None) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.last_eval = ev = self.evaluate()
+    # -- checkpoints (SingleModelLoop.save writes them) ---------------------------------
+    @property
+    def shape(self) -> AutoencoderConfig:
+        return self.ae_config
+
+    def checkpoint_figures(self) -> dict:
+        ev = self.evaluate()
         self.recon_grid()
-        if log is not None:
-            log.write(json.dumps({"step": self.step, **ev}) + "\n")
-            log.flush()
+        return ev
+
+    def checkpoint_meta(self, ev: dict) -> dict:
         c = self.ae_config
-        meta = {
+        return {
             "format": AE_FORMAT,
             "version": AE_VERSION,
             "autoencoder": c.to_dict(),
@@ -232,22 +234,7 @@ class AETrainer(TrainLoop):
             "psnr_heldout": ev["psnr_heldout"],
             "holdout_style": self.cfg.holdout_style,
             "encoder_sha256": encoder_sha256(self.model),
-            "train": asdict(self.cfg),
-            "step": self.step,
-            "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
         }
-        write_simple_checkpoint(self.out, self.model, self.opt, meta)
-
-    def _load_state(self) -> None:
-        meta = read_autoencoder_config(self.out)
-        if AutoencoderConfig.from_dict(meta["autoencoder"]) != self.ae_config:
-            raise CheckpointError(
-                f"the autoencoder in {self.out} has another shape ({meta['autoencoder']}); "
-                "use another --out"
-            )
-        self.step = restore_simple_checkpoint(
-            self.out, self.model, self.opt, self.device, int(meta["step"])
-        )
 
 
 def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool = True) -> dict:

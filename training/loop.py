@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ddpm_rt.errors import InputError
+import ddpm_rt
+from ddpm_rt.errors import CheckpointError, InputError
+
+from .checkpoint import restore_simple_checkpoint, write_simple_checkpoint
 
 
 def pick_device(name: str) -> torch.device:
@@ -143,3 +147,54 @@ class TrainLoop:
             "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
             **self.summary(),
         }
+
+
+class SingleModelLoop(TrainLoop):
+    """The loop of a trainer of one model without EMA (the autoencoder, the upscaler): every
+    checkpoint evaluates the model (the figures go to ``metrics.jsonl``, ``config.json`` and
+    the summary) and writes :func:`.checkpoint.write_simple_checkpoint`'s files. The subclass
+    sets ``kind`` (its key in ``config.json``), ``read_config`` and ``shape`` (the model's
+    config), and gives :meth:`evaluate` and :meth:`checkpoint_meta`."""
+
+    kind: str
+    read_config = None  # folder -> its config.json, checked
+
+    @property
+    def shape(self):
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def checkpoint_figures(self) -> dict:
+        """What a checkpoint records of the model's quality (default: :meth:`evaluate`)."""
+        return self.evaluate()
+
+    def checkpoint_meta(self, ev: dict) -> dict:
+        """``config.json`` up to its ``train``, ``step`` and ``producer`` (added here)."""
+        raise NotImplementedError
+
+    def save(self, log=None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.last_eval = ev = self.checkpoint_figures()
+        if log is not None:
+            log.write(json.dumps({"step": self.step, **ev}) + "\n")
+            log.flush()
+        meta = {
+            **self.checkpoint_meta(ev),
+            "train": asdict(self.cfg),
+            "step": self.step,
+            "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
+        }
+        write_simple_checkpoint(self.out, self.model, self.opt, meta)
+
+    def _load_state(self) -> None:
+        meta = type(self).read_config(self.out)
+        if type(self.shape).from_dict(meta[self.kind]) != self.shape:
+            raise CheckpointError(
+                f"the {self.kind} in {self.out} has another shape ({meta[self.kind]}); "
+                "use another --out"
+            )
+        self.step = restore_simple_checkpoint(
+            self.out, self.model, self.opt, self.device, int(meta["step"])
+        )

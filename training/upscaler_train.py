@@ -18,21 +18,19 @@ one (a test compares the weights).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import ddpm_rt
-from ddpm_rt.errors import CheckpointError, InputError
+from ddpm_rt.errors import InputError
 
 from .autoencoder import to_pixels
 from .autoencoder_train import load_pixels
-from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
-from .loop import TrainLoop, batch_indices, pick_device
+from .checkpoint import resume_settings
+from .loop import SingleModelLoop, batch_indices, pick_device
 from .upscaler import (
     UPSCALER_FORMAT,
     UPSCALER_VERSION,
@@ -137,8 +135,9 @@ def bicubic(low: torch.Tensor, f: int) -> torch.Tensor:
     return to_pixels(resize(u8, u8.shape[1] * f, "bicubic"))
 
 
-class UpscalerTrainer(TrainLoop):
-    desc = "upscaler"
+class UpscalerTrainer(SingleModelLoop):
+    desc = kind = "upscaler"
+    read_config = staticmethod(read_upscaler_config)
 
     def __init__(self, cfg: UpscalerTrainConfig, resume: bool = False):
         cfg.validate()
@@ -196,35 +195,19 @@ class UpscalerTrainer(TrainLoop):
     def summary(self) -> dict:
         return {"gflop": self.gflop, **self.last_eval, "out": str(self.out)}
 
-    def save(self, log=None) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.last_eval = ev = self.evaluate()
-        if log is not None:
-            log.write(json.dumps({"step": self.step, **ev}) + "\n")
-            log.flush()
-        meta = {
+    @property
+    def shape(self) -> UpscalerConfig:
+        return self.config
+
+    def checkpoint_meta(self, ev: dict) -> dict:
+        return {
             "format": UPSCALER_FORMAT,
             "version": UPSCALER_VERSION,
             "upscaler": self.config.to_dict(),
             "gflop": self.gflop,
             **ev,
             "holdout_style": self.cfg.holdout_style,
-            "train": asdict(self.cfg),
-            "step": self.step,
-            "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
         }
-        write_simple_checkpoint(self.out, self.model, self.opt, meta)
-
-    def _load_state(self) -> None:
-        meta = read_upscaler_config(self.out)
-        if UpscalerConfig.from_dict(meta["upscaler"]) != self.config:
-            raise CheckpointError(
-                f"the upscaler in {self.out} has another shape ({meta['upscaler']}); "
-                "use another --out"
-            )
-        self.step = restore_simple_checkpoint(
-            self.out, self.model, self.opt, self.device, int(meta["step"])
-        )
 
 
 def train_upscaler(cfg: UpscalerTrainConfig, resume: bool = False, progress: bool = True) -> dict:
