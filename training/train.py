@@ -243,9 +243,9 @@ class Trainer(TrainLoop):
         """A grid from the EMA weights: one row per label (or per data context), DDIM-25;
         latents are decoded by the data's autoencoder (no grid when it is not at hand)."""
         if self.data.latent is not None and self.decoder is None:
-            from .autoencoder import latent_decoder
+            from .autoencoder import sample_grid_decoder
 
-            self.decoder = latent_decoder(self.data.latent, self.device)
+            self.decoder = sample_grid_decoder(self.data.latent, self.device)
             if self.decoder is None:
                 return None
         ctx, _ = self.data.sample_contexts(rows)
