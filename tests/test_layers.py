@@ -1,4 +1,5 @@
-"""The runtime's layers import only downward (DESIGN's layout table; README's "Layout")."""
+"""The runtime's layers import only downward (DESIGN's layout table; README's "Layout");
+the torch side (export/, training/) and scripts/ are reached only where the layout says."""
 
 from __future__ import annotations
 

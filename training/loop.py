@@ -6,6 +6,7 @@ the optimiser step, a ``{"step", "loss", ...}`` line in ``metrics.jsonl`` every 
 and at the last, the progress bar, the checkpoints (every ``checkpoint_every`` steps and
 once at the end) and the summary. A trainer gives the per-model pieces: the loss of batch
 ``self.step``, what it saves and evaluates, and its own summary fields.
+:class:`SingleModelLoop` adds the checkpoint the autoencoder and the upscaler share.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class SingleModelLoop(TrainLoop):
         write_simple_checkpoint(self.out, self.model, self.opt, meta)
 
     def _load_state(self) -> None:
-        meta = type(self).read_config(self.out)
+        meta = self.read_config(self.out)
         if type(self.shape).from_dict(meta[self.kind]) != self.shape:
             raise CheckpointError(
                 f"the {self.kind} in {self.out} has another shape ({meta[self.kind]}); "
