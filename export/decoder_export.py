@@ -47,7 +47,7 @@ class _Decoder:
     sha256: str  # of its model.safetensors
 
 
-def latent_decoder(cfg: ExportConfig, info: dict) -> _Decoder:
+def decoder_for_bundle(cfg: ExportConfig, info: dict) -> _Decoder:
     """The autoencoder a latent U-Net was trained with (its weights' sha256 must match the
     checkpoint's record), as the bundle's decoder module."""
     from ddpm_rt.training.autoencoder import load_autoencoder

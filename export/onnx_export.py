@@ -73,9 +73,9 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
     latent_info = meta.get("latent")
     decoder = None
     if latent_info:  # the autoencoder is found and checked before anything is written
-        from .decoder_export import add_decoder, latent_decoder
+        from .decoder_export import add_decoder, decoder_for_bundle
 
-        decoder = latent_decoder(cfg, latent_info)
+        decoder = decoder_for_bundle(cfg, latent_info)
     elif cfg.autoencoder is not None:
         raise InputError(f"{ckpt} is a pixel U-Net: --autoencoder applies to latent models only")
     ckpt_sha = sha256_file(ckpt / "model.safetensors")

@@ -226,10 +226,11 @@ def load_autoencoder(ckpt_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), meta
 
 
-def latent_decoder(info: dict, device="cpu"):
-    """For latent data's ``latent`` record: a function scaled latents (N, C, h, w) ->
-    pixels (N, 3, H, W) in [-1, 1] (NumPy), or None (with a note on stderr) when the
-    autoencoder that made them is not at its recorded path or has other weights."""
+def sample_grid_decoder(info: dict, device="cpu"):
+    """The decoder of the U-Net trainer's sample grids. For latent data's ``latent`` record:
+    a function scaled latents (N, C, h, w) -> pixels (N, 3, H, W) in [-1, 1] (NumPy), or
+    None (with a note on stderr) when the autoencoder that made them is not at its recorded
+    path or has other weights."""
     import hashlib
     import sys
 

@@ -12,17 +12,12 @@ the uninterrupted one. Checkpoints are atomic, weights first and config.json las
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import ddpm_rt
 from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.errors import CheckpointError, InputError
 from ddpm_rt.images import save_png
@@ -42,9 +37,9 @@ from .autoencoder import (
     read_autoencoder_config,
     to_pixels,
 )
-from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
+from .checkpoint import resume_settings
 from .data import _load_array
-from .train import _device, batch_indices
+from .loop import SingleModelLoop, batch_indices, pick_device
 
 DEFAULT_STEPS = 5000
 
@@ -105,7 +100,10 @@ def load_pixels(path: str | Path, holdout_style: str) -> tuple[np.ndarray, np.nd
     return images, held
 
 
-class AETrainer:
+class AETrainer(SingleModelLoop):
+    desc = kind = "autoencoder"
+    read_config = staticmethod(read_autoencoder_config)
+
     def __init__(self, cfg: AETrainConfig, resume: bool = False):
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -118,7 +116,7 @@ class AETrainer:
             decoder_width=cfg.decoder_width,
         )
         self.decoder_gflop = check_decoder_cost(self.ae_config)  # refused before any work
-        self.device = _device(cfg.device)
+        self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build_autoencoder(self.ae_config).to(self.device)
         self.source = None  # the frozen encoder's checkpoint config, when fine-tuning
@@ -127,7 +125,7 @@ class AETrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=cfg.lr)
         self.pixels = to_pixels(self.train_images).to(self.device)  # (N, 3, H, W)
-        self.step, self.last_eval = 0, {}
+        self.step, self.total_steps, self.last_eval = 0, cfg.total_steps, {}
         if resume:
             self._load_state()
 
@@ -152,11 +150,9 @@ class AETrainer:
         self.model.encoder.requires_grad_(False)
         self.source = meta
 
-    def train_step(self) -> float:
+    def loss(self) -> torch.Tensor:
         idx = batch_indices(self.cfg.seed, self.step, len(self.pixels), self.cfg.batch_size)
         x = self.pixels[torch.from_numpy(idx).to(self.device)]
-        for g in self.opt.param_groups:
-            g["lr"] = self.cfg.lr * (1 - self.step / self.cfg.total_steps)
         if self.source is not None:  # the encoder is frozen
             with torch.no_grad():
                 z = encode(self.model, x)
@@ -164,12 +160,7 @@ class AETrainer:
         else:
             y = decode(self.model, encode(self.model, x))
         err = y - x
-        loss = err.abs().mean() + self.cfg.mse_weight * err.pow(2).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step += 1
-        return loss.item()
+        return err.abs().mean() + self.cfg.mse_weight * err.pow(2).mean()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -210,53 +201,22 @@ class AETrainer:
             ncols=len(shown),
         )
 
-    def fit(self, progress: bool = True) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(
-            total=self.cfg.total_steps,
-            initial=self.step,
-            disable=not progress,
-            unit="step",
-            desc="autoencoder",
-            dynamic_ncols=True,
-        )
-        t0, s0, losses = time.perf_counter(), self.step, []
-        with open(self.out / "metrics.jsonl", "a") as log:
-            try:
-                while self.step < self.cfg.total_steps:
-                    losses.append(self.train_step())
-                    bar.update()
-                    if self.step % 10 == 0 or self.step == self.cfg.total_steps:
-                        mean = float(np.mean(losses[-10:]))
-                        bar.set_postfix(loss=f"{mean:.4f}")
-                        log.write(json.dumps({"step": self.step, "loss": mean}) + "\n")
-                        log.flush()
-                    last = self.step == self.cfg.total_steps  # saved once, below
-                    if self.step % self.cfg.checkpoint_every == 0 and not last:
-                        self.save(log)
-            finally:
-                bar.close()
-            elapsed = time.perf_counter() - t0
-            self.save(log)
-        return {
-            "steps": self.step,
-            "it_per_s": (self.step - s0) / elapsed if elapsed and self.step > s0 else math.nan,
-            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
-            "decoder_gflop": self.decoder_gflop,
-            **self.last_eval,
-            "out": str(self.out),
-        }
+    def summary(self) -> dict:
+        return {"decoder_gflop": self.decoder_gflop, **self.last_eval, "out": str(self.out)}
 
-    # -- checkpoints --------------------------------------------------------------------
-    def save(self, log=None) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.last_eval = ev = self.evaluate()
+    # -- checkpoints (SingleModelLoop.save writes them) ---------------------------------
+    @property
+    def shape(self) -> AutoencoderConfig:
+        return self.ae_config
+
+    def checkpoint_figures(self) -> dict:
+        ev = self.evaluate()
         self.recon_grid()
-        if log is not None:
-            log.write(json.dumps({"step": self.step, **ev}) + "\n")
-            log.flush()
+        return ev
+
+    def checkpoint_meta(self, ev: dict) -> dict:
         c = self.ae_config
-        meta = {
+        return {
             "format": AE_FORMAT,
             "version": AE_VERSION,
             "autoencoder": c.to_dict(),
@@ -274,22 +234,7 @@ class AETrainer:
             "psnr_heldout": ev["psnr_heldout"],
             "holdout_style": self.cfg.holdout_style,
             "encoder_sha256": encoder_sha256(self.model),
-            "train": asdict(self.cfg),
-            "step": self.step,
-            "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
         }
-        write_simple_checkpoint(self.out, self.model, self.opt, meta)
-
-    def _load_state(self) -> None:
-        meta = read_autoencoder_config(self.out)
-        if AutoencoderConfig.from_dict(meta["autoencoder"]) != self.ae_config:
-            raise CheckpointError(
-                f"the autoencoder in {self.out} has another shape ({meta['autoencoder']}); "
-                "use another --out"
-            )
-        self.step = restore_simple_checkpoint(
-            self.out, self.model, self.opt, self.device, int(meta["step"])
-        )
 
 
 def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool = True) -> dict:

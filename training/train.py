@@ -13,15 +13,11 @@ resumed from a checkpoint continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import copy
-import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ddpm_rt.core.samplers import make_sampler, sample_loop, to_uint8
 from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig, timestep_input
@@ -30,6 +26,7 @@ from ddpm_rt.images import save_png
 
 from .checkpoint import load_checkpoint, resume_settings, save_checkpoint
 from .data import Dataset, load_dataset
+from .loop import TrainLoop, batch_indices, pick_device
 from .model import (
     ContextUnet,
     UNetConfig,
@@ -86,23 +83,6 @@ class TrainConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
-    """The rows of step ``step``: epoch e is the permutation ``PCG64([seed, e])`` of the n
-    rows, cut into ``max(1, n // batch)`` batches (a short last batch is dropped)."""
-    epoch, pos = divmod(step, max(1, n // batch))
-    perm = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
-    idx = perm[pos * batch : (pos + 1) * batch]
-    return idx if len(idx) else perm[:batch]
-
-
 def _dist_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
     import os
@@ -110,11 +90,13 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class Trainer:
+class Trainer(TrainLoop):
     """One training run. Under ``torchrun`` (WORLD_SIZE > 1) it trains with
     DistributedDataParallel: every rank draws the same global batch and noise from the
     (seed, step) generators and takes its shard ``[rank::world]``, so the averaged gradient
     is the single-process gradient; rank 0 alone logs, samples and checkpoints."""
+
+    zero_rate_when_idle = True
 
     def __init__(self, cfg: TrainConfig, data: Dataset, resume: bool = False):
         cfg.validate()
@@ -123,7 +105,7 @@ class Trainer:
         self.rank, self.world = _dist_env()
         if self.world > 1 and cfg.batch_size % self.world:
             raise InputError(f"batch size {cfg.batch_size} must divide by {self.world} processes")
-        self.device = _device(cfg.device)
+        self.device = pick_device(cfg.device)
         if self.world > 1 and self.device.type == "cuda":
             import os
 
@@ -170,11 +152,11 @@ class Trainer:
         if resume:
             self._load_state()
 
-    # -- one step -----------------------------------------------------------------------
+    # -- one step (TrainLoop.train_step sets the lr and steps the optimiser) -------------
     def _batch_indices(self, step: int) -> np.ndarray:
         return batch_indices(self.cfg.seed, step, len(self.data), self.cfg.batch_size)
 
-    def train_step(self) -> float:
+    def loss(self) -> torch.Tensor:
         cfg = self.cfg
         idx = torch.from_numpy(self._batch_indices(self.step)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step)
@@ -195,75 +177,45 @@ class Trainer:
             b = x0.shape[0]
         ab = self.alpha_bar[t].view(b, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        lr = cfg.lr * (1 - self.step / self.total_steps)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
         pred = self.net(x_t, timestep_input(t.float(), cfg.timesteps).view(b, 1), c)
-        loss = torch.nn.functional.mse_loss(pred, eps)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        return torch.nn.functional.mse_loss(pred, eps)
+
+    def after_update(self) -> None:
         # EMA with warm-up: early on, follow the raw weights closely.
-        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 pe.lerp_(p, 1 - decay)
             # BatchNorm's running statistics follow the raw model's (they are its own EMA).
             for be, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
                 be.copy_(b)
-        self.step += 1
-        return loss.item()
 
-    # -- the loop -----------------------------------------------------------------------
-    def fit(self, progress: bool = True) -> dict:
-        main = self.rank == 0
-        progress = progress and main
-        self.out.mkdir(parents=True, exist_ok=True)
+    # -- the loop's hooks (TrainLoop.fit runs the loop) -----------------------------------
+    def begin(self) -> None:
         (self.out / "samples").mkdir(exist_ok=True)
+
+    def log_fields(self) -> dict:
+        return {"epoch": self.step / self.steps_per_epoch}
+
+    def periodic(self, log) -> None:
+        # A checkpoint every checkpoint_every steps, the last step's too (and finish's).
+        if self.step % self.cfg.checkpoint_every == 0:
+            self.save()
         sample_steps = self.cfg.sample_every * self.steps_per_epoch
-        log = open(self.out / "metrics.jsonl", "a") if main else None
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            disable=not progress,
-            unit="step",
-            desc="train",
-            dynamic_ncols=True,
-        )
-        t0, s0, losses = time.perf_counter(), self.step, []
-        try:
-            while self.step < self.total_steps:
-                losses.append(self.train_step())
-                bar.update()
-                if not main:
-                    continue
-                if self.step % 10 == 0 or self.step == self.total_steps:
-                    mean = float(np.mean(losses[-10:]))
-                    bar.set_postfix(loss=f"{mean:.4f}")
-                    epoch = self.step / self.steps_per_epoch
-                    log.write(json.dumps({"step": self.step, "loss": mean, "epoch": epoch}) + "\n")
-                    log.flush()
-                if self.step % self.cfg.checkpoint_every == 0:
-                    self.save()
-                if sample_steps and self.step % sample_steps == 0:
-                    self.sample_grid()
-        finally:
-            bar.close()
-            if log:
-                log.close()
-        elapsed = time.perf_counter() - t0
-        summary = {
-            "steps": self.step,
-            "it_per_s": (self.step - s0) / elapsed if elapsed else math.nan,
-            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
-            "world_size": self.world,
-        }
-        if self.world > 1:
-            summary["ranks_in_sync"] = self._ranks_in_sync()
-        if main:
+        if sample_steps and self.step % sample_steps == 0:
+            self.sample_grid()
+
+    def finish(self, log) -> None:
+        self.in_sync = self._ranks_in_sync() if self.world > 1 else None
+        if self.rank == 0:
             self.save()
             self.sample_grid()
-        return summary
+
+    def summary(self) -> dict:
+        extra = {"world_size": self.world}
+        if self.world > 1:
+            extra["ranks_in_sync"] = self.in_sync
+        return extra
 
     def _ranks_in_sync(self) -> bool:
         """All ranks hold bit-identical raw and EMA weights (checked by gathering checksums)."""
@@ -291,9 +243,9 @@ class Trainer:
         """A grid from the EMA weights: one row per label (or per data context), DDIM-25;
         latents are decoded by the data's autoencoder (no grid when it is not at hand)."""
         if self.data.latent is not None and self.decoder is None:
-            from .autoencoder import latent_decoder
+            from .autoencoder import sample_grid_decoder
 
-            self.decoder = latent_decoder(self.data.latent, self.device)
+            self.decoder = sample_grid_decoder(self.data.latent, self.device)
             if self.decoder is None:
                 return None
         ctx, _ = self.data.sample_contexts(rows)
@@ -323,7 +275,7 @@ class Trainer:
             ncols=per_context,
         )
 
-    def save(self) -> None:
+    def save(self, log=None) -> None:
         save_checkpoint(self)
 
     def _load_state(self) -> None:

@@ -18,24 +18,19 @@ one (a test compares the weights).
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import ddpm_rt
-from ddpm_rt.errors import CheckpointError, InputError
+from ddpm_rt.errors import InputError
 
 from .autoencoder import to_pixels
 from .autoencoder_train import load_pixels
-from .checkpoint import restore_simple_checkpoint, resume_settings, write_simple_checkpoint
-from .train import _device, batch_indices
+from .checkpoint import resume_settings
+from .loop import SingleModelLoop, batch_indices, pick_device
 from .upscaler import (
     UPSCALER_FORMAT,
     UPSCALER_VERSION,
@@ -140,7 +135,10 @@ def bicubic(low: torch.Tensor, f: int) -> torch.Tensor:
     return to_pixels(resize(u8, u8.shape[1] * f, "bicubic"))
 
 
-class UpscalerTrainer:
+class UpscalerTrainer(SingleModelLoop):
+    desc = kind = "upscaler"
+    read_config = staticmethod(read_upscaler_config)
+
     def __init__(self, cfg: UpscalerTrainConfig, resume: bool = False):
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -154,32 +152,25 @@ class UpscalerTrainer:
             )
         self.config = UpscalerConfig(width=cfg.width, blocks=cfg.blocks, low_size=size // factor)
         self.gflop = check_upscaler_cost(self.config)  # refused before any work
-        self.device = _device(cfg.device)
+        self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # weight init
         self.model = Upscaler(self.config).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.pixels = to_pixels(images[~held]).to(self.device)
         self.heldout = to_pixels(images[held])
-        self.step, self.last_eval = 0, {}
+        self.step, self.total_steps, self.last_eval = 0, cfg.total_steps, {}
         if resume:
             self._load_state()
 
-    def train_step(self) -> float:
+    def loss(self) -> torch.Tensor:
         f = self.config.factor
         idx = batch_indices(self.cfg.seed, self.step, len(self.pixels), self.cfg.batch_size)
         x = self.pixels[torch.from_numpy(idx).to(self.device)]
         low = box_down(x, f)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         seen, aug = augment(low, self.cfg, gen)
-        for g in self.opt.param_groups:
-            g["lr"] = self.cfg.lr * (1 - self.step / self.cfg.total_steps)
         y = self.model(low, aug, cond=seen)
-        loss = loss_of(y, x, self.cfg.edge_weight)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step += 1
-        return loss.item()
+        return loss_of(y, x, self.cfg.edge_weight)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -201,72 +192,22 @@ class UpscalerTrainer:
         finally:
             self.model.train()
 
-    def fit(self, progress: bool = True) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(
-            total=self.cfg.total_steps,
-            initial=self.step,
-            disable=not progress,
-            unit="step",
-            desc="upscaler",
-            dynamic_ncols=True,
-        )
-        t0, s0, losses = time.perf_counter(), self.step, []
-        with open(self.out / "metrics.jsonl", "a") as log:
-            try:
-                while self.step < self.cfg.total_steps:
-                    losses.append(self.train_step())
-                    bar.update()
-                    if self.step % 10 == 0 or self.step == self.cfg.total_steps:
-                        mean = float(np.mean(losses[-10:]))
-                        bar.set_postfix(loss=f"{mean:.4f}")
-                        log.write(json.dumps({"step": self.step, "loss": mean}) + "\n")
-                        log.flush()
-                    last = self.step == self.cfg.total_steps
-                    if self.step % self.cfg.checkpoint_every == 0 and not last:
-                        self.save(log)
-            finally:
-                bar.close()
-            elapsed = time.perf_counter() - t0
-            self.save(log)
-        return {
-            "steps": self.step,
-            "it_per_s": (self.step - s0) / elapsed if elapsed and self.step > s0 else math.nan,
-            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
-            "gflop": self.gflop,
-            **self.last_eval,
-            "out": str(self.out),
-        }
+    def summary(self) -> dict:
+        return {"gflop": self.gflop, **self.last_eval, "out": str(self.out)}
 
-    def save(self, log=None) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.last_eval = ev = self.evaluate()
-        if log is not None:
-            log.write(json.dumps({"step": self.step, **ev}) + "\n")
-            log.flush()
-        meta = {
+    @property
+    def shape(self) -> UpscalerConfig:
+        return self.config
+
+    def checkpoint_meta(self, ev: dict) -> dict:
+        return {
             "format": UPSCALER_FORMAT,
             "version": UPSCALER_VERSION,
             "upscaler": self.config.to_dict(),
             "gflop": self.gflop,
             **ev,
             "holdout_style": self.cfg.holdout_style,
-            "train": asdict(self.cfg),
-            "step": self.step,
-            "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
         }
-        write_simple_checkpoint(self.out, self.model, self.opt, meta)
-
-    def _load_state(self) -> None:
-        meta = read_upscaler_config(self.out)
-        if UpscalerConfig.from_dict(meta["upscaler"]) != self.config:
-            raise CheckpointError(
-                f"the upscaler in {self.out} has another shape ({meta['upscaler']}); "
-                "use another --out"
-            )
-        self.step = restore_simple_checkpoint(
-            self.out, self.model, self.opt, self.device, int(meta["step"])
-        )
 
 
 def train_upscaler(cfg: UpscalerTrainConfig, resume: bool = False, progress: bool = True) -> dict:
