@@ -34,6 +34,15 @@ __all__ = ["GenerateConfig", "Generator", "StepInfo"]
 DEFAULT_UNET_PRECISION = "fp32"
 
 
+def _pick(what: str, offered: dict[str, str], precision) -> tuple[str, str]:
+    """(precision, its graph) of a graph family the bundle offers as ``offered``."""
+    if not isinstance(precision, str) or precision not in offered:
+        raise InputError(
+            f"this bundle's {what} comes in {', '.join(offered)}, not {precision!r:.20}"
+        )
+    return precision, offered[precision]
+
+
 def _check_call(config, callback, preview_every, overrides) -> None:
     """The Python call's own arguments (the request's settings are GenerateConfig's)."""
     if callback is not None and not callable(callback):
@@ -103,50 +112,7 @@ class Generator:
                 f"text precision must be a string, got {type(text_precision).__name__}"
             )
         self.schedule = NoiseSchedule(self.bundle.schedule)
-        self.text: TextEncoder | None = None
-        variants = self.bundle.unet_precisions
-        if unet_precision is None:
-            unet_precision = (
-                DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
-            )
-        if backend == "trt" and isinstance(unet_precision, str):
-            from ddpm_rt.backends.trt_build import (
-                unet_graph_for,  # TensorRT's int8 is the Q/DQ graph
-            )
-
-            self.unet_graph = unet_graph_for(self.bundle, unet_precision)
-        elif isinstance(unet_precision, str) and unet_precision in variants:
-            self.unet_graph = variants[unet_precision]
-        else:
-            raise InputError(
-                f"this bundle's U-Net comes in {', '.join(variants)}, not {unet_precision!r:.20}"
-            )
-        self.unet_precision = unet_precision
-        self.text_precision: str | None = None  # a text bundle's encoder precision
-        cond = self.bundle.conditioning
-        if cond["kind"] == "text":
-            t = cond["text"]
-            precision = text_precision or t["default_precision"]
-            if precision not in t["graphs"]:
-                raise InputError(
-                    f"this bundle's text encoder comes in {', '.join(t['graphs'])}, "
-                    f"not {precision!r:.20}"
-                )
-            self.text_precision = precision
-        elif text_precision is not None:
-            raise InputError("text precision applies to text-conditioned bundles only")
-        self.decoder_graph: str | None = None  # a latent bundle's decoder
-        self.decoder_precision: str | None = None
-        decoders = self.bundle.decoder_precisions
-        if decoders:
-            dprec = decoder_precision or self.bundle.latent["decoder"]["default_precision"]
-            if not isinstance(dprec, str) or dprec not in decoders:
-                raise InputError(
-                    f"this bundle's decoder comes in {', '.join(decoders)}, not {dprec!r:.20}"
-                )
-            self.decoder_graph, self.decoder_precision = decoders[dprec], dprec
-        elif decoder_precision is not None:
-            raise InputError("decoder precision applies to latent bundles only")
+        self._choose_graphs(backend, unet_precision, text_precision, decoder_precision)
         cache = None
         if engine_cache is not None:
             from ddpm_rt.backends.engine_cache import EngineCache
@@ -156,19 +122,51 @@ class Generator:
             backend, self.bundle, providers, threads=threads, engine_cache=cache
         )
         # Sessions the generation path uses are created (and checked) now, not mid-call.
-        self.backend.session(self.unet_graph)
-        if self.decoder_graph is not None:
-            self.backend.session(self.decoder_graph)
-        if cond["kind"] == "text":
-            graph = t["graphs"][precision]
-            self.backend.session(graph)
+        for graph in (self.unet_graph, self.decoder_graph, self.text_graph):
+            if graph is not None:
+                self.backend.session(graph)
+        self.text: TextEncoder | None = None
+        if self.text_graph is not None:
+            t = self.bundle.conditioning["text"]
             self.text = TextEncoder(
                 self.backend,
                 self.bundle.read_file(t["tokenizer"]),
-                graph,
+                self.text_graph,
                 int(t["max_tokens"]),
-                int(cond["context_dim"]),
+                int(self.bundle.conditioning["context_dim"]),
             )
+
+    def _choose_graphs(self, backend: str, unet, text, decoder) -> None:
+        """Each graph family's precision and graph: the one asked for, else the default
+        (:data:`DEFAULT_UNET_PRECISION` if offered; the text encoder's and the decoder's:
+        the bundle's), refused unless the bundle offers it. On TensorRT the U-Net's
+        ``int8`` is the bundle's symmetric Q/DQ graph."""
+        b = self.bundle
+        variants = b.unet_precisions
+        if unet is None:
+            unet = DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
+        if backend == "trt" and isinstance(unet, str):
+            from ddpm_rt.backends.trt_build import unet_graph_for  # int8: the Q/DQ graph
+
+            self.unet_graph, self.unet_precision = unet_graph_for(b, unet), unet
+        else:
+            self.unet_precision, self.unet_graph = _pick("U-Net", variants, unet)
+        self.text_precision = self.text_graph = None  # a text bundle's encoder
+        if b.conditioning["kind"] == "text":
+            t = b.conditioning["text"]
+            offered = t["graphs"]
+            asked = text or t["default_precision"]
+            self.text_precision, self.text_graph = _pick("text encoder", offered, asked)
+        elif text is not None:
+            raise InputError("text precision applies to text-conditioned bundles only")
+        self.decoder_precision = self.decoder_graph = None  # a latent bundle's decoder
+        if b.decoder_precisions:
+            asked = decoder or b.latent["decoder"]["default_precision"]
+            self.decoder_precision, self.decoder_graph = _pick(
+                "decoder", b.decoder_precisions, asked
+            )
+        elif decoder is not None:
+            raise InputError("decoder precision applies to latent bundles only")
 
     def provenance(self, job: Job | None = None) -> dict:
         """What made an image, for a PNG's settings chunk. Without ``job``: this generator's

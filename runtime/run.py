@@ -107,32 +107,7 @@ class Run:
             return
         gen = self.gen
         self.size = self.parts[0][0].config.size  # one per batch (batch_key)
-        d = gen.bundle.context_dim
-        sizes = [stop - start for _, start, stop in self.parts]
-        # part number of every row; rows of ended parts are dropped as the run goes
-        self.owner = np.repeat(np.arange(len(self.parts)), sizes)
-        contexts = np.concatenate([j.contexts[a:b] for j, a, b in self.parts])
-        scales = np.concatenate(
-            [
-                np.full(n, j.config.guidance, np.float32)
-                for (j, _, _), n in zip(self.parts, sizes, strict=True)
-            ]
-        )
-        uncond = np.concatenate(
-            [
-                np.broadcast_to(
-                    np.zeros(d, np.float32) if j.negative is None else j.negative, (n, d)
-                )
-                for (j, _, _), n in zip(self.parts, sizes, strict=True)
-            ]
-        )
-        seeds = np.concatenate(
-            [
-                np.full(n, j.config.seed, dtype=object)
-                for (j, _, _), n in zip(self.parts, sizes, strict=True)
-            ]
-        )
-        index = np.concatenate([j.image_index[a:b] for j, a, b in self.parts])
+        contexts, scales, uncond, seeds, index = self._rows()
         sampler = self.parts[0][0].sampler.fresh()  # multistep solvers keep per-run history
         n_steps = len(sampler.timesteps)
         self.unet = GuidedUNet(
@@ -168,6 +143,31 @@ class Run:
         for k, (job, _, _) in enumerate(self.parts):
             if job.error is None:
                 job._pixels.append(pixels[self.owner == k])
+
+    def _rows(self):
+        """Per row of the run, from its part's job: context, guidance scale, unconditional
+        context (zeros, or the negative prompt's), seed and image index; and ``owner``,
+        each row's part number (rows of ended parts are dropped as the run goes)."""
+        d = self.gen.bundle.context_dim
+        sizes = [stop - start for _, start, stop in self.parts]
+        jobs = [j for j, _, _ in self.parts]
+        self.owner = np.repeat(np.arange(len(self.parts)), sizes)
+        contexts = np.concatenate([j.contexts[a:b] for j, a, b in self.parts])
+        scales = np.concatenate(
+            [np.full(n, j.config.guidance, np.float32) for j, n in zip(jobs, sizes, strict=True)]
+        )
+        zeros = np.zeros(d, np.float32)
+        uncond = np.concatenate(
+            [
+                np.broadcast_to(zeros if j.negative is None else j.negative, (n, d))
+                for j, n in zip(jobs, sizes, strict=True)
+            ]
+        )
+        seeds = np.concatenate(
+            [np.full(n, j.config.seed, dtype=object) for j, n in zip(jobs, sizes, strict=True)]
+        )
+        index = np.concatenate([j.image_index[a:b] for j, a, b in self.parts])
+        return contexts, scales, uncond, seeds, index
 
     def _pixels(self, x: np.ndarray) -> np.ndarray:
         """The batch's pictures at its size (the bundle's image unless a cascade's base)."""

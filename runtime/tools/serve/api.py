@@ -238,10 +238,8 @@ def _generate_schema(limits: Limits) -> dict:
     }
 
 
-def openapi_schema(title: str, version: str, limits: Limits) -> dict:
-    """The OpenAPI 3.1 document served at ``/openapi.json``."""
-    generate = _generate_schema(limits)
-    props = generate["properties"]
+def _responses() -> tuple[dict, dict]:
+    """The images response's schema, and the refusals' responses (one error shape)."""
     error = {
         "type": "object",
         "properties": {
@@ -285,10 +283,12 @@ def openapi_schema(title: str, version: str, limits: Limits) -> dict:
         for k, v in refusals.items()
     }
 
-    def body_of(schema):
-        return {"required": True, "content": {"application/json": {"schema": schema}}}
+    return images, err
 
-    openai = {
+
+def _openai_schema(props: dict, limits: Limits) -> dict:
+    """``/v1/images/generations``' body: the OpenAI API's fields and this API's settings."""
+    return {
         "type": "object",
         "required": ["prompt"],
         "properties": {
@@ -304,6 +304,19 @@ def openapi_schema(title: str, version: str, limits: Limits) -> dict:
             },
         },
     }
+
+
+def openapi_schema(title: str, version: str, limits: Limits) -> dict:
+    """The OpenAPI 3.1 document served at ``/openapi.json`` (its length is the paths' table,
+    a literal)."""
+    generate = _generate_schema(limits)
+    props = generate["properties"]
+    images, err = _responses()
+    openai = _openai_schema(props, limits)
+
+    def body_of(schema):
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
     return {
         "openapi": "3.1.0",
         "info": {
