@@ -159,6 +159,25 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+# train's numeric flags without help text (TrainConfig's fields; defaults there)
+_TRAIN_NUMBERS = (
+    ("steps", int),
+    ("epochs", float),
+    ("batch-size", int),
+    ("lr", float),
+    ("ema-decay", float),
+    ("context-dropout", float),
+    ("seed", int),
+    ("sample-every", int),
+    ("checkpoint-every", int),
+    ("n-feat", int),
+    ("blocks", int),
+    ("timesteps", int),
+    ("beta-start", float),
+    ("beta-end", float),
+)
+
+
 def _add_train_parser(sub, common) -> None:
     """``ddpm-rt train``: the U-Net."""
     t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
@@ -175,22 +194,7 @@ def _add_train_parser(sub, common) -> None:
     t.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    for flag, typ in (
-        ("steps", int),
-        ("epochs", float),
-        ("batch-size", int),
-        ("lr", float),
-        ("ema-decay", float),
-        ("context-dropout", float),
-        ("seed", int),
-        ("sample-every", int),
-        ("checkpoint-every", int),
-        ("n-feat", int),
-        ("blocks", int),
-        ("timesteps", int),
-        ("beta-start", float),
-        ("beta-end", float),
-    ):
+    for flag, typ in _TRAIN_NUMBERS:
         t.add_argument(f"--{flag}", type=typ)
     t.add_argument(
         "--context-gate",
