@@ -176,6 +176,36 @@ def validate_manifest(m: Any) -> None:
 
 
 def _validate(m: Any) -> None:
+    """One section after another, in this order: the first bad field is the one reported."""
+    requires = _version_and_requires(m)
+    files = _files(m)
+    c, h, w = _image(m)
+    latent = _latent_presence(m, requires)
+    sample = (c, h, w) if latent is None else _latent(latent, h, w)  # what the U-Net samples
+    timesteps = _schedule(m)
+    graphs = _graphs(m, files)
+    precisions = _unet_precisions(m, graphs)
+    _recommended(m, timesteps)
+    cond = _dict(m, "", "conditioning")
+    kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
+    d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
+    for gname in {"unet", *(e["graph"] for e in precisions.values())}:
+        _expect_graph(
+            unet_io(*sample, d),
+            graphs[gname],
+            f"must agree with {'latent' if latent is not None else 'image'} and conditioning",
+        )
+    if latent is not None:
+        _latent_decoder(latent, graphs, sample, h, w)
+    if kind == "label":
+        _label_names(cond, d)
+    if kind == "text":
+        _text(cond, d, files, graphs)
+
+
+def _version_and_requires(m: Any) -> list:
+    """``schema_version`` and ``requires``: a newer bundle, or one that needs a feature this
+    runtime lacks, is refused with advice to upgrade. Returns ``requires``."""
     if not isinstance(m, dict):
         _fail("manifest", "must be a JSON object")
     version = _get(m, "", "schema_version")
@@ -195,7 +225,11 @@ def _validate(m: Any) -> None:
             f"bundle requires feature(s) this ddpm-rt does not have: {', '.join(missing)}; "
             "upgrade ddpm-rt"
         )
+    return requires
 
+
+def _files(m: dict) -> dict:
+    """``files``: plain names, each with its sha256 and size."""
     files = _dict(m, "", "files")
     if not 1 <= len(files) <= MAX_FILES:
         _fail("files", f"must list 1-{MAX_FILES} files, got {len(files)}")
@@ -206,13 +240,22 @@ def _validate(m: Any) -> None:
             _fail(where, f"must be an object, got {_show(meta)}")
         _str(meta, where, "sha256", _SHA256)
         _int(meta, where, "bytes", 1, MAX_FILE_BYTES)
+    return files
 
+
+def _image(m: dict) -> tuple[int, int, int]:
+    """``image``: the RGB picture the runtime writes, (channels, height, width)."""
     image = _dict(m, "", "image")
     c = _int(image, "image", "channels", 3, 3)  # the runtime writes RGB
     h = _int(image, "image", "height", 4, MAX_IMAGE_SIDE)
     w = _int(image, "image", "width", 4, MAX_IMAGE_SIDE)
     if h % 4 or w % 4:
         _fail("image", f"height and width must be divisible by 4, got {h}x{w}")
+    return c, h, w
+
+
+def _latent_presence(m: dict, requires: list) -> dict | None:
+    """The optional ``latent`` object, present exactly when ``requires`` lists 'latent'."""
     latent = _dict(m, "", "latent", required=False)
     if latent is not None and "latent" not in requires:
         _fail(
@@ -222,32 +265,37 @@ def _validate(m: Any) -> None:
         )
     if "latent" in requires and latent is None:
         _fail("latent", "missing (the bundle requires 'latent')")
-    sample = (c, h, w)  # what the U-Net samples: the image, or the latent
-    if latent is not None:
-        lc = _int(latent, "latent", "channels", 1, MAX_LATENT_CHANNELS)
-        lh = _int(latent, "latent", "height", 4, h)
-        lw = _int(latent, "latent", "width", 4, w)
-        if lh % 4 or lw % 4:
-            _fail("latent", f"height and width must be divisible by 4, got {lh}x{lw}")
-        if h % lh or w % lw or h // lh != w // lw:
-            _fail("latent", f"{lh}x{lw} must divide the image {h}x{w} by one whole factor")
-        _float(latent, "latent", "scale_factor", 0.0, MAX_SCALE_FACTOR)
-        shift = latent.get("shift")
-        if shift is not None and not (
-            isinstance(shift, list)
-            and len(shift) == lc
-            and all(type(v) in (int, float) and math.isfinite(v) for v in shift)
-        ):
-            _fail("latent.shift", f"must be a list of {lc} finite numbers, got {_show(shift)}")
-        sample = (lc, lh, lw)
-        if "kind" in latent and _str(latent, "latent", "kind", choices=LATENT_KINDS) == "pixels":
-            if lc != 3:
-                _fail("latent", f"a 'pixels' latent is an RGB picture: 3 channels, got {lc}")
-            if latent["scale_factor"] != 1 or any(v != 0 for v in (shift or [])):
-                _fail(
-                    "latent", "a 'pixels' latent has scale_factor 1 and shift 0 (it is the picture)"
-                )
+    return latent
 
+
+def _latent(latent: dict, h: int, w: int) -> tuple[int, int, int]:
+    """``latent``'s shape, scale and shift (its decoder is checked once the graphs are
+    known: :func:`_latent_decoder`). Returns the latent's (channels, height, width)."""
+    lc = _int(latent, "latent", "channels", 1, MAX_LATENT_CHANNELS)
+    lh = _int(latent, "latent", "height", 4, h)
+    lw = _int(latent, "latent", "width", 4, w)
+    if lh % 4 or lw % 4:
+        _fail("latent", f"height and width must be divisible by 4, got {lh}x{lw}")
+    if h % lh or w % lw or h // lh != w // lw:
+        _fail("latent", f"{lh}x{lw} must divide the image {h}x{w} by one whole factor")
+    _float(latent, "latent", "scale_factor", 0.0, MAX_SCALE_FACTOR)
+    shift = latent.get("shift")
+    if shift is not None and not (
+        isinstance(shift, list)
+        and len(shift) == lc
+        and all(type(v) in (int, float) and math.isfinite(v) for v in shift)
+    ):
+        _fail("latent.shift", f"must be a list of {lc} finite numbers, got {_show(shift)}")
+    if "kind" in latent and _str(latent, "latent", "kind", choices=LATENT_KINDS) == "pixels":
+        if lc != 3:
+            _fail("latent", f"a 'pixels' latent is an RGB picture: 3 channels, got {lc}")
+        if latent["scale_factor"] != 1 or any(v != 0 for v in (shift or [])):
+            _fail("latent", "a 'pixels' latent has scale_factor 1 and shift 0 (it is the picture)")
+    return lc, lh, lw
+
+
+def _schedule(m: dict) -> int:
+    """``schedule``: a linear beta schedule. Returns its number of timesteps."""
     sched = _dict(m, "", "schedule")
     _str(sched, "schedule", "kind", choices=("linear",))
     _int(sched, "schedule", "timesteps", 1, MAX_TIMESTEPS)
@@ -255,14 +303,22 @@ def _validate(m: Any) -> None:
     b1 = _float(sched, "schedule", "beta_end", 0.0, 1.0)
     if b0 > b1:
         _fail("schedule", f"beta_start {b0} must not exceed beta_end {b1}")
+    return int(sched["timesteps"])
 
+
+def _graphs(m: dict, files: dict) -> dict[str, GraphIO]:
+    """``graphs``: each one's file and tensors; a 'unet' among them."""
     graphs_raw = _dict(m, "", "graphs")
     if not 1 <= len(graphs_raw) <= MAX_GRAPHS:
         _fail("graphs", f"must hold 1-{MAX_GRAPHS} graphs, got {len(graphs_raw)}")
     graphs = {name: _graph(name, g, files) for name, g in graphs_raw.items()}
     if "unet" not in graphs:
         _fail("graphs", "no 'unet' graph")
+    return graphs
 
+
+def _unet_precisions(m: dict, graphs: dict) -> dict:
+    """The optional ``unet_precisions``: a known precision -> a graph of the bundle."""
     precisions = _dict(m, "", "unet_precisions", required=False) or {}
     for precision, entry in precisions.items():
         where = f"unet_precisions.{precision}"
@@ -275,61 +331,59 @@ def _validate(m: Any) -> None:
         gname = _str(entry, where, "graph", _GRAPH_NAME)
         if gname not in graphs:
             _fail(f"{where}.graph", f"{gname} is not a graph of this bundle")
+    return precisions
 
-    _recommended(m, int(sched["timesteps"]))
 
-    cond = _dict(m, "", "conditioning")
-    kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
-    d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
-    for gname in {"unet", *(e["graph"] for e in precisions.values())}:
-        _expect_graph(
-            unet_io(*sample, d),
-            graphs[gname],
-            f"must agree with {'latent' if latent is not None else 'image'} and conditioning",
-        )
-    if latent is not None:
-        dec = _dict(latent, "latent", "decoder")
-        dgraphs = _dict(dec, "latent.decoder", "graphs")
-        if not dgraphs:
-            _fail("latent.decoder.graphs", "must name at least one decoder graph")
-        for precision, gname in dgraphs.items():
-            where = f"latent.decoder.graphs.{precision}"
-            if precision not in DECODER_PRECISIONS:
-                _fail(
-                    "latent.decoder.graphs",
-                    f"{_show(precision)} is not one of {', '.join(DECODER_PRECISIONS)}",
-                )
-            if not isinstance(gname, str) or gname not in graphs:
-                _fail(where, f"{_show(gname)} is not a graph of this bundle")
-            _expect_graph(decoder_io(*sample, h, w), graphs[gname], "the latent decoder")
-        _str(dec, "latent.decoder", "default_precision", choices=tuple(dgraphs))
-    if kind == "label":
-        names = _get(cond, "conditioning", "label_names", required=False) or []
-        ok = isinstance(names, list) and len(names) <= min(d, MAX_LABELS)
-        if not ok or not all(isinstance(n, str) and n.strip() for n in names):
+def _latent_decoder(latent: dict, graphs: dict, sample: tuple, h: int, w: int) -> None:
+    """``latent.decoder``: a graph per known precision, latent -> image, and its default."""
+    dec = _dict(latent, "latent", "decoder")
+    dgraphs = _dict(dec, "latent.decoder", "graphs")
+    if not dgraphs:
+        _fail("latent.decoder.graphs", "must name at least one decoder graph")
+    for precision, gname in dgraphs.items():
+        where = f"latent.decoder.graphs.{precision}"
+        if precision not in DECODER_PRECISIONS:
             _fail(
-                "conditioning.label_names",
-                f"must be a list of at most context_dim ({d}) non-empty strings",
+                "latent.decoder.graphs",
+                f"{_show(precision)} is not one of {', '.join(DECODER_PRECISIONS)}",
             )
-    if kind == "text":
-        text = _dict(cond, "conditioning", "text")
-        _int(text, "conditioning.text", "max_tokens", 2, MAX_TOKENS)
-        tok = check_file_name(
-            _get(text, "conditioning.text", "tokenizer"), "conditioning.text.tokenizer"
+        if not isinstance(gname, str) or gname not in graphs:
+            _fail(where, f"{_show(gname)} is not a graph of this bundle")
+        _expect_graph(decoder_io(*sample, h, w), graphs[gname], "the latent decoder")
+    _str(dec, "latent.decoder", "default_precision", choices=tuple(dgraphs))
+
+
+def _label_names(cond: dict, d: int) -> None:
+    """A label model's optional ``conditioning.label_names``: at most one per context dim."""
+    names = _get(cond, "conditioning", "label_names", required=False) or []
+    ok = isinstance(names, list) and len(names) <= min(d, MAX_LABELS)
+    if not ok or not all(isinstance(n, str) and n.strip() for n in names):
+        _fail(
+            "conditioning.label_names",
+            f"must be a list of at most context_dim ({d}) non-empty strings",
         )
-        if tok not in files:
-            _fail("conditioning.text.tokenizer", f"{tok} is not listed under 'files'")
-        if "embedding_dim" in text and text["embedding_dim"] != d:
-            _fail("conditioning.text.embedding_dim", f"must equal context_dim ({d})")
-        tgraphs = _dict(text, "conditioning.text", "graphs")
-        if not tgraphs:
-            _fail("conditioning.text.graphs", "must name at least one text-encoder graph")
-        for precision, gname in tgraphs.items():
-            where = f"conditioning.text.graphs.{precision}"
-            if not isinstance(gname, str) or gname not in graphs:
-                _fail(where, f"{_show(gname)} is not a graph of this bundle")
-            _expect_graph(text_encoder_io(d), graphs[gname], "a text encoder")
-        _str(text, "conditioning.text", "default_precision", choices=tuple(tgraphs))
+
+
+def _text(cond: dict, d: int, files: dict, graphs: dict) -> None:
+    """A text model's ``conditioning.text``: tokenizer, token limit, encoder graphs."""
+    text = _dict(cond, "conditioning", "text")
+    _int(text, "conditioning.text", "max_tokens", 2, MAX_TOKENS)
+    tok = check_file_name(
+        _get(text, "conditioning.text", "tokenizer"), "conditioning.text.tokenizer"
+    )
+    if tok not in files:
+        _fail("conditioning.text.tokenizer", f"{tok} is not listed under 'files'")
+    if "embedding_dim" in text and text["embedding_dim"] != d:
+        _fail("conditioning.text.embedding_dim", f"must equal context_dim ({d})")
+    tgraphs = _dict(text, "conditioning.text", "graphs")
+    if not tgraphs:
+        _fail("conditioning.text.graphs", "must name at least one text-encoder graph")
+    for precision, gname in tgraphs.items():
+        where = f"conditioning.text.graphs.{precision}"
+        if not isinstance(gname, str) or gname not in graphs:
+            _fail(where, f"{_show(gname)} is not a graph of this bundle")
+        _expect_graph(text_encoder_io(d), graphs[gname], "a text encoder")
+    _str(text, "conditioning.text", "default_precision", choices=tuple(tgraphs))
 
 
 RECOMMENDED_KEYS = ("sampler", "steps", "eta", "guidance", "spacing")

@@ -55,7 +55,8 @@ class _Handle:
 
 
 def bind(ffi) -> None:
-    """Define the extern functions on the embedding module's ffi."""
+    """Define the extern functions on the embedding module's ffi. Long on purpose: one short
+    closure per C function, all sharing this ffi and the handle and error tables."""
     # The library prints nothing on the host's streams: the runtime's log lines (a CUDA-graph
     # capture turned off, say) go nowhere unless the host configures Python logging.
     logging.getLogger("ddpm_rt").addHandler(logging.NullHandler())

@@ -108,7 +108,9 @@ def _commands(parser) -> list[str]:
     return list(sub.choices)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _install_handlers() -> None:
+    """A fresh start for :func:`main`: no signal seen yet, SIGINT/SIGTERM raise
+    :class:`Signalled`, and every file commit checks for a signal first."""
     from ddpm_rt.bundle.fileio import add_commit_check
 
     _finishing.clear()
@@ -118,21 +120,45 @@ def main(argv: list[str] | None = None) -> int:
         # an inherited "ignore" is kept (a shell's background job starts with SIGINT ignored)
         if signal.getsignal(s) != signal.SIG_IGN:
             signal.signal(s, _raise_signalled)
+
+
+def _route(argv: list[str], commands: list[str]) -> bool:
+    """Put ``generate`` in front of ``argv`` (in place) where it starts with a flag that
+    names no command: ``ddpm-rt --prompt TEXT`` is short for ``ddpm-rt generate``. False,
+    after printing the usage error, where its first word names no command."""
+    if argv and argv[0] not in commands and argv[0] not in ("-h", "--help", "--version"):
+        if not argv[0].startswith("-"):  # a word that names no command is a usage error
+            print(
+                f"error: unknown command {argv[0]!r:.40} (commands: {', '.join(commands)}; "
+                "generate's flags may come first: ddpm-rt --prompt TEXT)",
+                file=sys.stderr,
+            )
+            return False
+        argv.insert(0, "generate")  # ddpm-rt --prompt TEXT: short for ddpm-rt generate
+    return True
+
+
+def _failed(e: Exception) -> int:
+    """One line on stderr for a failure, and exit status 1."""
+    if isinstance(e, DdpmRtError):
+        print(f"error: {e}", file=sys.stderr)
+    else:  # an unexpected failure still gets one line
+        print(
+            f"error: {type(e).__name__}: {first_line(e)} (run with --debug for details)",
+            file=sys.stderr,
+        )
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    _install_handlers()
     debug = False
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in argv
         parser = build_parser()
-        commands = _commands(parser)
-        if argv and argv[0] not in commands and argv[0] not in ("-h", "--help", "--version"):
-            if not argv[0].startswith("-"):  # a word that names no command is a usage error
-                print(
-                    f"error: unknown command {argv[0]!r:.40} (commands: {', '.join(commands)}; "
-                    "generate's flags may come first: ddpm-rt --prompt TEXT)",
-                    file=sys.stderr,
-                )
-                return 2
-            argv.insert(0, "generate")  # ddpm-rt --prompt TEXT: short for ddpm-rt generate
+        if not _route(argv, _commands(parser)):
+            return 2
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
@@ -155,14 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             return _interrupted(_received[0])
         if debug:
             raise
-        if isinstance(e, DdpmRtError):
-            print(f"error: {e}", file=sys.stderr)
-        else:  # an unexpected failure still gets one line
-            print(
-                f"error: {type(e).__name__}: {first_line(e)} (run with --debug for details)",
-                file=sys.stderr,
-            )
-        return 1
+        return _failed(e)
     finally:
         # The work is done (or refused): a signal from here on changes nothing, so it is
         # ignored. Python's shutdown resets handlers it installed to the default action (a

@@ -104,7 +104,8 @@ def _add_detail_flags(p) -> None:
     )
 
 
-def add_eval_parsers(sub, common) -> None:
+def _add_eval_parser(sub, common) -> None:
+    """``ddpm-rt eval``: a bundle judged on emoji."""
     ev = sub.add_parser("eval", help="judge-based evaluation of an emoji model")
     ev.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
     ev.add_argument("--data", required=True, help="emoji.npz from 'ddpm-rt data emoji'")
@@ -146,6 +147,9 @@ def add_eval_parsers(sub, common) -> None:
     common(ev)
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_eval_autoencoder_parser(sub, common) -> None:
+    """``ddpm-rt eval-autoencoder``: an autoencoder's reconstructions judged."""
     ea = sub.add_parser(
         "eval-autoencoder",
         help="PSNR, judged recognition and 64x64 Fréchet floor of an autoencoder's reconstructions",
@@ -169,3 +173,8 @@ def add_eval_parsers(sub, common) -> None:
     ea.add_argument("--force", action="store_true", help="replace --json if it exists")
     common(ea)
     ea.set_defaults(func=cmd_eval_autoencoder)
+
+
+def add_eval_parsers(sub, common) -> None:
+    _add_eval_parser(sub, common)
+    _add_eval_autoencoder_parser(sub, common)

@@ -159,7 +159,27 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_parsers(sub, common) -> None:
+# train's numeric flags without help text (TrainConfig's fields; defaults there)
+_TRAIN_NUMBERS = (
+    ("steps", int),
+    ("epochs", float),
+    ("batch-size", int),
+    ("lr", float),
+    ("ema-decay", float),
+    ("context-dropout", float),
+    ("seed", int),
+    ("sample-every", int),
+    ("checkpoint-every", int),
+    ("n-feat", int),
+    ("blocks", int),
+    ("timesteps", int),
+    ("beta-start", float),
+    ("beta-end", float),
+)
+
+
+def _add_train_parser(sub, common) -> None:
+    """``ddpm-rt train``: the U-Net."""
     t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
     t.add_argument(
         "--data",
@@ -174,22 +194,7 @@ def add_train_parsers(sub, common) -> None:
     t.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    for flag, typ in (
-        ("steps", int),
-        ("epochs", float),
-        ("batch-size", int),
-        ("lr", float),
-        ("ema-decay", float),
-        ("context-dropout", float),
-        ("seed", int),
-        ("sample-every", int),
-        ("checkpoint-every", int),
-        ("n-feat", int),
-        ("blocks", int),
-        ("timesteps", int),
-        ("beta-start", float),
-        ("beta-end", float),
-    ):
+    for flag, typ in _TRAIN_NUMBERS:
         t.add_argument(f"--{flag}", type=typ)
     t.add_argument(
         "--context-gate",
@@ -218,6 +223,9 @@ def add_train_parsers(sub, common) -> None:
     common(t)
     t.set_defaults(func=cmd_train)
 
+
+def _add_autoencoder_parser(sub, common) -> None:
+    """``ddpm-rt train-autoencoder``: the latent autoencoder."""
     a = sub.add_parser(
         "train-autoencoder",
         help="train the 64x64 <-> 16x16xC latent autoencoder (needs ddpm-rt[train])",
@@ -252,6 +260,9 @@ def add_train_parsers(sub, common) -> None:
     common(a)
     a.set_defaults(func=cmd_train_autoencoder)
 
+
+def _add_upscaler_parser(sub, common) -> None:
+    """``ddpm-rt train-upscaler``: the cascade's super-resolution decoder."""
     u = sub.add_parser(
         "train-upscaler",
         help="train the cascade's 16x16 -> 64x64 super-resolution decoder (ddpm-rt[train])",
@@ -285,6 +296,9 @@ def add_train_parsers(sub, common) -> None:
     common(u)
     u.set_defaults(func=cmd_train_upscaler)
 
+
+def _add_cascade_parser(sub, common) -> None:
+    """``ddpm-rt cascade``: a 16x16 bundle + an upscaler -> a cascade bundle."""
     cs = sub.add_parser(
         "cascade",
         help="a 16x16 bundle + an upscaler checkpoint -> a 64x64 cascade bundle (ddpm-rt[export])",
@@ -302,6 +316,9 @@ def add_train_parsers(sub, common) -> None:
     common(cs)
     cs.set_defaults(func=cmd_cascade)
 
+
+def _add_encode_latents_parser(sub, common) -> None:
+    """``ddpm-rt encode-latents``: pixel .npz -> latent .npz."""
     el = sub.add_parser(
         "encode-latents", help="pixel .npz -> latent .npz for 'ddpm-rt train' (ddpm-rt[train])"
     )
@@ -312,6 +329,9 @@ def add_train_parsers(sub, common) -> None:
     common(el)
     el.set_defaults(func=cmd_encode_latents)
 
+
+def _add_export_parser(sub, common) -> None:
+    """``ddpm-rt export``: checkpoint -> ONNX bundle."""
     e = sub.add_parser("export", help="checkpoint -> ONNX bundle (needs ddpm-rt[export])")
     e.add_argument("checkpoint", help="checkpoint folder written by ddpm-rt train")
     e.add_argument("--out", required=True, help="bundle folder to write")
@@ -326,6 +346,9 @@ def add_train_parsers(sub, common) -> None:
     common(e)
     e.set_defaults(func=cmd_export)
 
+
+def _add_quantize_parser(sub, common) -> None:
+    """``ddpm-rt quantize``: an int8/fp16 variant of a bundle's graph."""
     qz = sub.add_parser(
         "quantize",
         help="add an int8 (CPU) or fp16 U-Net, or a latent bundle's fp16/int8 decoder, to a "
@@ -349,8 +372,9 @@ def add_train_parsers(sub, common) -> None:
     common(qz)
     qz.set_defaults(func=cmd_quantize)
 
-    add_eval_parsers(sub, common)
 
+def _add_text_parser(sub, common) -> None:
+    """``ddpm-rt text export``: the sentence encoder."""
     tx = sub.add_parser("text", help="text encoder tools (need ddpm-rt[export])")
     txsub = tx.add_subparsers(dest="text_command", metavar="ACTION", required=True)
     te = txsub.add_parser("export", help="sentence encoder -> ONNX fp32 + int8 + tokenizer")
@@ -370,6 +394,9 @@ def add_train_parsers(sub, common) -> None:
     common(te)
     te.set_defaults(func=cmd_text_export)
 
+
+def _add_data_parser(sub, common) -> None:
+    """``ddpm-rt data shapes|emoji``: the data sets."""
     d = sub.add_parser("data", help="make data sets")
     dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     s = dsub.add_parser("shapes", help="coloured shapes on plain backgrounds (labelled)")
@@ -391,3 +418,17 @@ def add_train_parsers(sub, common) -> None:
     em.add_argument("--styles", help="comma-separated subset of openmoji,noto,emojione,twemoji")
     common(em)
     em.set_defaults(func=cmd_data_emoji)
+
+
+def add_train_parsers(sub, common) -> None:
+    """The torch commands' parsers, in the order ``ddpm-rt --help`` lists them."""
+    _add_train_parser(sub, common)
+    _add_autoencoder_parser(sub, common)
+    _add_upscaler_parser(sub, common)
+    _add_cascade_parser(sub, common)
+    _add_encode_latents_parser(sub, common)
+    _add_export_parser(sub, common)
+    _add_quantize_parser(sub, common)
+    add_eval_parsers(sub, common)
+    _add_text_parser(sub, common)
+    _add_data_parser(sub, common)

@@ -185,6 +185,120 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
     }
 
 
+def _one_step_feeds(gen: Generator) -> dict:
+    """One U-Net input at batch 1, for counting its FLOPs."""
+    c, h, w = gen.bundle.sample_shape
+    return {
+        "x": np.zeros((1, c, h, w), np.float32),
+        "t": np.full((1, 1), 0.5, np.float32),
+        "c": gen.context(_prompt(gen))[None].astype(np.float32),
+    }
+
+
+def _header(gen: Generator, default: GenerateConfig, peak, peak_why, flops, flops_why) -> dict:
+    """The report's first keys: the machine, the bundle and its default settings."""
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "providers": gen.backend.providers,
+        "bundle_digest": gen.bundle.digest,
+        "prompt": _prompt(gen),
+        "peak_gflops": peak if peak else {"skipped": peak_why},
+        "unet_flops_per_image_step": flops if flops else {"skipped": flops_why},
+        "default": {
+            "sampler": default.sampler,
+            "steps": len(default.make_sampler(gen.schedule).timesteps),
+            "guidance": default.guidance,
+            "unet_precision": gen.unet_precision,
+            "decoder_precision": gen.decoder_precision,  # None: a pixel bundle
+        },
+    }
+
+
+def _unet_section(
+    gen: Generator,
+    other: Generator | None,
+    compare: str | None,
+    batch_sizes,
+    repeats: int,
+    torch_model,
+    compile_torch: bool,
+    flops,
+    peak,
+) -> dict:
+    """``unet_cost_vs_compare`` (with a compared bundle), ``unet_per_step`` (every precision
+    of the bundle, the compared bundle's fp32, torch) and ``decode_per_image``."""
+    out = {}
+    rows = {}
+    for precision in gen.bundle.unet_precisions:
+        g = (
+            gen
+            if precision == gen.unet_precision
+            else Generator(
+                gen.bundle,
+                providers=gen.backend.providers,
+                unet_precision=precision,
+                threads=gen.backend.threads,
+            )
+        )
+        rows[f"ddpm-rt {precision}"] = _ort_rows(g, batch_sizes, repeats, flops, peak)
+    if other is not None:
+        rows["compare fp32"] = _ort_rows(other, batch_sizes, repeats, None, None)
+        # this bundle timed again after the other, and the two averaged: a slow or fast
+        # spell of a shared machine falls on both sides
+        again = _ort_rows(gen, batch_sizes, repeats, None, None)
+        out["unet_cost_vs_compare"] = {
+            "bundle": str(compare),  # as the user named it: reports stay repo-relative
+            **{
+                f"batch_{a['batch']}": (a["ms_per_step"] + c["ms_per_step"]) / 2 / b["ms_per_step"]
+                for a, b, c in zip(rows["ddpm-rt fp32"], rows["compare fp32"], again, strict=True)
+            },
+        }
+    if torch_model[0] is None:
+        rows["torch"] = {"skipped": torch_model[2]}
+    else:
+        rows.update(_torch_rows(gen, batch_sizes, repeats, torch_model, compile_torch, flops, peak))
+    out["unet_per_step"] = rows
+    decode = decode_rows(gen, batch_sizes, repeats)
+    if other is not None:
+        decode.update(
+            {f"compare {k}": v for k, v in decode_rows(other, batch_sizes, repeats).items()}
+        )
+    if decode:
+        out["decode_per_image"] = decode
+    return out
+
+
+def _e2e_section(
+    gen: Generator, other: Generator | None, compare: str | None, default, torch_model, repeats
+) -> dict:
+    """``end_to_end_1_image``, and ``end_to_end_vs_compare`` with a compared bundle."""
+    out = {"end_to_end_1_image": _end_to_end(gen, default, torch_model, max(3, repeats // 10))}
+    if other is not None:
+        out["end_to_end_vs_compare"] = {
+            "bundle": str(compare),  # as the user named it
+            **compare_end_to_end(gen, other, (_prompt(gen), _prompt(other)), max(3, repeats // 10)),
+        }
+    return out
+
+
+def _text_encoder_ms(gen: Generator, repeats: int) -> dict:
+    """Each text-encoder graph's median ms for one prompt."""
+    from ddpm_rt.text import tokenize
+
+    ids, mask, _ = tokenize(
+        gen.text.tokenizer, "a small red apple on a plain background", gen.text.max_tokens
+    )
+    text = {}
+    for precision, graph in gen.bundle.conditioning["text"]["graphs"].items():
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        s = time_it(lambda graph=graph, feeds=feeds: gen.backend.run(graph, feeds), repeats)
+        text[precision] = 1e3 * float(np.median(s))
+    return text
+
+
 def run_bench(
     gen: Generator,
     batch_sizes=(1, 8, 32),
@@ -205,89 +319,22 @@ def run_bench(
         else (None, None, "not measured")
     )
     peak, peak_why = peak_gflops(gen.backend.threads)
-    c, h, w = gen.bundle.sample_shape
-    one = {
-        "x": np.zeros((1, c, h, w), np.float32),
-        "t": np.full((1, 1), 0.5, np.float32),
-        "c": gen.context(_prompt(gen))[None].astype(np.float32),
-    }
+    one = _one_step_feeds(gen)
     flops, flops_why = unet_flops(gen.bundle.graph_bytes("unet"), one)
-    result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "onnxruntime": ort.__version__,
-        "providers": gen.backend.providers,
-        "bundle_digest": gen.bundle.digest,
-        "prompt": _prompt(gen),
-        "peak_gflops": peak if peak else {"skipped": peak_why},
-        "unet_flops_per_image_step": flops if flops else {"skipped": flops_why},
-        "default": {
-            "sampler": default.sampler,
-            "steps": len(default.make_sampler(gen.schedule).timesteps),
-            "guidance": default.guidance,
-            "unet_precision": gen.unet_precision,
-            "decoder_precision": gen.decoder_precision,  # None: a pixel bundle
-        },
-    }
+    result = _header(gen, default, peak, peak_why, flops, flops_why)
     other = (
         None
         if compare is None
         else Generator(compare, providers=gen.backend.providers, threads=gen.backend.threads)
     )
     if "unet" in sections:
-        rows = {}
-        for precision in gen.bundle.unet_precisions:
-            g = (
-                gen
-                if precision == gen.unet_precision
-                else Generator(
-                    gen.bundle,
-                    providers=gen.backend.providers,
-                    unet_precision=precision,
-                    threads=gen.backend.threads,
-                )
+        result.update(
+            _unet_section(
+                gen, other, compare, batch_sizes, repeats, torch_model, compile_torch, flops, peak
             )
-            rows[f"ddpm-rt {precision}"] = _ort_rows(g, batch_sizes, repeats, flops, peak)
-        if other is not None:
-            rows["compare fp32"] = _ort_rows(other, batch_sizes, repeats, None, None)
-            # this bundle timed again after the other, and the two averaged: a slow or fast
-            # spell of a shared machine falls on both sides
-            again = _ort_rows(gen, batch_sizes, repeats, None, None)
-            result["unet_cost_vs_compare"] = {
-                "bundle": str(compare),  # as the user named it: reports stay repo-relative
-                **{
-                    f"batch_{a['batch']}": (a["ms_per_step"] + c["ms_per_step"])
-                    / 2
-                    / b["ms_per_step"]
-                    for a, b, c in zip(
-                        rows["ddpm-rt fp32"], rows["compare fp32"], again, strict=True
-                    )
-                },
-            }
-        if torch_model[0] is None:
-            rows["torch"] = {"skipped": torch_model[2]}
-        else:
-            rows.update(
-                _torch_rows(gen, batch_sizes, repeats, torch_model, compile_torch, flops, peak)
-            )
-        result["unet_per_step"] = rows
-        decode = decode_rows(gen, batch_sizes, repeats)
-        if other is not None:
-            decode.update(
-                {f"compare {k}": v for k, v in decode_rows(other, batch_sizes, repeats).items()}
-            )
-        if decode:
-            result["decode_per_image"] = decode
+        )
     if "e2e" in sections:
-        result["end_to_end_1_image"] = _end_to_end(gen, default, torch_model, max(3, repeats // 10))
-        if other is not None:
-            result["end_to_end_vs_compare"] = {
-                "bundle": str(compare),  # as the user named it
-                **compare_end_to_end(
-                    gen, other, (_prompt(gen), _prompt(other)), max(3, repeats // 10)
-                ),
-            }
+        result.update(_e2e_section(gen, other, compare, default, torch_model, repeats))
     if "overhead" in sections:
         # the default run (per-call setup amortised over its few steps) and the seed's
         # DDPM-500 (the per-step cost alone)
@@ -301,15 +348,5 @@ def run_bench(
             torch_why = "a latent bundle: the torch script has no decoder"
         result["cold_start"] = cold_start(gen, _prompt(gen), default, 3, torch_why)
     if "text" in sections and gen.text is not None:
-        from ddpm_rt.text import tokenize
-
-        ids, mask, _ = tokenize(
-            gen.text.tokenizer, "a small red apple on a plain background", gen.text.max_tokens
-        )
-        text = {}
-        for precision, graph in gen.bundle.conditioning["text"]["graphs"].items():
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            s = time_it(lambda graph=graph, feeds=feeds: gen.backend.run(graph, feeds), repeats)
-            text[precision] = 1e3 * float(np.median(s))
-        result["text_encoder_ms_per_prompt"] = text
+        result["text_encoder_ms_per_prompt"] = _text_encoder_ms(gen, repeats)
     return result

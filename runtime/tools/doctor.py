@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -228,12 +229,8 @@ def check_decoders(
     return failed
 
 
-def run_doctor(
-    bundle_path,
-    engine_cache=None,
-    build: bool = True,
-    log: Callable[[str], None] = print,
-) -> int:
+def _log_machine(log: Callable[[str], None]) -> gpu.GpuReport:
+    """Section 1: versions, GPUs, and every backend usable here or why not."""
     import onnxruntime as ort
 
     log(
@@ -256,13 +253,25 @@ def run_doctor(
         why = row["precisions"] if row["usable"] else row["why"]
         log(f"{row['backend']:<36} {'yes' if row['usable'] else 'no':<7} {why}")
     log("")
+    return report
 
-    bundle = Bundle.load(bundle_path)  # every file hashed
-    variants = bundle.unet_precisions
-    decoders = (
-        f"; decoder precisions {', '.join(bundle.decoder_precisions)}" if bundle.latent else ""
-    )
-    log(f"bundle {bundle.path}: U-Net precisions {', '.join(variants)}{decoders}")
+
+@dataclass
+class _Reference:
+    """ONNX Runtime CPU fp32 on the bundle: what every other backend and precision is
+    compared with."""
+
+    gen: Generator
+    feeds: list  # U-Net inputs recorded along real trajectories, batches of 8
+    ts: np.ndarray  # their timesteps
+    T: int
+    eps: list  # the reference's eps on each feed
+    images: np.ndarray  # one seeded generation of PROMPTS, int16
+    concept_gap: float  # mean difference between two prompts' images
+    one: dict  # a feed of batch 1, for latency
+
+
+def _reference(bundle: Bundle) -> _Reference:
     ref = Generator(bundle, unet_precision="fp32")
     prompts = list(PROMPTS) * 2
     contexts = np.stack([ref.context(p) for p in prompts])
@@ -272,57 +281,86 @@ def run_doctor(
     ref_eps = [ref.backend.run("unet", f)["eps"] for f in feeds]
     ref_images = ref.generate(list(PROMPTS), num=1, seed=0).astype(np.int16)
     concept_gap = float(np.abs(ref_images - np.roll(ref_images, 1, axis=0)).mean())
-    x1 = feeds[0]
-    one = {k: v[:1] for k, v in x1.items()}
+    one = {k: v[:1] for k, v in feeds[0].items()}
+    return _Reference(ref, feeds, ts, T, ref_eps, ref_images, concept_gap, one)
+
+
+def _build_trt_engines(
+    bundle: Bundle, variants: dict, engine_cache, log: Callable[[str], None]
+) -> int:
+    """TensorRT engines for every precision doctor checks; returns 1 if building failed."""
+    from ddpm_rt.backends.engine_cache import EngineCache
+    from ddpm_rt.backends.trt_build import build_engines, trt_precisions
+
+    wanted = trt_precisions(variants)
+    try:
+        cache = EngineCache(engine_cache) if engine_cache else None
+        build_engines(bundle, wanted, cache, log=log, decoders="all")
+    except DdpmRtError as e:
+        log(f"building TensorRT engines failed: {e}")
+        return 1
+    return 0
+
+
+def _check_unet(
+    gen: Generator, backend: str, precision: str, r: _Reference
+) -> tuple[bool, str, float, float]:
+    """Section 2 for one backend (its tolerance-table key) and precision: (passed, what the
+    table says, ms at batch 1, ms at batch 8)."""
+    x1 = r.feeds[0]
+    got = [gen.backend.run(gen.unet_graph, f)["eps"] for f in r.feeds]
+    ok, figures = compare((backend, precision), got, r.eps, r.ts, r.T)
+    images = gen.generate(list(PROMPTS), num=1, seed=0)
+    diff = np.abs(images.astype(np.int16) - r.images)
+    img_ok, mean, p99, mean_limit = image_check(precision, diff, r.concept_gap)
+    b1 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, r.one))
+    b8 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, x1))
+    verdict = "ok" if ok and img_ok else "FAILED"
+    eps_txt = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+    what = (
+        f"{verdict}: eps {eps_txt}; image mean {mean:.2f} (limit {mean_limit:.1f})"
+        f" p99 {p99:.0f} levels"
+    )
+    return verdict == "ok", what, b1, b8
+
+
+def run_doctor(
+    bundle_path,
+    engine_cache=None,
+    build: bool = True,
+    log: Callable[[str], None] = print,
+) -> int:
+    report = _log_machine(log)
+    bundle = Bundle.load(bundle_path)  # every file hashed
+    variants = bundle.unet_precisions
+    decoders = (
+        f"; decoder precisions {', '.join(bundle.decoder_precisions)}" if bundle.latent else ""
+    )
+    log(f"bundle {bundle.path}: U-Net precisions {', '.join(variants)}{decoders}")
+    r = _reference(bundle)
+    ref = r.gen
     rows = [
         (
             "ort",
             "fp32",
             "reference",
-            _latency(lambda: ref.backend.run("unet", one)),
-            _latency(lambda: ref.backend.run("unet", x1)),
+            _latency(lambda: ref.backend.run("unet", r.one)),
+            _latency(lambda: ref.backend.run("unet", r.feeds[0])),
         )
     ]
     failed = 0
     if build and report.tensorrt_version and report.gpu and not report.cuda_python_why:
-        from ddpm_rt.backends.engine_cache import EngineCache
-        from ddpm_rt.backends.trt_build import build_engines, trt_precisions
-
-        wanted = trt_precisions(variants)
-        try:
-            cache = EngineCache(engine_cache) if engine_cache else None
-            build_engines(bundle, wanted, cache, log=log, decoders="all")
-        except DdpmRtError as e:
-            log(f"building TensorRT engines failed: {e}")
-            failed += 1
+        failed += _build_trt_engines(bundle, variants, engine_cache, log)
     for backend, precision, kw in _candidates(report, variants):
-        label = f"{backend} {precision}"
         try:
             gen = Generator(bundle, engine_cache=engine_cache, **kw)
-            got = [gen.backend.run(gen.unet_graph, f)["eps"] for f in feeds]
-            ok, figures = compare((backend, precision), got, ref_eps, ts, T)
-            images = gen.generate(list(PROMPTS), num=1, seed=0)
-            diff = np.abs(images.astype(np.int16) - ref_images)
-            img_ok, mean, p99, mean_limit = image_check(precision, diff, concept_gap)
-            b1 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, one))
-            b8 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, x1))
+            ok, what, b1, b8 = _check_unet(gen, backend, precision, r)
         except DdpmRtError as e:
-            log(f"{label}: FAILED: {e}")
+            log(f"{backend} {precision}: FAILED: {e}")
             failed += 1
             continue
-        verdict = "ok" if ok and img_ok else "FAILED"
-        failed += verdict != "ok"
-        eps_txt = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
-        rows.append(
-            (
-                backend,
-                precision,
-                f"{verdict}: eps {eps_txt}; image mean {mean:.2f} (limit {mean_limit:.1f})"
-                f" p99 {p99:.0f} levels",
-                b1,
-                b8,
-            )
-        )
+        failed += not ok
+        rows.append((backend, precision, what, b1, b8))
     log("")
     log("backend  precision  U-Net ms/step b1   b8   check vs ort fp32 (tolerance table)")
     for backend, precision, what, b1, b8 in rows:
@@ -330,7 +368,7 @@ def run_doctor(
     for line in cpu_family_notes(bundle, rows):
         log(line)
     if bundle.latent is not None:
-        latents = np.concatenate([f["x"] for f in feeds])[ts == 1]  # (B, C, h, w), ~x_0
+        latents = np.concatenate([f["x"] for f in r.feeds])[r.ts == 1]  # (B, C, h, w), ~x_0
         failed += check_decoders(bundle, report, ref, latents, engine_cache, log)
     if not report.gpu:
         log("")

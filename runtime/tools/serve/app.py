@@ -247,28 +247,22 @@ def sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def create_app(
-    generator,
-    limits: Limits | None = None,
-    *,
-    token: str | None = None,
-    cors_origins: tuple[str, ...] = (),
-) -> Starlette:
-    """The server over one shared generator. ``token``: every endpoint that runs the model
-    needs ``Authorization: Bearer TOKEN``. ``cors_origins``: other origins allowed to call
-    the API from a browser (none by default)."""
-    svc = Service(generator, limits or Limits(), token)
+def refusal(e: Exception):
+    """The answer to a request refused before it ran (bad input, a full queue, stopping)."""
+    if isinstance(e, RequestError):
+        return error_response(e.status, e.message, e.param)
+    if isinstance(e, QueueFull):
+        return error_response(503, str(e), headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, Stopping):
+        return error_response(503, "the server is stopping", headers={"Retry-After": "5"})
+    if isinstance(e, InputError):  # the generator's own check (e.g. a label bundle's names)
+        return error_response(422, first_line(e), e.field)
+    raise e
 
-    def refusal(e: Exception):
-        if isinstance(e, RequestError):
-            return error_response(e.status, e.message, e.param)
-        if isinstance(e, QueueFull):
-            return error_response(503, str(e), headers={"Retry-After": str(e.retry_after)})
-        if isinstance(e, Stopping):
-            return error_response(503, "the server is stopping", headers={"Retry-After": "5"})
-        if isinstance(e, InputError):  # the generator's own check (e.g. a label bundle's names)
-            return error_response(422, first_line(e), e.field)
-        raise e
+
+def _generate_endpoints(svc: Service):
+    """``POST /api/generate`` and ``POST /v1/images/generations``: parse, queue, wait,
+    answer."""
 
     async def answer(request: Request, parse, respond):
         """Parse, queue, wait; then ``respond(ticket)``, or the refusal or failure."""
@@ -306,6 +300,12 @@ def create_app(
     async def openai(request: Request):
         parse = lambda b: parse_openai(b, svc.limits, svc.sizes)  # noqa: E731
         return await answer(request, parse, as_openai)
+
+    return generate, openai
+
+
+def _stream_endpoint(svc: Service):
+    """``POST /api/generate/stream``: server-sent events, a progress event a step."""
 
     async def stream(request: Request):
         events: asyncio.Queue = asyncio.Queue()
@@ -353,6 +353,15 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
+    return stream
+
+
+def _info_endpoints(svc: Service):
+    """The page, ``/api/info``, ``/api/health`` and ``/openapi.json``."""
+
+    async def page(request: Request):
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
     async def info(request: Request):
         return JSONResponse(svc.info())
 
@@ -362,15 +371,10 @@ def create_app(
     async def openapi_json(request: Request):
         return JSONResponse(openapi_schema("ddpm-rt serve", __version__, svc.limits))
 
-    async def page(request: Request):
-        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+    return page, info, health, openapi_json
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        svc.batcher.close(svc.limits.shutdown_grace_s)
-        await run_in_threadpool(svc.batcher.join, svc.limits.shutdown_grace_s + 5)
 
+def _middleware(token: str | None, cors_origins: tuple[str, ...]) -> list[Middleware]:
     middleware = []
     if cors_origins:
         middleware.append(
@@ -383,6 +387,31 @@ def create_app(
         )
     if token is not None:
         middleware.append(Middleware(BearerAuth, token=token))
+    return middleware
+
+
+def create_app(
+    generator,
+    limits: Limits | None = None,
+    *,
+    token: str | None = None,
+    cors_origins: tuple[str, ...] = (),
+) -> Starlette:
+    """The server over one shared generator. ``token``: every endpoint that runs the model
+    needs ``Authorization: Bearer TOKEN``. ``cors_origins``: other origins allowed to call
+    the API from a browser (none by default)."""
+    svc = Service(generator, limits or Limits(), token)
+    generate, openai = _generate_endpoints(svc)
+    stream = _stream_endpoint(svc)
+    page, info, health, openapi_json = _info_endpoints(svc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        svc.batcher.close(svc.limits.shutdown_grace_s)
+        await run_in_threadpool(svc.batcher.join, svc.limits.shutdown_grace_s + 5)
+
+    middleware = _middleware(token, cors_origins)
     routes = [
         Route("/", page),
         Route("/api/generate", generate, methods=["POST"]),
