@@ -204,6 +204,7 @@ SCRIPTS = ROOT / "scripts"
 SCRIPT_IMPORTS_ALLOWED = {
     "tests/test_goldens.py": "bless_goldens' generators make what the goldens hold",
     "tests/test_emoji.py": "concept_set's rule, checked against the file it wrote",
+    "tests/test_mutation_table.py": "the mutation table's patterns, checked against the code",
 }
 _LOADERS = {"spec_from_file_location", "run_path", "SourceFileLoader", "import_module"}
 
