@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 # The settings for a bundle that recommends none (FALLBACK, below), named early: the
 # settings' help texts quote them.
 _FB_SAMPLER, _FB_ETA, _FB_GUIDANCE = "ddim", 1.0, 2.0
+DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
+MAX_RESAMPLE = 20
 MAX_NUM = 100_000  # images per call; memory is checked separately, against this machine
 MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1
@@ -176,6 +178,30 @@ class GenerateConfig:
         ),
     )
 
+    # Image-to-image (issue 28): how far from the init image the run starts; None: 0.8
+    # (DEFAULT_STRENGTH) when there is one. Meaningless without one: refused by resolve().
+    strength: float | None = _setting(
+        None,
+        Setting(
+            "real",
+            "image-to-image: how much of the init image to redraw, 0 (none: the input) to 1 "
+            f"(all: text-to-image); default {DEFAULT_STRENGTH:g}",
+            0.0,
+            1.0,
+        ),
+    )
+    resample: int = _setting(
+        0,
+        Setting(
+            "int",
+            "inpainting: RePaint's jumps per step, for a smoother seam (default 0; each "
+            "costs one more U-Net call per step)",
+            0,
+            MAX_RESAMPLE,
+            optional=False,
+        ),
+    )
+
     def validate(self) -> None:
         """Types and ranges of every field (:data:`SETTINGS`); raises :class:`InputError`
         naming the field."""
@@ -183,6 +209,16 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None or not setting.optional:
                 setting.check(name, value)
+
+    def check_inputs(self, init_image: bool, mask: bool) -> None:
+        """The rules of image-to-image and inpainting, whether a request gives an init image
+        and a mask: a mask needs an init image, strength an init image, resample a mask."""
+        if mask and not init_image:
+            raise InputError("a mask needs an init image (the picture it masks)", "mask")
+        if self.strength is not None and not init_image:
+            raise InputError("strength needs an init image to start from", "strength")
+        if self.resample and not mask:
+            raise InputError("resample needs a mask (it smooths an inpainting's seam)", "resample")
 
     def check_negative_prompt(self, negative_prompt: str | None) -> None:
         """The one rule for a negative prompt: it replaces classifier-free guidance's null
@@ -213,7 +249,14 @@ class GenerateConfig:
             guidance = FALLBACK["guidance"]
         return replace(self, sampler=sampler, guidance=float(guidance), **filled)
 
-    def resolve(self, bundle: Bundle, negative_prompt: str | None = None):
+    def resolve(
+        self,
+        bundle: Bundle,
+        negative_prompt: str | None = None,
+        *,
+        init_image: bool = False,
+        mask: bool = False,
+    ):
         """The one place a request's settings are completed, for ``bundle``: checked
         (:meth:`validate`); each None filled in from the bundle's recommended settings
         (:meth:`with_defaults`); ``size`` checked against the sizes the bundle gives (None
@@ -223,7 +266,10 @@ class GenerateConfig:
         sizes its output with it before any graph is loaded; ``Generator.prepare`` calls it
         for every request."""
         self.validate()
+        self.check_inputs(init_image, mask)
         cfg = self.with_defaults(bundle.recommended)  # what the caller left to the model
+        if init_image and cfg.strength is None:
+            cfg = replace(cfg, strength=DEFAULT_STRENGTH)
         if cfg.size is not None:  # one the bundle gives; the image's own is the default
             shape = bundle.output_shape(cfg.size)
             cfg = replace(cfg, size=None if shape == bundle.image_shape else cfg.size)

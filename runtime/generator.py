@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -23,6 +24,7 @@ from ddpm_rt.core.guidance import GuidedUNet
 from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.core.schedule import NoiseSchedule, timestep_input
 from ddpm_rt.errors import BundleError, InputError, NumericalError
+from ddpm_rt.images import load_mask, load_picture
 from ddpm_rt.progress import StepInfo, progress_bar
 from ddpm_rt.run import Job, run_jobs
 from ddpm_rt.text import TextEncoder, check_prompt, parse_blend
@@ -326,6 +328,8 @@ class Generator:
         config: GenerateConfig | None = None,
         callback: Callable[[StepInfo], bool | None] | None = None,
         preview_every: int = 0,
+        init_image=None,
+        mask=None,
         **overrides,
     ) -> Job:
         """Check a request and resolve it to rows (contexts, seeds, image indices, guidance,
@@ -339,7 +343,10 @@ class Generator:
         if negative_prompt is not None:
             check_prompt(negative_prompt, "negative prompt")
         cfg = replace(config or GenerateConfig(), **overrides)
-        cfg, sampler = cfg.resolve(self.bundle, negative_prompt)
+        cfg, sampler = cfg.resolve(
+            self.bundle, negative_prompt, init_image=init_image is not None, mask=mask is not None
+        )
+        inputs = self._inputs(init_image, mask, cfg, len(sampler.timesteps))
         rows = len(prompts) if prompts else 1
         if rows * cfg.num > MAX_NUM:
             raise InputError(f"{rows} prompts x {cfg.num} images is over the limit of {MAX_NUM}")
@@ -361,7 +368,46 @@ class Generator:
             negative_prompt=negative_prompt,
             callback=callback,
             preview_every=preview_every,
+            **inputs,
         )
+
+    def _inputs(self, init_image, mask, cfg: GenerateConfig, steps: int) -> dict:
+        """A request's picture and mask as a :class:`Job` takes them (nothing without an
+        init image): read and checked (:func:`ddpm_rt.images.load_picture`), in the U-Net's
+        space and the output's, the step the run starts at, and their sha256 for
+        provenance. The U-Net's space is the picture itself, or a cascade's base picture
+        (its box average, the projection the decoder keeps); a mask pixel there is repainted
+        if any output pixel it covers is."""
+        if init_image is None:
+            return {}
+        b = self.bundle
+        if b.latent and b.base_shape is None:
+            raise InputError(
+                "this bundle's latent needs an encoder graph to start from a picture, and it "
+                "has none (a bundle whose latent is the pixels, like a cascade, needs none)",
+                "init_image",
+            )
+        _, big_h, big_w = b.image_shape
+        _, h, w = b.sample_shape
+        k = big_h // h  # 1, or a cascade's factor
+        picture = load_picture(init_image, big_h, big_w)
+        big = picture.astype(np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1)
+        init = big.reshape(3, h, k, w, k).mean(axis=(2, 4), dtype=np.float32)
+        base = cfg.size is not None  # the cascade's base picture is the output
+        out = {
+            "init": init,
+            "init_pixels": to_uint8(init[None])[0] if base else picture,
+            "start": steps - min(int(steps * cfg.strength), steps),
+            "inputs": {"init_image_sha256": hashlib.sha256(picture.tobytes()).hexdigest()},
+        }
+        if mask is not None:
+            repaint = load_mask(mask, big_h, big_w)
+            small = repaint.reshape(h, k, w, k).any(axis=(1, 3))
+            out["mask"] = small[None]
+            out["mask_pixels"] = (small if base else repaint)[..., None]
+            digest = hashlib.sha256(repaint.astype(np.uint8).tobytes()).hexdigest()
+            out["inputs"]["mask_sha256"] = digest
+        return out
 
     def _contexts(self, prompts: list[str] | None, context, num: int) -> np.ndarray:
         """(rows, D) float32: ``num`` rows per prompt, prompt-major, or a raw context's."""
@@ -396,9 +442,7 @@ class Generator:
         cfg = job.config
         total = job.rows
         chunks = -(-total // cfg.batch_size)
-        with progress_bar(
-            progress, chunks * len(job.sampler.timesteps), f"{cfg.sampler} x{total}"
-        ) as bar:
+        with progress_bar(progress, chunks * job.steps_run, f"{cfg.sampler} x{total}") as bar:
             job.progress = bar if progress else None
             self.run_jobs([job], batch_size=cfg.batch_size)
         if job.error is not None:
@@ -422,6 +466,8 @@ class Generator:
         progress: bool = False,
         callback: Callable[[StepInfo], bool | None] | None = None,
         preview_every: int = 0,
+        init_image=None,
+        mask=None,
         **overrides,
     ) -> np.ndarray:
         """Generate ``num`` images per prompt (or for a raw context). Returns (N, H, W, 3) uint8.
@@ -438,6 +484,17 @@ class Generator:
         before any work; a step whose predicted noise or result is not finite (or absurdly
         large) raises :class:`NumericalError` and nothing is returned.
 
+        ``init_image`` (a PNG/JPEG/WebP path or an (H, W[, 3|4]) uint8 or [0, 1] float array,
+        any size: resized to the model's picture, transparency on white) starts from a
+        picture (SDEdit): ``strength`` in [0, 1] (default 0.8) says how much is redrawn, the
+        run starting at the step it selects (``steps - min(int(steps * strength), steps)``)
+        from the picture noised to that step with each image's own noise; 0 returns the
+        picture, 1 is text-to-image with the same seed, byte for byte. ``mask`` (a picture or
+        array; grey >= 128 of 255 is repainted, the rest kept exactly) inpaints: after every
+        step the kept region is the picture noised to the next step; ``resample`` adds
+        RePaint's jumps for a smoother seam. The noise draws' order is
+        :func:`ddpm_rt.core.samplers.sample_loop`'s (docs/bundle-format.md, "Noise").
+
         ``callback(info)`` is called after every step with a :class:`StepInfo` (step and total
         across the call, the chunk's images, and -- when ``preview_every`` > 0 -- every
         ``preview_every`` steps and at each chunk's last step a uint8 preview of the current
@@ -451,6 +508,8 @@ class Generator:
             config=config,
             callback=callback,
             preview_every=preview_every,
+            init_image=init_image,
+            mask=mask,
             **overrides,
         )
         return self.run(job, progress)

@@ -185,3 +185,103 @@ def save_gif(
             f, format="GIF", save_all=True, append_images=imgs[1:], duration=120, loop=0
         ),
     )
+
+
+# -- pictures in: image-to-image and inpainting (issue 28) ------------------------------
+# Formats read, and the limits on what is read: a file over MAX_INPUT_BYTES or a picture
+# over MAX_INPUT_PIXELS (checked from its header, before any pixel is decoded) is refused.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_INPUT_BYTES = 64 << 20
+MAX_INPUT_PIXELS = 4096 * 4096
+# The resampling filter to the model's pixel size (up or down), for pictures and masks.
+RESIZE_FILTER = Image.Resampling.LANCZOS
+MASK_THRESHOLD = 128  # a mask pixel at or above this grey level (0-255) is repainted
+
+
+def _open_picture(src, what: str) -> Image.Image:
+    """A path to a PNG, JPEG or WebP file -> its first frame, loaded; or an InputError."""
+    path = Path(src)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}", what) from None
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a regular file", what)
+    if size > MAX_INPUT_BYTES:
+        raise InputError(f"{what} {path} is over {MAX_INPUT_BYTES >> 20} MiB", what)
+    try:
+        im = Image.open(path, formats=INPUT_FORMATS)  # the header only, so far
+        w, h = im.size
+        if w * h > MAX_INPUT_PIXELS:
+            raise InputError(
+                f"{what} {path} is {w}x{h} pixels, over the limit of "
+                f"{MAX_INPUT_PIXELS / 1e6:.1f} M pixels",
+                what,
+            )
+        im.seek(0)  # an animated picture: its first frame
+        im.load()
+    except InputError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise InputError(
+            f"{what} {path} is not a readable PNG, JPEG or WebP picture: {e}", what
+        ) from None
+    return im
+
+
+def _array_picture(src, what: str) -> Image.Image:
+    """A NumPy array (H, W), (H, W, 1|3|4): uint8, or floats in [0, 1] -> a Pillow image."""
+    arr = np.asarray(src)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+        raise InputError(
+            f"{what} must be an (H, W), (H, W, 3) or (H, W, 4) array, got {arr.shape}", what
+        )
+    if arr.shape[0] * arr.shape[1] > MAX_INPUT_PIXELS:
+        raise InputError(f"{what} has {arr.shape[0]}x{arr.shape[1]} pixels, over the limit", what)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InputError(f"{what} holds NaN or Inf", what)
+        if arr.min() < 0 or arr.max() > 1:
+            raise InputError(f"{what}: a float array's values must lie in [0, 1]", what)
+        arr = np.rint(arr * 255.0).astype(np.uint8)
+    elif arr.dtype != np.uint8 and arr.dtype != np.bool_:
+        raise InputError(f"{what} must be uint8, bool or float in [0, 1], got {arr.dtype}", what)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * np.uint8(255)
+    return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))  # L, RGB or RGBA
+
+
+def _picture(src, what: str) -> Image.Image:
+    if isinstance(src, (str, Path)):
+        return _open_picture(src, what)
+    if isinstance(src, np.ndarray):
+        return _array_picture(src, what)
+    raise InputError(f"{what} must be a file path or a NumPy array, got {type(src).__name__}", what)
+
+
+def _resized(im: Image.Image, h: int, w: int) -> Image.Image:
+    return im if im.size == (w, h) else im.resize((w, h), RESIZE_FILTER)
+
+
+def load_picture(src, h: int, w: int, what: str = "init_image") -> np.ndarray:
+    """A picture to start from -> (h, w, 3) uint8: its first frame, transparency composited on
+    white (the training data's background), resized to h x w with :data:`RESIZE_FILTER`."""
+    im = _picture(src, what)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(_resized(im.convert("RGB"), h, w), dtype=np.uint8)
+
+
+def load_mask(src, h: int, w: int, what: str = "mask") -> np.ndarray:
+    """A mask -> (h, w) bool, True where the picture is repainted: any picture converted to
+    one grey channel (transparency counts as black: kept), resized to h x w like the
+    picture, then grey >= :data:`MASK_THRESHOLD` (of 255) is repainted."""
+    im = _picture(src, what)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    grey = np.asarray(_resized(im.convert("L"), h, w))
+    return grey >= MASK_THRESHOLD

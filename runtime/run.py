@@ -44,6 +44,15 @@ class Job:
     negative_prompt: str | None = None
     callback: Callable[[StepInfo], bool | None] | None = None
     preview_every: int = 0
+    # Image-to-image and inpainting (Generator.prepare makes them from the request's inputs):
+    # the init image in the U-Net's space (C, h, w) and in the output's (H, W, 3) uint8; the
+    # mask (True = repaint) in both, (1, h, w) and (H, W, 1); the step the run starts at.
+    init: np.ndarray | None = None
+    init_pixels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    mask_pixels: np.ndarray | None = None
+    start: int = 0
+    inputs: dict = field(default_factory=dict)  # the inputs' sha256, for provenance
     progress: object | None = None  # a progress bar (``update()``), or None
     images: np.ndarray | None = None
     error: BaseException | None = None
@@ -56,11 +65,17 @@ class Job:
         return len(self.contexts)
 
     @property
+    def steps_run(self) -> int:
+        """The sampler's steps this job takes (image-to-image starts part-way)."""
+        return len(self.sampler.timesteps) - self.start
+
+    @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys may share a batch: the same sampler, steps, eta, spacing,
-        and picture size."""
+        picture size, starting step, and inpainting (mask, resample) or not."""
         c = self.config
-        return (c.sampler, c.steps, c.eta, c.spacing, c.size)
+        inpaint = (self.mask is not None, c.resample)
+        return (c.sampler, c.steps, c.eta, c.spacing, c.size, self.start, inpaint)
 
     @property
     def settings(self) -> dict:
@@ -74,6 +89,9 @@ class Job:
             "guidance": c.guidance,
             "seed": c.seed,
             **({"size": c.size} if c.size is not None else {}),
+            **({"strength": c.strength} if c.strength is not None else {}),
+            **({"resample": c.resample} if self.mask is not None else {}),
+            **self.inputs,
         }
 
 
@@ -108,12 +126,18 @@ class Run:
         gen = self.gen
         self.size = self.parts[0][0].config.size  # one per batch (batch_key)
         contexts, scales, uncond, seeds, index = self._rows()
-        sampler = self.parts[0][0].sampler.fresh()  # multistep solvers keep per-run history
-        n_steps = len(sampler.timesteps)
+        first = self.parts[0][0]  # the batch's shared settings (batch_key)
+        sampler = first.sampler.fresh()  # multistep solvers keep per-run history
+        start, n_steps = first.start, first.steps_run
+        if n_steps == 0:  # strength 0: the pictures are the input's
+            for job, a, b in self.parts:
+                job._pixels.append(np.repeat(job.init_pixels[None], b - a, axis=0))
+            return
         self.unet = GuidedUNet(
             gen.backend, gen.unet_graph, gen.bundle.sample_shape, contexts, scales, uncond
         )
-        noise = ImageNoise(seeds, index, draws=n_steps + 1)  # initial + at most one per step
+        draws = n_steps * (2 + first.config.resample * 3) + 1  # a bound: blocks of normals
+        noise = ImageNoise(seeds, index, draws=draws)
         T = gen.schedule.timesteps
         raw = []  # the U-Net's own output of the step (its rows name a culprit)
 
@@ -123,8 +147,8 @@ class Run:
             return eps
 
         def on_step(i, t, x, eps, x_next) -> np.ndarray | None:
-            ended = self._report(i, n_steps, t, x, eps)
-            ended |= self._check(i, n_steps, t, x_next, eps, raw[0])
+            ended = self._report(i - start, n_steps, t, x, eps)
+            ended |= self._check(i - start, n_steps, t, x_next, eps, raw[0])
             if not ended:
                 return None
             keep = ~np.isin(self.owner, list(ended))
@@ -136,13 +160,34 @@ class Run:
         # warnings about them would only add noise before it.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             shape = (len(contexts), *gen.bundle.sample_shape)
-            x = sample_loop(eps_fn, sampler, shape, noise, on_step=on_step)
+            x = sample_loop(
+                eps_fn,
+                sampler,
+                shape,
+                noise,
+                on_step=on_step,
+                start=start,
+                init=self._per_row("init"),
+                mask=self._per_row("mask"),
+                resample=first.config.resample,
+            )
         if not len(x):
             return
         pixels = self._pixels(x)
         for k, (job, _, _) in enumerate(self.parts):
             if job.error is None:
-                job._pixels.append(pixels[self.owner == k])
+                mine = pixels[self.owner == k]
+                if job.mask_pixels is not None:  # the kept region is the input, exactly
+                    mine = np.where(job.mask_pixels, mine, job.init_pixels)
+                job._pixels.append(mine)
+
+    def _per_row(self, name: str) -> np.ndarray | None:
+        """A job input (``init`` or ``mask``) repeated for each of the run's rows."""
+        if getattr(self.parts[0][0], name) is None:
+            return None
+        return np.concatenate(
+            [np.repeat(getattr(j, name)[None], b - a, axis=0) for j, a, b in self.parts]
+        )
 
     def _rows(self):
         """Per row of the run, from its part's job: context, guidance scale, unconditional
@@ -261,7 +306,7 @@ def run_jobs(gen, jobs: list[Job], batch_size: int | None = None) -> None:
     if len(keys) > 1:
         raise InputError(f"jobs with different sampler settings cannot share a batch: {keys}")
     runs = plan_runs(jobs, batch_size)
-    n_steps = len(jobs[0].sampler.timesteps)
+    n_steps = jobs[0].steps_run
     for job in jobs:
         job.steps_total = n_steps * sum(1 for parts in runs for j, _, _ in parts if j is job)
     for parts in runs:

@@ -156,6 +156,20 @@ def _prompts_of(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _inputs_of(args: argparse.Namespace, bundle) -> dict:
+    """``--init-image`` and ``--mask`` read as the model's picture size (arrays: what
+    ``Generator.prepare`` reads them as, so the files are refused before any graph loads)."""
+    from ddpm_rt.images import load_mask, load_picture
+
+    if not args.init_image:
+        return {}
+    _, h, w = bundle.image_shape
+    inputs = {"init_image": load_picture(args.init_image, h, w, "--init-image")}
+    if args.mask:
+        inputs["mask"] = load_mask(args.mask, h, w, "--mask")
+    return inputs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Arguments and output paths first; then the manifest (cheap) resolves the settings
     and sizes the output; then the graphs load and the work runs."""
@@ -175,7 +189,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 2. The manifest (validated, no graph loaded yet): the settings as the run will use
     # them (GenerateConfig.resolve, as Generator.prepare does), which size the output.
     bundle = Bundle.load(model, hash_all=False, expected_digest=digest)
-    resolved, sampler = cfg.resolve(bundle, args.negative_prompt)
+    resolved, sampler = cfg.resolve(
+        bundle, args.negative_prompt, init_image=bool(args.init_image), mask=bool(args.mask)
+    )
+    inputs = _inputs_of(args, bundle)  # the pictures read and checked, before any graph
     shape = bundle.output_shape(resolved.size)
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
     frames = outputs.plan(cfg.num * len(prompts), shape, ncols, len(sampler.timesteps))
@@ -205,6 +222,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config=cfg,
         callback=outputs.after_step,
         preview_every=outputs.every,
+        **inputs,
     )
     bar = not args.no_progress and sys.stderr.isatty()  # a progress bar only for a person
     images = gen.run(job, progress=bar)
@@ -412,6 +430,16 @@ def add_generate_parsers(sub, common) -> None:
     g.add_argument("--prompts", help="a UTF-8 file with one prompt per line (one row each)")
     g.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
     g.add_argument("--model", help="bundle folder (default: the shipped model)")
+    g.add_argument(
+        "--init-image",
+        help="start from this picture (PNG, JPEG or WebP; any size, resized to the model's): "
+        "image-to-image, with --strength",
+    )
+    g.add_argument(
+        "--mask",
+        help="with --init-image: repaint where this picture is light (grey >= 128 of 255), "
+        "keep the rest exactly",
+    )
     add_setting_flags(g)
     g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")

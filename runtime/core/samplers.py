@@ -94,6 +94,12 @@ class DDPMSampler:
     def keep(self, rows: np.ndarray) -> None:
         """Drop the rows not in ``rows`` (a boolean mask) from per-run state: none here."""
 
+    def state(self):
+        """Per-run state, to take a step again: none here."""
+
+    def set_state(self, state) -> None:
+        pass
+
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         mean = (x - self._eps_coef[i] * eps) * self._inv_sqrt_alpha[i]
         if self._noise[i] > 0:
@@ -136,6 +142,12 @@ class DDIMSampler:
 
     def keep(self, rows: np.ndarray) -> None:
         """Drop the rows not in ``rows`` (a boolean mask) from per-run state: none here."""
+
+    def state(self):
+        """Per-run state, to take a step again: none here."""
+
+    def set_state(self, state) -> None:
+        pass
 
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
         x0 = predict_x0(x, eps, self._x_coef[i], self._x0_eps[i])
@@ -213,12 +225,21 @@ class DPMSolverPP2M:
         if self._prev_x0 is not None:
             self._prev_x0 = self._prev_x0[rows]
 
+    def state(self):
+        """The multistep history, to take a step again (RePaint's jumps): :meth:`set_state`."""
+        return self._prev_x0, self._next
+
+    def set_state(self, state) -> None:
+        self._prev_x0, self._next = state
+
     def step(self, x: np.ndarray, eps: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
-        if i != self._next and i != 0:
+        # A run may start at any step (image-to-image starts part-way): its first step is
+        # first order, as a run's first step always is.
+        if self._prev_x0 is not None and i != self._next:
             raise ValueError(f"multistep sampler: step {i} after step {self._next - 1}")
         x0 = predict_x0(x, eps, self._x0_x[i], self._x0_eps[i])
         d = x0
-        if self._second[i]:
+        if self._second[i] and self._prev_x0 is not None:
             d = x0 + self._half_inv_r[i] * (x0 - self._prev_x0)
         self._prev_x0, self._next = x0, i + 1
         x_t = self._ratio[i] * x + self._coef[i] * d
@@ -309,34 +330,84 @@ def sample_loop(
     progress: Callable[[Iterable], Iterable] | None = None,
     on_step: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], np.ndarray | None]
     | None = None,
+    *,
+    start: int = 0,
+    init: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    resample: int = 0,
 ) -> np.ndarray:
     """Run the reverse process from Gaussian noise; returns x_0 in model space (about [-1, 1]).
 
     The one sampling loop: the runtime's :class:`ddpm_rt.run.Run`, parity's recordings,
     training's sample grids and the torch reference all step through it, so the order of
-    random draws (initial noise first, then each step's) is fixed here once.
+    random draws is fixed here once (docs/bundle-format.md, "Noise"):
+
+    1. the initial noise z, always drawn first, for every row;
+    2. ``start`` > 0 (image-to-image: SDEdit, Meng et al. 2021): the run begins at step
+       ``start``, from ``init`` (x_0 of each row) noised to t = timesteps[start] with z;
+       ``start`` = 0 begins from z itself, whatever ``init`` is (strength 1 is
+       text-to-image, byte for byte);
+    3. each step: the sampler's own draw, if it adds noise; then, with a ``mask`` (boolean,
+       broadcast over channels: True = repaint, False = keep), one draw z' for the kept
+       region, which becomes ``init`` noised to the step's next timestep with z' (exactly
+       ``init`` after the last step, no draw);
+    4. ``resample`` > 0 (RePaint's jumps, Lugmayr et al. 2022; with a mask): after step i,
+       ``resample`` times, x is noised back from its timestep to step i's with one draw
+       (q(x_t | x_t')) and step i is taken again (its U-Net call, draws and blend).
 
     ``eps_fn(x, t)`` predicts the noise in ``x`` at integer timestep ``t``;
     ``on_step(i, t, x_t, eps, x_next)`` sees each step's input, predicted noise and result.
-    It may return a boolean row mask: the rows outside it leave the run (x, the sampler's
-    and ``rng``'s state follow through their ``keep``; state of the caller's own is the
-    caller's to drop), and once no row is left the loop returns the empty x at once.
+    It may return a boolean row mask: the rows outside it leave the run (x, ``init``,
+    ``mask``, the sampler's and ``rng``'s state follow through their ``keep``; state of the
+    caller's own is the caller's to drop), and once no row is left the loop returns the
+    empty x at once.
     """
     x = rng.standard_normal(shape, dtype=np.float32)  # (B, C, H, W), drawn first
-    steps = range(len(sampler.timesteps))
+    ts = sampler.timesteps
+    schedule = sampler.schedule
+    if start > 0:
+        x = _noised(schedule, init, x, int(ts[start]))
+    steps = range(start, len(ts))
     for i in progress(steps) if progress else steps:
-        t = int(sampler.timesteps[i])
-        eps = eps_fn(x, t)
-        x_next = sampler.step(x, eps, i, rng)
+        t = int(ts[i])
+        t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
+        state = sampler.state() if resample else None
+        x_next = x
+        for r in range(resample + 1):
+            if r:  # a jump back to t, and step i again
+                sampler.set_state(state)
+                x = _renoised(schedule, x_next, t_next, t, rng)
+            eps = eps_fn(x, t)
+            x_next = sampler.step(x, eps, i, rng)
+            if mask is not None:
+                known = init if t_next == 0 else _noised(schedule, init, rng, t_next)
+                x_next = np.where(mask, x_next, known)
         keep = None if on_step is None else on_step(i, t, x, eps, x_next)
         x = x_next
         if keep is not None and not keep.all():
             x = x[keep]
+            init = None if init is None else init[keep]
+            mask = None if mask is None else mask[keep]
             sampler.keep(keep)
             rng.keep(keep)
             if not len(x):
                 return x
     return x
+
+
+def _noised(schedule: NoiseSchedule, x0: np.ndarray, z, t: int) -> np.ndarray:
+    """q(x_t | x_0): ``x0`` noised to timestep ``t`` with ``z`` (or a draw from it)."""
+    if not isinstance(z, np.ndarray):
+        z = z.standard_normal(x0.shape, dtype=_f32)
+    ab = schedule.alpha_bar64[t]
+    return (_f32(np.sqrt(ab)) * x0 + _f32(np.sqrt(1.0 - ab)) * z).astype(_f32)
+
+
+def _renoised(schedule: NoiseSchedule, x: np.ndarray, t_from: int, t_to: int, rng) -> np.ndarray:
+    """q(x_{t_to} | x_{t_from}), t_to > t_from: x noised further, with one draw."""
+    a = schedule.alpha_bar64[t_to] / schedule.alpha_bar64[t_from]
+    z = rng.standard_normal(x.shape, dtype=_f32)
+    return (_f32(np.sqrt(a)) * x + _f32(np.sqrt(1.0 - a)) * z).astype(_f32)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
