@@ -318,7 +318,7 @@ def _picture(src, what: str) -> Image.Image:
     if isinstance(src, np.ndarray):
         return _array_picture(src, what)
     raise InputError(
-        f"{what} must be a file path, a picture file's bytes or a NumPy array, got "
+        f"{what} must be a file path or a NumPy array (or a picture file's bytes), got "
         f"{type(src).__name__}",
         what,
     )

@@ -210,7 +210,7 @@ def _picture(value, name: str, limits: Limits):
                     422, f"{name}: a data: URL must be base64 (data:image/png;base64,...)", name
                 )
         value = "".join(value.split())
-        if 3 * (len(value) // 4) > limits.max_image_bytes:
+        if len(value) > 4 * -(-limits.max_image_bytes // 3):  # its base64 length
             raise RequestError(
                 413,
                 f"{name} is over this server's limit of {limits.max_image_bytes} bytes per picture",
@@ -235,7 +235,7 @@ def _picture(value, name: str, limits: Limits):
         raise RequestError(
             413,
             f"{name} is {len(value)} bytes, over this server's limit of "
-            f"{limits.max_image_bytes} per picture",
+            f"{limits.max_image_bytes} bytes per picture",
             name,
         )
     try:
@@ -310,6 +310,7 @@ def rename_param(e: RequestError, names: dict[str, str]) -> RequestError:
 
 
 EDIT_INT = ("n",)  # /v1/images/edits: its own integer field (the settings' come from SETTINGS)
+FORM_NUMBERS = {"integer": (int, "an integer"), "number": (float, "a number")}
 
 
 def parse_edit_form(fields: list[tuple[str, str]]) -> dict:
@@ -321,22 +322,14 @@ def parse_edit_form(fields: list[tuple[str, str]]) -> dict:
         if name in body:
             raise RequestError(422, f"{name!r:.60} is given twice", name[:60])
         kind = "integer" if name in EDIT_INT else None
-        if name in SETTINGS_HERE and name != "size":
+        if name in SETTINGS_HERE and name != "size":  # size is "WxH" here
             kind = SETTINGS[name].json_type
-        if kind == "integer":
+        if kind in FORM_NUMBERS:
+            parse, what = FORM_NUMBERS[kind]
             try:
-                value = int(value.strip())
+                value = parse(value.strip())
             except ValueError:
-                raise RequestError(
-                    422, f"{name} must be an integer, got {value!r:.20}", name
-                ) from None
-        elif kind == "number":
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise RequestError(
-                    422, f"{name} must be a number, got {value!r:.20}", name
-                ) from None
+                raise RequestError(422, f"{name} must be {what}, got {value!r:.20}", name) from None
         body[name] = value
     return body
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from starlette import formparsers
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -200,8 +201,18 @@ class Service:
         files (each within ``max_image_bytes``), the other fields text; the mask's
         transparent pixels (the OpenAI API's convention) turned into ours."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/x-www-form-urlencoded":  # a form without a file
+            raise RequestError(
+                422, "image is required: send it as a file (multipart/form-data)", "image"
+            )
         if ctype != "multipart/form-data":
             raise RequestError(415, "the body must be multipart/form-data (a file named image)")
+        if formparsers.multipart is None:
+            raise RequestError(
+                501,
+                "this server cannot read forms: install python-multipart (the serve extra: "
+                "pip install 'ddpm-rt[serve]')",
+            )
         parser = MultiPartParser(
             request.headers,
             self.limited_stream(request),
@@ -211,8 +222,12 @@ class Service:
         )
         try:
             form = await parser.parse()
-        except MultiPartException as e:
-            raise RequestError(400, f"the form is not valid: {first_line(e)}") from None
+        except MultiPartException as e:  # over max_part_size or max_files, or malformed
+            big = "maximum" in str(e).lower()
+            raise RequestError(
+                413 if big else 400,
+                f"the form is {'over this server limits' if big else 'not valid'}: {first_line(e)}",
+            ) from None
         try:
             fields, files = [], {}
             for name, value in form.multi_items():
@@ -442,7 +457,7 @@ def create_app(
         async def parse(request):
             return parse_openai(await svc.read_json(request), svc.limits, svc.sizes)
 
-        return await answer(request, parse, as_openai, OPENAI_NAMES)
+        return await answer(request, parse, as_openai, {"num": "n"})
 
     async def edits(request: Request):
         return await answer(request, svc.read_edit, as_openai, OPENAI_NAMES)
