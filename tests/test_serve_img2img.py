@@ -380,3 +380,15 @@ def test_text_and_picture_requests_batch_by_their_starting_step(gen, photo, left
         else:
             for k, img in enumerate(alone):
                 np.testing.assert_array_equal(grid[1:65, 1 + 65 * k : 65 + 65 * k], img)
+
+
+def test_a_picture_s_json_escapes_do_not_count_against_the_body_limit(gen):
+    """Some JSON writers escape every "/" of a base64 picture as "\\/": the body limit
+    counts the fields besides the pictures, not the pictures' escapes."""
+    noise = np.random.default_rng(1).integers(0, 255, (80, 100, 3), np.uint8)
+    text = b64(encode(noise))
+    escaped = json.dumps({"prompt": "x", "init_image": text}).replace("/", "\\/")
+    assert len(escaped) - len(text) > 256
+    with TestClient(create_app(gen, Limits(max_body_bytes=256))) as c:
+        r = c.post("/api/generate", content=escaped, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text

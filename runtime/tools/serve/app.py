@@ -189,10 +189,14 @@ class Service:
             if len(body) > limit:  # whatever it is, it is too big
                 raise RequestError(413, too_big) from None
             raise RequestError(400, f"the body is not valid JSON: {first_line(e)}") from None
-        pictures = 0
-        if isinstance(value, dict):
-            pictures = sum(len(v) for k, v in value.items() if k in PICTURES and isinstance(v, str))
-        if len(body) - pictures > limit:
+        if len(body) > limit and isinstance(value, dict):
+            # the rest as JSON (a picture's raw length would count escapes such as "\/")
+            rest = {k: v for k, v in value.items() if k not in PICTURES}
+            text = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise RequestError(413, too_big)
+        elif len(body) > limit:
             raise RequestError(413, too_big)
         return value
 
