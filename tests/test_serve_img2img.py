@@ -392,3 +392,18 @@ def test_a_picture_s_json_escapes_do_not_count_against_the_body_limit(gen):
     with TestClient(create_app(gen, Limits(max_body_bytes=256))) as c:
         r = c.post("/api/generate", content=escaped, headers={"Content-Type": "application/json"})
         assert r.status_code == 200, r.text
+
+
+def test_edits_takes_the_sdk_s_list_name_and_says_when_forms_cannot_be_read(
+    client, gen, photo, monkeypatch
+):
+    """``image[]`` (how the OpenAI SDK names a list of images) is ``image``; a server
+    without python-multipart answers the route with one line saying what to install."""
+    from starlette import formparsers
+
+    png = encode(photo)
+    r = client.post("/v1/images/edits", files={"image[]": ("p.png", png)}, data={"prompt": "x"})
+    assert r.status_code == 200, r.text
+    monkeypatch.setattr(formparsers, "multipart", None)
+    r = client.post("/v1/images/edits", files={"image": ("p.png", png)}, data={"prompt": "x"})
+    assert r.status_code == 501 and "python-multipart" in r.json()["error"]["message"]

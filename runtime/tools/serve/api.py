@@ -417,6 +417,7 @@ def _responses() -> tuple[dict, dict]:
         "401": "missing or wrong bearer token",
         "413": "body, picture, prompt or image count over this server's limits",
         "415": "not the route's Content-Type",
+        "501": "a form (/v1/images/edits) on a server without python-multipart",
         "422": "a field is wrong: error.param names it",
         "503": "the queue is full (Retry-After) or the server is stopping",
     }

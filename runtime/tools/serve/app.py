@@ -235,6 +235,8 @@ class Service:
         try:
             fields, files = [], {}
             for name, value in form.multi_items():
+                if name in ("image[]", "mask[]"):  # the OpenAI SDK's name for a list
+                    name = name[:-2]
                 if name not in ("image", "mask"):
                     if not isinstance(value, str):
                         raise RequestError(422, f"{name!r:.60} must be text, not a file", name)
