@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ddpm_rt.bundle.fileio import atomic_write
-from ddpm_rt.errors import InputError
+from ddpm_rt.errors import InputError, first_line
 
 MAX_SCALE = 64
 # Pillow refuses to open images over twice its decompression-bomb limit and warns above it;
@@ -207,14 +208,28 @@ def _open_picture(src, what: str) -> Image.Image:
         raise InputError(f"cannot read {what} {path}: {e.strerror or e}", what) from None
     if not path.is_file():
         raise InputError(f"{what} {path} is not a regular file", what)
+    return _decode(path, size, f"{what} {path}", what)
+
+
+def _bytes_picture(data, what: str) -> Image.Image:
+    """A PNG, JPEG or WebP file's bytes (e.g. an upload) -> its first frame, loaded; the
+    same checks as a file's."""
+    data = bytes(data)
+    return _decode(io.BytesIO(data), len(data), what, what)
+
+
+def _decode(src, size: int, label: str, what: str) -> Image.Image:
+    """The checks and decoding of a path or file object holding ``size`` bytes: the byte
+    and pixel limits (the latter from the header, before any pixel is decoded), the first
+    frame. ``label`` names it in messages; ``what`` is the field."""
     if size > MAX_INPUT_BYTES:
-        raise InputError(f"{what} {path} is over {MAX_INPUT_BYTES >> 20} MiB", what)
+        raise InputError(f"{label} is over {MAX_INPUT_BYTES >> 20} MiB", what)
     try:
-        im = Image.open(path, formats=INPUT_FORMATS)  # the header only, so far
+        im = Image.open(src, formats=INPUT_FORMATS)  # the header only, so far
         w, h = im.size
         if w * h > MAX_INPUT_PIXELS:
             raise InputError(
-                f"{what} {path} is {w}x{h} pixels, over the limit of "
+                f"{label} is {w}x{h} pixels, over the limit of "
                 f"{MAX_INPUT_PIXELS / 1e6:.1f} M pixels",
                 what,
             )
@@ -223,10 +238,52 @@ def _open_picture(src, what: str) -> Image.Image:
     except InputError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise InputError(
-            f"{what} {path} is not a readable PNG, JPEG or WebP picture: {e}", what
-        ) from None
+        raise _unreadable(label, e, what) from None
     return im
+
+
+def _unreadable(label: str, e: Exception, what: str) -> InputError:
+    """The one-line refusal of bytes Pillow cannot read as a PNG, JPEG or WebP picture."""
+    if isinstance(e, UnidentifiedImageError):  # its message names a Python object
+        return InputError(f"{label} is not a readable PNG, JPEG or WebP picture", what)
+    return InputError(f"{label} is not a readable PNG, JPEG or WebP picture: {first_line(e)}", what)
+
+
+def check_picture_header(data: bytes, what: str) -> tuple[int, int]:
+    """A picture's bytes checked from their header alone (cheap: no pixel is decoded):
+    a PNG, JPEG or WebP within the byte and pixel limits -> (width, height); else an
+    InputError naming ``what``. A server checks an upload with it before queueing it."""
+    if len(data) > MAX_INPUT_BYTES:
+        raise InputError(f"{what} is over {MAX_INPUT_BYTES >> 20} MiB", what)
+    try:
+        with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as im:
+            w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise _unreadable(what, e, what) from None
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"{what} is {w}x{h} pixels, over the limit of {MAX_INPUT_PIXELS / 1e6:.1f} M pixels",
+            what,
+        )
+    return w, h
+
+
+def transparent_mask(src, what: str = "mask") -> np.ndarray | None:
+    """The OpenAI images API's mask convention -> ours: a picture's fully transparent pixels
+    (alpha 0) are the area to repaint. Returns an (H, W) uint8 mask, 255 = repaint (as
+    :func:`load_mask` reads it), or None when the picture has no alpha channel."""
+    if isinstance(src, (bytes, bytearray, memoryview)):  # no alpha: known from the header
+        try:
+            with Image.open(io.BytesIO(src), formats=INPUT_FORMATS) as im:
+                if not _has_alpha(im):
+                    return None
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            pass  # _picture says what is wrong with it
+    im = _picture(src, what)
+    if not _has_alpha(im):
+        return None
+    alpha = np.asarray(im.convert("RGBA"))[..., 3]
+    return np.where(alpha == 0, np.uint8(255), np.uint8(0))
 
 
 def _array_picture(src, what: str) -> Image.Image:
@@ -256,9 +313,19 @@ def _array_picture(src, what: str) -> Image.Image:
 def _picture(src, what: str) -> Image.Image:
     if isinstance(src, (str, Path)):
         return _open_picture(src, what)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _bytes_picture(src, what)
     if isinstance(src, np.ndarray):
         return _array_picture(src, what)
-    raise InputError(f"{what} must be a file path or a NumPy array, got {type(src).__name__}", what)
+    raise InputError(
+        f"{what} must be a file path or a NumPy array (or a picture file's bytes), got "
+        f"{type(src).__name__}",
+        what,
+    )
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
 
 
 def _resized(im: Image.Image, h: int, w: int) -> Image.Image:
@@ -269,7 +336,7 @@ def load_picture(src, h: int, w: int, what: str = "init_image") -> np.ndarray:
     """A picture to start from -> (h, w, 3) uint8: its first frame, transparency composited on
     white (the training data's background), resized to h x w with :data:`RESIZE_FILTER`."""
     im = _picture(src, what)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if _has_alpha(im):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return np.asarray(_resized(im.convert("RGB"), h, w), dtype=np.uint8)
@@ -280,7 +347,7 @@ def load_mask(src, h: int, w: int, what: str = "mask") -> np.ndarray:
     one grey channel (transparency counts as black: kept), resized to h x w like the
     picture, then grey >= :data:`MASK_THRESHOLD` (of 255) is repainted."""
     im = _picture(src, what)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if _has_alpha(im):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     grey = np.asarray(_resized(im.convert("L"), h, w))

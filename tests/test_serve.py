@@ -280,6 +280,11 @@ def test_wrong_method_and_unknown_path_answer_in_the_error_shape(client):
 
 
 def test_huge_body_is_refused_before_it_is_read(client):
+    """Over max_request_bytes (room for two pictures): refused by its Content-Length, or as
+    it arrives; over max_body_bytes besides its pictures: refused once parsed."""
+    limit = client.app.state.service.limits.max_request_bytes
+    r = client.post("/api/generate", content=b" " * (limit + 1), headers=JSON)
+    assert r.status_code == 413 and f"limit of {limit} bytes" in r.json()["error"]["message"]
     big = json.dumps({"prompt": "x", "negative_prompt": "y" * 70_000}).encode()
     r = client.post("/api/generate", content=big, headers=JSON)
     assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]

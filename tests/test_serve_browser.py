@@ -188,3 +188,122 @@ def test_page_asks_for_the_token_when_the_server_needs_one(playwright, tmp_path)
             assert page.inner_text("#status").startswith("done")
         finally:
             ctx.close()
+
+
+# -- a picture to start from (issue 28) ---------------------------------------------------
+
+
+def start_picture(gen, tmp_path: Path) -> Path:
+    """A picture of another size than the model's (80 x 100), as a PNG file."""
+    img = Image.fromarray(gen.generate("a red apple", seed=3)[0]).resize((100, 80))
+    path = tmp_path / "start.png"
+    img.save(path)
+    return path
+
+
+def drop_file(page, path: Path) -> None:
+    """Drag-and-drop of a file onto the drop zone, as a browser dispatches it."""
+    page.evaluate(
+        """([b64, name]) => {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          const dt = new DataTransfer();
+          dt.items.add(new File([bytes], name, { type: "image/png" }));
+          const drop = document.getElementById("drop");
+          const init = { dataTransfer: dt, bubbles: true, cancelable: true };
+          for (const type of ["dragenter", "dragover", "drop"])
+            drop.dispatchEvent(new DragEvent(type, init));
+        }""",
+        [base64.b64encode(path.read_bytes()).decode(), path.name],
+    )
+
+
+def sent_body(page, click: str) -> dict:
+    """Click, and return the JSON body the page sent to the stream endpoint."""
+    with page.expect_request(lambda r: r.url.endswith("/api/generate/stream")) as req:
+        page.click(click)
+    return json.loads(req.value.post_data)
+
+
+def data_url_bytes(url: str) -> bytes:
+    head, data = url.split(",", 1)
+    assert head.endswith(";base64"), head
+    return base64.b64decode(data)
+
+
+def picture_flow(page, url: str, gen, tmp_path: Path, *, drop: bool, shot: str) -> None:
+    """Drop (or pick) a picture, set the strength, paint a stroke across the middle, generate:
+    the page sends the file's bytes, the strength and a white-on-black mask, and shows
+    Generator.generate's image for them. Then a click on the result makes it the next
+    picture (the mask cleared): the next request starts from that PNG."""
+    from ddpm_rt.images import load_mask
+
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.locator("#sampler option").first.wait_for(state="attached")
+    page.fill("#prompt", "a blue ball")
+    page.fill("#num", "1")
+    page.fill("#seed", "21")
+    assert not page.is_visible("#strength")  # only with a picture
+    path = start_picture(gen, tmp_path)
+    if drop:
+        drop_file(page, path)
+    else:
+        page.set_input_files("#picture", str(path))
+    sync_api.expect(page.locator("#strength")).to_be_visible()
+    page.fill("#strength", "0.6")
+    sync_api.expect(page.locator("#strength-out")).to_have_text("0.6")
+    box = page.locator("#mask").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + 2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 2, y, steps=12)
+    page.mouse.up()
+    page.screenshot(path=str(shots(tmp_path) / shot), full_page=True)  # the mask painted
+    body = sent_body(page, "#generate")
+    assert body["strength"] == 0.6
+    assert data_url_bytes(body["init_image"]) == path.read_bytes()  # the file, as it is
+    mask = data_url_bytes(body["mask"])
+    repaint = load_mask(mask, 64, 64)
+    assert repaint[32].all() and not repaint[:8].any() and not repaint[-8:].any()
+    page.locator("#results figure img").first.wait_for(timeout=120_000)
+    first = page.query_selector("#results figure img")
+    pixels, prov = decode_src(first.get_attribute("src"))
+    want = gen.generate("a blue ball", seed=21, strength=0.6, init_image=path, mask=mask)
+    np.testing.assert_array_equal(pixels, want[0])
+    assert prov["strength"] == 0.6 and "mask_sha256" in prov
+    # the result as the next picture: a click on it
+    first.click()
+    assert page.get_attribute("#picture-img", "src") == first.get_attribute("src")
+    page.fill("#strength", "0.3")
+    body = sent_body(page, "#generate")
+    assert body["init_image"] == first.get_attribute("src") and "mask" not in body
+    page.locator("#results figure img").nth(1).wait_for(timeout=120_000)
+    newest = page.query_selector("#results figure img")  # results are newest first
+    want = gen.generate("a blue ball", seed=21, strength=0.3, init_image=pixels)
+    np.testing.assert_array_equal(decode_src(newest.get_attribute("src"))[0], want[0])
+    page.click("#remove-picture")
+    assert not page.is_visible("#strength") and "init_image" not in sent_body(page, "#generate")
+    page.locator("#results figure img").nth(2).wait_for(timeout=120_000)
+    assert not errors, errors
+
+
+def test_page_starts_from_a_dropped_picture_and_a_painted_mask(server, playwright, tmp_path):
+    gen = Generator(ROOT / "models" / "default", threads=1)
+    ctx = browser(playwright, tmp_path / "profile", viewport={"width": 1200, "height": 900})
+    try:
+        page = ctx.new_page()
+        picture_flow(page, server, gen, tmp_path, drop=True, shot="serve-img2img-desktop.png")
+    finally:
+        ctx.close()
+
+
+def test_page_starts_from_a_picked_picture_on_a_phone(server, playwright, tmp_path):
+    gen = Generator(ROOT / "models" / "default", threads=1)
+    ctx = browser(playwright, tmp_path / "profile", **PHONE)
+    try:
+        page = ctx.new_page()
+        picture_flow(page, server, gen, tmp_path, drop=False, shot="serve-img2img-phone.png")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        ctx.close()

@@ -33,7 +33,8 @@ def check_args(args: argparse.Namespace):
     from ddpm_rt.config import check_int, check_real
     from ddpm_rt.extras import require
 
-    for module in ("starlette", "uvicorn"):  # the serve extra, checked before any work
+    # the serve extra, checked before any work (python_multipart: the edits route's forms)
+    for module in ("starlette", "uvicorn", "python_multipart"):
         require(module, "serve")
     from ddpm_rt.tools.serve.api import Limits
 
@@ -54,7 +55,8 @@ def check_args(args: argparse.Namespace):
         max_images=check_int("--max-images", args.max_images, 1, 4096),
         max_steps=check_int("--max-steps", args.max_steps, 1, 10_000),
         max_prompt_chars=check_int("--max-prompt-chars", args.max_prompt_chars, 1, 10_000),
-        max_body_bytes=check_int("--max-body-bytes", args.max_body_bytes, 1024, 16 << 20),
+        max_body_bytes=check_int("--max-body-bytes", args.max_body_bytes, 1024, 1 << 20),
+        max_image_bytes=check_int("--max-image-bytes", args.max_image_bytes, 1024, 64 << 20),
         max_queue=check_int("--max-queue", args.max_queue, 1, 100_000),
         max_batch=check_int("--max-batch", args.max_batch, 1, 4096),
         batch_window_s=check_real("--batch-window-ms", args.batch_window_ms, 0, 10_000) / 1000,
@@ -180,7 +182,18 @@ def add_serve_parser(sub, common) -> None:
     s.add_argument("--max-images", type=int, default=16, help="images per request (16)")
     s.add_argument("--max-steps", type=int, default=50, help="steps per request (50)")
     s.add_argument("--max-prompt-chars", type=int, default=1000, help="prompt length (1000)")
-    s.add_argument("--max-body-bytes", type=int, default=65536, help="request body (65536)")
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=65536,
+        help="a request's fields but its pictures (65536)",
+    )
+    s.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=8 << 20,
+        help="one picture's file: init_image, mask, the edits route's uploads (8388608)",
+    )
     s.add_argument(
         "--max-queue",
         type=int,

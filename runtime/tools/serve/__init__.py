@@ -1,6 +1,7 @@
 """``ddpm-rt serve``: an HTTP API and a web page over one shared :class:`Generator`.
 
-Needs the ``serve`` extra (Starlette, uvicorn); the runtime itself never imports this.
+Needs the ``serve`` extra (Starlette, uvicorn; python-multipart for the edits route's forms);
+the runtime itself never imports this.
 """
 
 from ddpm_rt.tools.serve.api import Limits

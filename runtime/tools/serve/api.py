@@ -7,12 +7,17 @@ oversized prompt is refused with a 4xx body naming the field, and no work starts
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from ddpm_rt.config import SETTINGS, GenerateConfig, check_int
 from ddpm_rt.errors import InputError
+from ddpm_rt.images import check_picture_header
 from ddpm_rt.text import check_prompt, parse_blend
 
 # A seed chosen for a request that names none: below 2**53, so a browser's JSON numbers
@@ -27,12 +32,22 @@ class Limits:
     max_images: int = 16  # images per request (prompts x num)
     max_steps: int = 50
     max_prompt_chars: int = 1000
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 1024  # a body, not counting its pictures (init_image, mask)
+    max_image_bytes: int = 8 << 20  # one picture's file (decoded from base64, or uploaded)
     max_queue: int = 64  # requests waiting or running; more get 503 + Retry-After
     max_batch: int = 32  # images one batch (one U-Net call) may hold
     batch_window_s: float = 0.005  # under concurrent load: how long to wait for company
     shutdown_grace_s: float = 10.0  # on SIGTERM: finish what runs within this, then cancel
     preview_every: int = 2  # streaming requests: x̂0 previews every k steps by default
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The most a body may hold as it is read: ``max_body_bytes`` and two pictures of
+        ``max_image_bytes`` as base64 (4 characters per 3 bytes) with room for a data: URL's
+        prefix or a multipart part's headers. Over it, a body is refused unread; under it,
+        a body whose fields besides the pictures are over ``max_body_bytes`` is refused once
+        parsed."""
+        return self.max_body_bytes + len(PICTURES) * (4 * -(-self.max_image_bytes // 3) + 1024)
 
 
 class RequestError(Exception):
@@ -54,6 +69,10 @@ class GenerateRequest:
     response_format: str  # "png" | "json"
     preview_every: int = 0
     extra: dict = field(default_factory=dict)
+    # image-to-image: the picture file's bytes; inpainting: the mask's bytes, or (H, W) uint8
+    # (255 = repaint) converted from another convention (the OpenAI edits route's alpha)
+    init_image: bytes | None = None
+    mask: bytes | np.ndarray | None = None
 
     @property
     def images(self) -> int:
@@ -65,10 +84,21 @@ class GenerateRequest:
 # adds only its own limits (Limits) and a seed of its own choosing when none is given.
 SETTINGS_HERE = tuple(n for n in SETTINGS if n != "batch_size")
 HELP_HERE = {"seed": "noise seed; absent: a random one, returned in the response"}
+PICTURES = ("init_image", "mask")  # the fields that carry a picture (base64)
 # name -> (JSON type, description): the request's own fields, then the settings.
 FIELDS: dict[str, tuple[str, str]] = {
     "prompt": ("string|array", "what to draw ('' = unconditional); a list: one row per prompt"),
     "negative_prompt": ("string", "what to steer away from (needs guidance != 1)"),
+    "init_image": (
+        "string",
+        "image-to-image: a PNG, JPEG or WebP file as base64 (or a data: URL), any size: "
+        "resized to the model's; strength says how much of it is redrawn",
+    ),
+    "mask": (
+        "string",
+        "inpainting (needs init_image): a picture as base64 (or a data: URL), any size; light "
+        "(grey >= 128) = repaint, dark or transparent = keep",
+    ),
     **{n: (SETTINGS[n].json_type, HELP_HERE.get(n, SETTINGS[n].help)) for n in SETTINGS_HERE},
     "response_format": ("string", "png (default; several images form a grid) or json"),
     "preview_every": ("integer", "streaming only: an x̂0 preview every k steps (0 = none)"),
@@ -127,6 +157,7 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     neg = body.get("negative_prompt")
     if neg is not None:
         neg = _prompt(neg, "negative_prompt", limits)
+    init, mask = (_picture(body.get(n), n, limits) for n in PICTURES)
     given = {n: body[n] for n in SETTINGS_HERE if body.get(n) is not None}
     seed_was_random = "seed" not in given
     if seed_was_random:
@@ -134,6 +165,7 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     cfg = GenerateConfig(**given)
     try:
         cfg.validate()  # the schema's checks, each naming its field
+        cfg.check_inputs(init is not None, mask is not None)  # mask needs init_image, ...
     except InputError as e:
         raise RequestError(422, str(e), e.field) from None
     # This server's own limits.
@@ -159,20 +191,80 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
     every = body.get("preview_every", limits.preview_every if stream else 0)
     every = _checked("preview_every", check_int, every, 0, limits.max_steps)
     cfg = replace(cfg, batch_size=cfg.num * len(prompts))  # one request, one batch
-    return GenerateRequest(prompts, neg, cfg, seed_was_random, fmt, every)
+    return GenerateRequest(
+        prompts, neg, cfg, seed_was_random, fmt, every, init_image=init, mask=mask
+    )
 
 
-def parse_openai(body, limits: Limits, sizes: dict[str, int]) -> GenerateRequest:
+def _picture(value, name: str, limits: Limits):
+    """A picture field: base64 (whitespace ignored) or a ``data:...;base64,`` URL -> the
+    file's bytes, checked from its header (a PNG, JPEG or WebP within the pixel limit);
+    bytes (an upload) are checked the same way; an array (a converted mask) passes."""
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, str):
+        if value[:5].lower() == "data:":
+            head, comma, value = value.partition(",")
+            if not comma or not head.lower().endswith(";base64"):
+                raise RequestError(
+                    422, f"{name}: a data: URL must be base64 (data:image/png;base64,...)", name
+                )
+        value = "".join(value.split())
+        if len(value) > 4 * -(-limits.max_image_bytes // 3):  # its base64 length
+            raise RequestError(
+                413,
+                f"{name} is over this server's limit of {limits.max_image_bytes} bytes per picture",
+                name,
+            )
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(
+                422, f"{name} is not valid base64 (a PNG, JPEG or WebP file's bytes)", name
+            ) from None
+    elif not isinstance(value, bytes):
+        raise RequestError(
+            422,
+            f"{name} must be a base64 string (a PNG, JPEG or WebP file), got "
+            f"{type(value).__name__}",
+            name,
+        )
+    if not value:
+        raise RequestError(422, f"{name} is empty", name)
+    if len(value) > limits.max_image_bytes:
+        raise RequestError(
+            413,
+            f"{name} is {len(value)} bytes, over this server's limit of "
+            f"{limits.max_image_bytes} bytes per picture",
+            name,
+        )
+    try:
+        check_picture_header(value, name)
+    except InputError as e:
+        raise RequestError(422, str(e), name) from None
+    return value
+
+
+def parse_openai(
+    body, limits: Limits, sizes: dict[str, int], *, image=None, mask=None
+) -> GenerateRequest:
     """The OpenAI images API's request (``POST /v1/images/generations``): ``prompt``, ``n``,
     ``response_format`` (``b64_json`` only: this server keeps no files to link to), ``size``
     (``WxH``: this model's, or a cascade's base picture), ``model``/``user``/``quality``/
     ``style`` accepted and ignored, and this API's own settings (``seed``, ``steps``, ...)
-    as extensions."""
+    as extensions. ``image`` (and ``mask``): ``POST /v1/images/edits``' uploads (the
+    picture's bytes; the mask as bytes or already converted to ours), its fields as
+    :func:`parse_edit_form` made them."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
     body = dict(body)
     for ignored in ("model", "user", "quality", "style"):
         body.pop(ignored, None)
+    for name in PICTURES:  # a picture comes as a file, to the edits route
+        if name in body:
+            raise RequestError(
+                422, f"unknown field {name!r} (send a picture to /v1/images/edits)", name
+            )
     fmt = body.pop("response_format", "b64_json")
     if fmt != "b64_json":
         raise RequestError(
@@ -194,12 +286,52 @@ def parse_openai(body, limits: Limits, sizes: dict[str, int]) -> GenerateRequest
     if "preview_every" in body:
         raise RequestError(422, "unknown field 'preview_every'", "preview_every")
     body["response_format"] = "json"
+    if image is not None:
+        body["init_image"] = image
+    if mask is not None:
+        body["mask"] = mask
     try:
         return parse_generate(body, limits)
-    except RequestError as e:  # the client sent n: say n
-        if e.param == "num":
-            e.param, e.message = "n", re.sub(r"\bnum\b", "n", e.message)
+    except RequestError as e:  # the client sent n (and image): say so
+        rename_param(e, OPENAI_NAMES)
         raise
+
+
+# This server's names -> the OpenAI API's, in its routes' refusals.
+OPENAI_NAMES = {"num": "n", "init_image": "image"}
+
+
+def rename_param(e: RequestError, names: dict[str, str]) -> RequestError:
+    """A refusal in the client's words: its ``param`` and the message's mentions renamed."""
+    if e.param in names:
+        old = e.param
+        e.param, e.message = names[old], re.sub(rf"\b{old}\b", names[old], e.message)
+    return e
+
+
+EDIT_INT = ("n",)  # /v1/images/edits: its own integer field (the settings' come from SETTINGS)
+FORM_NUMBERS = {"integer": (int, "an integer"), "number": (float, "a number")}
+
+
+def parse_edit_form(fields: list[tuple[str, str]]) -> dict:
+    """``/v1/images/edits``' text fields (multipart/form-data: every value a string) -> the
+    JSON body they stand for: numbers parsed as the request schema types them; a field
+    given twice, or a number that is not one, is refused naming it."""
+    body: dict = {}
+    for name, value in fields:
+        if name in body:
+            raise RequestError(422, f"{name!r:.60} is given twice", name[:60])
+        kind = "integer" if name in EDIT_INT else None
+        if name in SETTINGS_HERE and name != "size":  # size is "WxH" here
+            kind = SETTINGS[name].json_type
+        if kind in FORM_NUMBERS:
+            parse, what = FORM_NUMBERS[kind]
+            try:
+                value = parse(value.strip())
+            except ValueError:
+                raise RequestError(422, f"{name} must be {what}, got {value!r:.20}", name) from None
+        body[name] = value
+    return body
 
 
 def setting_schema(name: str, limit: int | None = None) -> dict:
@@ -225,6 +357,7 @@ def _generate_schema(limits: Limits) -> dict:
         "negative_prompt": prompt,
         "response_format": {"type": "string", "enum": ["png", "json"]},
         "preview_every": {"type": "integer", "minimum": 0, "maximum": limits.max_steps},
+        **{n: _b64_picture(limits) for n in PICTURES},
     }
     props = {
         name: {**(own.get(name) or setting_schema(name, here.get(name))), "description": desc}
@@ -235,6 +368,14 @@ def _generate_schema(limits: Limits) -> dict:
         "required": ["prompt"],
         "properties": props,
         "additionalProperties": False,
+    }
+
+
+def _b64_picture(limits: Limits) -> dict:
+    return {
+        "type": "string",
+        "contentEncoding": "base64",
+        "maxLength": 4 * -(-limits.max_image_bytes // 3) + 1024,
     }
 
 
@@ -274,7 +415,9 @@ def _responses() -> tuple[dict, dict]:
     refusals = {
         "400": "not JSON, or not an object",
         "401": "missing or wrong bearer token",
-        "413": "body, prompt or image count over this server's limits",
+        "413": "body, picture, prompt or image count over this server's limits",
+        "415": "not the route's Content-Type",
+        "501": "a form (/v1/images/edits) on a server without python-multipart",
         "422": "a field is wrong: error.param names it",
         "503": "the queue is full (Retry-After) or the server is stopping",
     }
@@ -300,10 +443,34 @@ def _openai_schema(props: dict, limits: Limits) -> dict:
             **{
                 k: v
                 for k, v in props.items()
-                if k not in ("prompt", "num", "response_format", "preview_every")
+                if k not in ("prompt", "num", "response_format", "preview_every", *PICTURES)
             },
         },
     }
+
+
+# The OpenAI API's mask convention, which /v1/images/edits follows.
+EDIT_MASK = (
+    "a PNG (or WebP) with an alpha channel, the image's size: its fully transparent pixels "
+    "(alpha 0) are the area to edit, as in the OpenAI images API (this server's JSON API "
+    "takes the other convention: light = repaint). Without a mask, an image with fully "
+    "transparent pixels is edited there; otherwise the whole image is redrawn by strength"
+)
+
+
+def _edit_schema(openai: dict, limits: Limits) -> dict:
+    """``/v1/images/edits``' form: the generations route's fields, the image and mask files."""
+    binary = {"type": "string", "format": "binary", "maxLength": limits.max_image_bytes}
+    props = {
+        "image": {
+            **binary,
+            "description": "the picture to edit: PNG, JPEG or WebP, any size (resized to "
+            "the model's)",
+        },
+        "mask": {**binary, "description": EDIT_MASK},
+        **openai["properties"],
+    }
+    return {"type": "object", "required": ["image", "prompt"], "properties": props}
 
 
 def openapi_schema(title: str, version: str, limits: Limits) -> dict:
@@ -313,6 +480,7 @@ def openapi_schema(title: str, version: str, limits: Limits) -> dict:
     props = generate["properties"]
     images, err = _responses()
     openai = _openai_schema(props, limits)
+    edit = _edit_schema(openai, limits)
 
     def body_of(schema):
         return {"required": True, "content": {"application/json": {"schema": schema}}}
@@ -323,8 +491,11 @@ def openapi_schema(title: str, version: str, limits: Limits) -> dict:
             "title": title,
             "version": version,
             "description": (
-                "Text-to-image generation over one shared model. Same seed, same image: a "
-                "request's images are byte-identical whether it runs alone or batched with others."
+                "Text-to-image, image-to-image and inpainting over one shared model. Same "
+                "seed, same image: a request's images are byte-identical whether it runs alone "
+                "or batched with others. A body is at most "
+                f"{limits.max_body_bytes} bytes besides its pictures; each picture at most "
+                f"{limits.max_image_bytes} bytes (as a file)."
             ),
         },
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
@@ -360,6 +531,18 @@ def openapi_schema(title: str, version: str, limits: Limits) -> dict:
                 "post": {
                     "summary": "the OpenAI images API's shape (b64_json)",
                     "requestBody": body_of(openai),
+                    "responses": {"200": {"description": "data[].b64_json"}, **err},
+                }
+            },
+            "/v1/images/edits": {
+                "post": {
+                    "summary": "the OpenAI images API's edits (b64_json): image-to-image, and "
+                    "inpainting with a mask whose transparent pixels are the area to edit",
+                    "description": EDIT_MASK,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"multipart/form-data": {"schema": edit}},
+                    },
                     "responses": {"200": {"description": "data[].b64_json"}, **err},
                 }
             },

@@ -1,9 +1,9 @@
 """The ASGI app: the HTTP API, the page, and the refusals, over one :class:`Batcher`.
 
-Endpoints (README, "Serving"; the OpenAPI document at ``/openapi.json``): ``POST
+Endpoints (docs/serving.md; the OpenAPI document at ``/openapi.json``): ``POST
 /api/generate`` (PNG or JSON), ``POST /api/generate/stream`` (server-sent events with x̂0
-previews), ``POST /v1/images/generations`` (the OpenAI images API's shape), ``GET
-/api/info``, ``GET /api/health``, and the page at ``/``.
+previews), ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (the OpenAI images
+API's shapes), ``GET /api/info``, ``GET /api/health``, and the page at ``/``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from starlette import formparsers
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -32,17 +34,29 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ddpm_rt import __version__
-from ddpm_rt.config import GenerateConfig
+from ddpm_rt.config import DEFAULT_STRENGTH, MAX_RESAMPLE, GenerateConfig
 from ddpm_rt.core.samplers import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from ddpm_rt.errors import Cancelled, InputError, first_line
-from ddpm_rt.images import PROVENANCE_KEY, make_grid
+from ddpm_rt.images import (
+    INPUT_FORMATS,
+    MASK_THRESHOLD,
+    MAX_INPUT_PIXELS,
+    PROVENANCE_KEY,
+    check_picture_header,
+    make_grid,
+    transparent_mask,
+)
 from ddpm_rt.tools.serve.api import (
+    OPENAI_NAMES,
+    PICTURES,
     GenerateRequest,
     Limits,
     RequestError,
     openapi_schema,
+    parse_edit_form,
     parse_generate,
     parse_openai,
+    rename_param,
 )
 from ddpm_rt.tools.serve.batcher import Batcher, QueueFull, Stopping, Ticket
 
@@ -55,6 +69,7 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
+JSON_TYPE = "application/json"
 PUBLIC = ("/", "/api/health", "/openapi.json")  # no token needed; nothing here runs the model
 
 
@@ -90,6 +105,35 @@ def png_bytes(images: np.ndarray, provenance: dict | None = None, ncols: int | N
     return buf.getvalue()
 
 
+def openai_mask(image: bytes, mask: bytes | None):
+    """``/v1/images/edits``' mask in the OpenAI API's convention (fully transparent = the
+    area to edit) -> ours, (H, W) uint8 with 255 = repaint; without a mask, the image's own
+    fully transparent pixels, if it has any (else None: the whole image, by strength)."""
+    try:
+        iw, ih = check_picture_header(image, "image")
+        if mask is None:
+            alpha = transparent_mask(image, "image")
+            return alpha if alpha is not None and alpha.any() else None
+        mw, mh = check_picture_header(mask, "mask")
+        if (mw, mh) != (iw, ih):
+            raise RequestError(
+                422,
+                f"mask is {mw}x{mh} pixels, image {iw}x{ih}: they must be the same size",
+                "mask",
+            )
+        ours = transparent_mask(mask, "mask")
+    except InputError as e:
+        raise RequestError(422, first_line(e), e.field) from None
+    if ours is None:
+        raise RequestError(
+            422,
+            "mask must have an alpha channel: on this route (as in OpenAI's API) its fully "
+            "transparent pixels are the area to edit",
+            "mask",
+        )
+    return ours
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -107,24 +151,118 @@ class Service:
         self.sizes = {f"{w}x{h}": h for _, h, w in shapes}  # the OpenAI route's "WxH"
 
     # -- requests -----------------------------------------------------------------------
-    async def read_json(self, request: Request):
-        """The body as JSON, refused before it is read when it is too big (or not JSON)."""
+    async def read_body(self, request: Request, kind: str) -> bytes:
+        """The body, refused before it is read when its Content-Type is not ``kind`` or it
+        is over :attr:`Limits.max_request_bytes` (by its Content-Length, or as it arrives)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":  # also: a cross-site form cannot post here
-            raise RequestError(415, "the body must be JSON (Content-Type: application/json)")
-        limit = self.limits.max_body_bytes
+        if ctype != kind:  # JSON: also, a cross-site form cannot post here
+            what = "JSON (Content-Type: application/json)" if kind == JSON_TYPE else kind
+            raise RequestError(415, f"the body must be {what}")
+        body = bytearray()
+        async for chunk in self.limited_stream(request):
+            body += chunk
+        return bytes(body)
+
+    async def limited_stream(self, request: Request):
+        """The body's chunks, cut off with a 413 past :attr:`Limits.max_request_bytes`."""
+        limit = self.limits.max_request_bytes
+        too_big = f"the body is over this server's limit of {limit} bytes"
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise RequestError(413, f"the body is over this server's limit of {limit} bytes")
-        body = bytearray()
+            raise RequestError(413, too_big)
+        seen = 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestError(413, f"the body is over this server's limit of {limit} bytes")
+            seen += len(chunk)
+            if seen > limit:
+                raise RequestError(413, too_big)
+            yield chunk
+
+    async def read_json(self, request: Request):
+        """The body as JSON: at most ``max_body_bytes`` besides its pictures (``init_image``,
+        ``mask``), refused unread when over :attr:`Limits.max_request_bytes`."""
+        body = await self.read_body(request, JSON_TYPE)
+        limit = self.limits.max_body_bytes
+        too_big = f"the body is over this server's limit of {limit} bytes (besides its pictures)"
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, RecursionError) as e:
+            if len(body) > limit:  # whatever it is, it is too big
+                raise RequestError(413, too_big) from None
             raise RequestError(400, f"the body is not valid JSON: {first_line(e)}") from None
+        if len(body) > limit and isinstance(value, dict):
+            # the rest as JSON (a picture's raw length would count escapes such as "\/")
+            rest = {k: v for k, v in value.items() if k not in PICTURES}
+            text = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise RequestError(413, too_big)
+        elif len(body) > limit:
+            raise RequestError(413, too_big)
+        return value
+
+    async def read_edit(self, request: Request) -> GenerateRequest:
+        """``/v1/images/edits``' multipart/form-data body -> a request: ``image`` and ``mask``
+        files (each within ``max_image_bytes``), the other fields text; the mask's
+        transparent pixels (the OpenAI API's convention) turned into ours."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/x-www-form-urlencoded":  # a form without a file
+            raise RequestError(
+                422, "image is required: send it as a file (multipart/form-data)", "image"
+            )
+        if ctype != "multipart/form-data":
+            raise RequestError(415, "the body must be multipart/form-data (a file named image)")
+        if formparsers.multipart is None:
+            raise RequestError(
+                501,
+                "this server cannot read forms: install python-multipart (the serve extra: "
+                "pip install 'ddpm-rt[serve]')",
+            )
+        parser = MultiPartParser(
+            request.headers,
+            self.limited_stream(request),
+            max_files=len(PICTURES),
+            max_fields=64,
+            max_part_size=self.limits.max_body_bytes,
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:  # over max_part_size or max_files, or malformed
+            big = "maximum" in str(e).lower()
+            raise RequestError(
+                413 if big else 400,
+                f"the form is {'over this server limits' if big else 'not valid'}: {first_line(e)}",
+            ) from None
+        try:
+            fields, files = [], {}
+            for name, value in form.multi_items():
+                if name in ("image[]", "mask[]"):  # the OpenAI SDK's name for a list
+                    name = name[:-2]
+                if name not in ("image", "mask"):
+                    if not isinstance(value, str):
+                        raise RequestError(422, f"{name!r:.60} must be text, not a file", name)
+                    fields.append((name, value))
+                    continue
+                if isinstance(value, str):
+                    raise RequestError(422, f"{name} must be a file (multipart/form-data)", name)
+                if name in files:
+                    raise RequestError(422, f"one {name} per request", name)
+                data = await value.read(self.limits.max_image_bytes + 1)
+                if len(data) > self.limits.max_image_bytes:
+                    raise RequestError(
+                        413,
+                        f"{name} is over this server's limit of {self.limits.max_image_bytes} "
+                        "bytes per picture",
+                        name,
+                    )
+                files[name] = data
+        finally:
+            await form.close()
+        if "image" not in files:
+            raise RequestError(422, "image is required (a PNG, JPEG or WebP file)", "image")
+        body = parse_edit_form(fields)
+        image = files["image"]
+        mask = await run_in_threadpool(openai_mask, image, files.get("mask"))
+        return parse_openai(body, self.limits, self.sizes, image=image, mask=mask)
 
     def provenance(self, ticket: Ticket) -> dict:
         """The settings that made a request's images: the CLI's PNG chunk, as the run
@@ -211,6 +349,13 @@ class Service:
                 "spacing": d.spacing or "time",
                 "steps": steps,
             },
+            "inputs": {  # image-to-image and inpainting: init_image, mask, strength, resample
+                "formats": [f.lower() for f in INPUT_FORMATS],
+                "strength": DEFAULT_STRENGTH,
+                "max_resample": MAX_RESAMPLE,
+                "mask": f"light (grey >= {MASK_THRESHOLD}) = repaint, dark or transparent = "
+                "keep; /v1/images/edits: fully transparent = repaint (the OpenAI API's)",
+            },
             "samplers": list(SAMPLERS),
             "spacings": list(SPACINGS),
             "precisions": {
@@ -227,6 +372,8 @@ class Service:
                 "max_steps": self.limits.max_steps,
                 "max_prompt_chars": self.limits.max_prompt_chars,
                 "max_body_bytes": self.limits.max_body_bytes,
+                "max_image_bytes": self.limits.max_image_bytes,
+                "max_image_pixels": MAX_INPUT_PIXELS,
                 "max_queue": self.limits.max_queue,
                 "max_batch": self.limits.max_batch,
             },
@@ -264,11 +411,17 @@ def _generate_endpoints(svc: Service):
     """``POST /api/generate`` and ``POST /v1/images/generations``: parse, queue, wait,
     answer."""
 
-    async def answer(request: Request, parse, respond):
-        """Parse, queue, wait; then ``respond(ticket)``, or the refusal or failure."""
+    async def answer(request: Request, parse, respond, names: dict | None = None):
+        """Parse, queue, wait; then ``respond(ticket)``, or the refusal or failure.
+        ``parse(request)`` reads and checks the body; ``names``: fields the route calls
+        otherwise (its refusals say the route's names)."""
         try:
-            ticket = await svc.run(request, parse(await svc.read_json(request)))
-        except (RequestError, QueueFull, Stopping, InputError) as e:
+            ticket = await svc.run(request, await parse(request))
+        except InputError as e:  # the generator's own check, e.g. a picture's pixels
+            return refusal(rename_param(RequestError(422, first_line(e), e.field), names or {}))
+        except RequestError as e:
+            return refusal(rename_param(e, names or {}))
+        except (QueueFull, Stopping) as e:
             return refusal(e)
         except ClientDisconnect:
             return Response(status_code=499)
@@ -295,11 +448,19 @@ def _generate_endpoints(svc: Service):
         return JSONResponse({"created": int(time.time()), "data": data, "seed": seed})
 
     async def generate(request: Request):
-        return await answer(request, lambda b: parse_generate(b, svc.limits), as_png_or_json)
+        async def parse(request):
+            return parse_generate(await svc.read_json(request), svc.limits)
+
+        return await answer(request, parse, as_png_or_json)
 
     async def openai(request: Request):
-        parse = lambda b: parse_openai(b, svc.limits, svc.sizes)  # noqa: E731
-        return await answer(request, parse, as_openai)
+        async def parse(request):
+            return parse_openai(await svc.read_json(request), svc.limits, svc.sizes)
+
+        return await answer(request, parse, as_openai, {"num": "n"})
+
+    async def edits(request: Request):
+        return await answer(request, svc.read_edit, as_openai, OPENAI_NAMES)
 
     return generate, openai
 
@@ -417,6 +578,7 @@ def create_app(
         Route("/api/generate", generate, methods=["POST"]),
         Route("/api/generate/stream", stream, methods=["POST"]),
         Route("/v1/images/generations", openai, methods=["POST"]),
+        Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/api/info", info),
         Route("/api/health", health),
         Route("/openapi.json", openapi_json),

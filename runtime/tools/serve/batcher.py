@@ -1,8 +1,9 @@
 """One worker thread over one shared :class:`Generator`, fed by a bounded queue.
 
-Requests that can share a batch (same sampler, steps, eta and spacing: ``batch_key``) and
-are waiting together run as one batch, up to ``Limits.max_batch`` images. Each image keeps
-its own noise stream, so a request's images are the same bytes alone or batched. A request
+Requests that can share a batch (same sampler, steps, eta, spacing, size, starting step, and
+inpainting or not: ``Job.batch_key``) and are waiting together run as one batch, up to
+``Limits.max_batch`` images. Each image keeps its own noise stream, so a request's images
+are the same bytes alone or batched. A request
 that is cancelled (its client went away) or whose rows go non-finite ends alone; the rest of
 its batch finishes.
 
@@ -17,6 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -145,7 +147,11 @@ class Batcher:
                 config=r.config,
                 callback=self._callback(ticket),
                 preview_every=r.preview_every,
+                init_image=r.init_image,
+                mask=r.mask,
             )
+            if r.init_image is not None:  # the job holds them now, at the model's size
+                ticket.request = replace(r, init_image=None, mask=None)
         finally:
             with self._cond:
                 self._preparing -= 1

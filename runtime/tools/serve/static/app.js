@@ -4,6 +4,10 @@
 const $ = (id) => document.getElementById(id);
 let controller = null; // the running request's AbortController: Cancel closes the stream
 let info = null;
+let picture = null; // the picture to start from, as a data: URL (sent as base64)
+let painted = false; // whether the mask holds any stroke
+const FORMATS = ["image/png", "image/jpeg", "image/webp"];
+const MAX_SIDE = 1024; // a picture the server would refuse is re-encoded on this device
 
 function token() {
   const t = $("token").value || sessionStorage.getItem("ddpm-rt-token") || "";
@@ -80,7 +84,144 @@ function body() {
   if ($("steps").value !== "") b.steps = Number($("steps").value);
   if ($("guidance").value !== "") b.guidance = Number($("guidance").value);
   if (!$("size-label").hidden && $("size").value) b.size = Number($("size").value);
+  if (picture) {
+    b.init_image = picture;
+    b.strength = Number($("strength").value);
+    if (painted) b.mask = maskPNG();
+  }
   return b;
+}
+
+// -- the picture to start from, and its mask ---------------------------------------------
+
+function usePicture(url) {
+  picture = url;
+  $("picture-img").src = url;
+  $("picture-tools").hidden = false;
+  clearMask();
+}
+
+function removePicture() {
+  picture = null;
+  $("picture").value = "";
+  $("picture-tools").hidden = true;
+  clearMask();
+}
+
+function readAsDataURL(blob) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+    r.readAsDataURL(blob);
+  });
+}
+
+// A file as the server takes it: PNG, JPEG or WebP within its limit are sent as they are;
+// anything else this browser can show (or a file over the limit) as a PNG of at most
+// MAX_SIDE pixels a side.
+async function pictureFile(file) {
+  const limit = info ? info.limits.max_image_bytes : Infinity;
+  if (FORMATS.includes(file.type) && file.size <= limit) return readAsDataURL(file);
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    throw new Error(`cannot read ${file.name} as a picture (PNG, JPEG or WebP)`);
+  }
+  const k = Math.min(1, MAX_SIDE / Math.max(bitmap.width, bitmap.height));
+  const c = document.createElement("canvas");
+  c.width = Math.max(1, Math.round(bitmap.width * k));
+  c.height = Math.max(1, Math.round(bitmap.height * k));
+  c.getContext("2d").drawImage(bitmap, 0, 0, c.width, c.height);
+  return c.toDataURL("image/png");
+}
+
+async function takeFile(file) {
+  if (!file) return;
+  try {
+    usePicture(await pictureFile(file));
+    setStatus(`picture: ${file.name}`);
+  } catch (e) {
+    setStatus(`error: ${e.message}`, true);
+  }
+}
+
+function clearMask() {
+  const c = $("mask");
+  c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  painted = false;
+}
+
+// The mask as the server reads it: white (repaint) strokes on black (keep).
+function maskPNG() {
+  const src = $("mask");
+  const c = document.createElement("canvas");
+  c.width = src.width;
+  c.height = src.height;
+  const g = c.getContext("2d");
+  g.fillStyle = "#000";
+  g.fillRect(0, 0, c.width, c.height);
+  g.drawImage(src, 0, 0);
+  return c.toDataURL("image/png");
+}
+
+function setupPainting() {
+  const c = $("mask");
+  const g = c.getContext("2d");
+  let last = null;
+  const at = (e) => {
+    const r = c.getBoundingClientRect();
+    return [(e.clientX - r.left) * c.width / r.width, (e.clientY - r.top) * c.height / r.height];
+  };
+  const stroke = (from, to) => {
+    const r = c.getBoundingClientRect();
+    g.strokeStyle = g.fillStyle = "#fff";
+    g.lineCap = g.lineJoin = "round";
+    g.lineWidth = Number($("brush").value) * c.width / Math.max(1, r.width);
+    g.beginPath();
+    g.moveTo(...from);
+    g.lineTo(...to);
+    g.stroke();
+    painted = true;
+  };
+  c.addEventListener("pointerdown", (e) => {
+    e.preventDefault();
+    c.setPointerCapture(e.pointerId);
+    last = at(e);
+    stroke(last, last);
+  });
+  c.addEventListener("pointermove", (e) => {
+    if (!last) return;
+    const p = at(e);
+    stroke(last, p);
+    last = p;
+  });
+  const end = () => { last = null; };
+  c.addEventListener("pointerup", end);
+  c.addEventListener("pointercancel", end);
+}
+
+function setupDrop() {
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    takeFile(e.dataTransfer.files[0]);
+  });
+  $("picture").addEventListener("change", (e) => takeFile(e.target.files[0]));
+}
+
+// A result as the next picture: its PNG, as the server sent it.
+function useResult(img) {
+  usePicture(img.src);
+  setStatus("picture: a result");
+  $("picture-set").scrollIntoView({ block: "nearest" });
 }
 
 function showPreview(msg) {
@@ -106,11 +247,15 @@ function showResult(result) {
     const img = image(im.b64_png, im.prompt);
     img.dataset.seed = s.seed;
     img.dataset.index = im.image_index;
+    img.title = "use as the next picture";
+    img.addEventListener("click", () => useResult(img));
     fig.appendChild(img);
     const cap = document.createElement("figcaption");
     const text = `"${im.prompt}" · seed ${s.seed} #${im.image_index} · ${s.sampler} ` +
       `${s.steps} steps · guidance ${s.guidance}` +
-      (s.negative_prompt ? ` · not "${s.negative_prompt}"` : "");
+      (s.negative_prompt ? ` · not "${s.negative_prompt}"` : "") +
+      (s.strength != null ? ` · strength ${s.strength}` : "") +
+      (s.mask_sha256 ? " · inpainted" : "");
     cap.appendChild(document.createTextNode(text));
     cap.appendChild(document.createElement("br"));
     const a = document.createElement("a");
@@ -118,6 +263,12 @@ function showResult(result) {
     a.download = `ddpm-rt-${s.seed}-${im.image_index}.png`;
     a.textContent = "download";
     cap.appendChild(a);
+    const use = document.createElement("button");
+    use.type = "button";
+    use.className = "use";
+    use.textContent = "use as input";
+    use.addEventListener("click", () => useResult(img));
+    cap.appendChild(use);
     fig.appendChild(cap);
     grid.prepend(fig);
   }
@@ -194,5 +345,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel").addEventListener("click", () => controller && controller.abort());
   $("sampler").addEventListener("change", stepsPlaceholder);
   $("token").addEventListener("change", loadInfo);
+  $("strength").addEventListener("input", () => { $("strength-out").value = $("strength").value; });
+  $("clear-mask").addEventListener("click", clearMask);
+  $("remove-picture").addEventListener("click", removePicture);
+  setupDrop();
+  setupPainting();
   loadInfo().catch((e) => setStatus(`error: ${e.message}`, true));
 });
