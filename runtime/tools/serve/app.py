@@ -408,8 +408,8 @@ def refusal(e: Exception):
 
 
 def _generate_endpoints(svc: Service):
-    """``POST /api/generate`` and ``POST /v1/images/generations``: parse, queue, wait,
-    answer."""
+    """``POST /api/generate``, ``POST /v1/images/generations`` and ``POST /v1/images/edits``:
+    parse, queue, wait, answer."""
 
     async def answer(request: Request, parse, respond, names: dict | None = None):
         """Parse, queue, wait; then ``respond(ticket)``, or the refusal or failure.
@@ -462,7 +462,7 @@ def _generate_endpoints(svc: Service):
     async def edits(request: Request):
         return await answer(request, svc.read_edit, as_openai, OPENAI_NAMES)
 
-    return generate, openai
+    return generate, openai, edits
 
 
 def _stream_endpoint(svc: Service):
@@ -562,7 +562,7 @@ def create_app(
     needs ``Authorization: Bearer TOKEN``. ``cors_origins``: other origins allowed to call
     the API from a browser (none by default)."""
     svc = Service(generator, limits or Limits(), token)
-    generate, openai = _generate_endpoints(svc)
+    generate, openai, edits = _generate_endpoints(svc)
     stream = _stream_endpoint(svc)
     page, info, health, openapi_json = _info_endpoints(svc)
 
