@@ -300,3 +300,46 @@ def test_config_checks_and_parser(teacher, tmp_path):
     assert DistillConfig(**kw) == DistillConfig(teacher="T", out="O", stage="steps", w_max=3.0)
     flags = {a.dest for a in p._subparsers._group_actions[0].choices["distill"]._actions}
     assert names <= flags
+
+
+def test_v_student_with_w_traces_to_an_eps_graph(tmp_path):
+    """What export will trace: a guidance-embedding v student, wrapped (EpsFromV), exports
+    to ONNX (4 inputs x, t, c, w; output eps) and ONNX Runtime matches torch."""
+    import io
+
+    import onnxruntime as ort
+
+    sched = NoiseSchedule(ScheduleConfig(timesteps=500))
+    cfg = UNetConfig(n_feat=8, context_dim=4, height=8, width=8, guidance_embedding=True)
+    torch.manual_seed(0)
+    net = ContextUnet(cfg).eval()
+    with torch.no_grad():  # a trained-like (non-zero) w embedding
+        for p in (*net.guidanceembed1.parameters(), *net.guidanceembed2.parameters()):
+            p.normal_(0, 0.3)
+    model = EpsFromV(net, sched.alpha_bar64).eval()
+    ts = np.array([500, 375, 250, 125])
+    feeds = {
+        "x": np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32),
+        "t": (ts / 500).astype(np.float32).reshape(4, 1),
+        "c": np.random.default_rng(1).standard_normal((4, 4), dtype=np.float32),
+        "w": np.array([[1.0], [2.0], [3.0], [4.0]], dtype=np.float32),
+    }
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        args,
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=list(feeds),
+        output_names=["eps"],
+        dynamic_axes={k: {0: "batch"} for k in (*feeds, "eps")},
+    )
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = sess.run(["eps"], feeds)[0]
+    with torch.no_grad():
+        ref = model(*args).numpy()
+        at_one = model(*(a[1:2] for a in args[:3]), torch.ones(1, 1)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert not np.allclose(ref[1], at_one[0], atol=1e-3)  # w is an input of the graph
