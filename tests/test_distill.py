@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -284,7 +285,7 @@ def test_resume_is_exact(teacher, guided, monkeypatch, stage, stop, prediction):
         assert a == b.replace(resumed.name.encode(), b"OUT"), f
 
 
-def test_config_checks_and_parser(teacher, tmp_path):
+def test_config_checks_and_parser(teacher, guided, tmp_path):
     with pytest.raises(InputError, match="stage"):
         DistillConfig(teacher="t", out="o", stage="x").validate()
     with pytest.raises(InputError, match="w-min"):
@@ -292,6 +293,12 @@ def test_config_checks_and_parser(teacher, tmp_path):
     np.savez(tmp_path / "big.npz", **make_shapes(8, size=12, seed=1))
     with pytest.raises(InputError, match="teacher takes"):
         distill(_cfg(teacher, "bad", data=str(tmp_path / "big.npz"), iterations=1))
+    two = tmp_path / "two-step"  # as a 2-step student's checkpoint says
+    shutil.copytree(guided, two, ignore=shutil.ignore_patterns("*.jsonl", "train_state*"))
+    meta = json.loads((two / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps({**meta, "distilled_steps": [50, 25]}))
+    with pytest.raises(InputError, match="--start-steps 2"):
+        distill(_cfg(teacher, "bad2", teacher=str(two), stage="steps"))
     p = argparse.ArgumentParser()
     add_distill_parser(p.add_subparsers())
     args = p.parse_args(["distill", "T", "--out", "O", "--stage", "steps", "--w-max", "3"])

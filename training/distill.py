@@ -186,7 +186,6 @@ def load_teacher(path: str | Path) -> tuple[torch.nn.Module, dict]:
         manifest = json.loads((path / "manifest.json").read_text())
         meta = {k: manifest[k] for k in ("schedule", "conditioning", "latent") if k in manifest}
         meta["unet"] = manifest["model"]["unet"]
-        meta["guidance"] = manifest["model"].get("guidance")
         return model_from_bundle(path).eval(), meta
     return load_model(path)
 
@@ -228,7 +227,7 @@ class Distiller(TrainLoop):
         ab = torch.from_numpy(self.schedule.alpha_bar64)
         self.alpha = ab.sqrt().float().to(self.device)  # indexed by t = 0..T
         self.sigma = (1 - ab).sqrt().float().to(self.device)
-        recorded = meta.get("guidance") or {}
+        recorded = meta.get("guidance") if isinstance(meta.get("guidance"), dict) else {}
         self.w_min = cfg.w_min if cfg.w_min is not None else recorded.get("w_min", 1.0)
         self.w_max = cfg.w_max if cfg.w_max is not None else recorded.get("w_max", 4.0)
         if not 0 <= self.w_min <= self.w_max:
@@ -238,6 +237,12 @@ class Distiller(TrainLoop):
             self.rounds: list[tuple[int, int] | None] = [None]
         else:
             self.prediction = cfg.prediction
+            done = meta.get("distilled_steps")
+            if done is not None and len(done) != cfg.start_steps:
+                raise InputError(
+                    f"the teacher was distilled for {len(done)} steps: give --start-steps "
+                    f"{len(done)}"
+                )
             # (teacher steps, student steps) per round; a v student of an eps teacher first
             # learns the teacher's own steps (same count) in its new parametrisation.
             self.rounds = [(n, n // 2) for n in halving_rounds(cfg.start_steps, cfg.final_steps)]
