@@ -21,15 +21,9 @@ from ddpm_rt.errors import CheckpointError
 from .model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UNetConfig, read_checkpoint_config
 
 
-def save_checkpoint(self) -> None:  # self: a training.train.Trainer
-    """Weights, optimiser state and config of a Trainer, atomically (config last)."""
-    self.out.mkdir(parents=True, exist_ok=True)
-    state = {
-        f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
-    }
-    state.update(optimizer_tensors(self.opt))
-    ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}
-    meta = {
+def checkpoint_meta(self, extra: dict | None = None) -> dict:  # self: a Trainer
+    """A Trainer's ``config.json``; ``extra``: more fields (the distiller's)."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "unet": self.unet_config.to_dict(),
@@ -41,7 +35,22 @@ def save_checkpoint(self) -> None:  # self: a training.train.Trainer
         "step": self.step,
         "total_steps": self.total_steps,
         "producer": {"ddpm_rt": ddpm_rt.__version__, "torch": torch.__version__},
+        **(extra or {}),
     }
+
+
+def save_checkpoint(self, extra: dict | None = None) -> None:  # self: a training.train.Trainer
+    """Weights, optimiser state and config (:func:`checkpoint_meta`) of a Trainer,
+    atomically (config last)."""
+    self.out.mkdir(parents=True, exist_ok=True)
+    state = {
+        f"model.{k}": v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
+    }
+    state.update(optimizer_tensors(self.opt))
+    if getattr(self, "recent_losses", None):  # the loss window of metrics.jsonl's next line
+        state["loop.losses"] = torch.tensor(self.recent_losses, dtype=torch.float64)
+    ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()}
+    meta = checkpoint_meta(self, extra)
     # Weights first, config (which names the step) last: a crash leaves the old config.
     atomic_write(self.out / "train_state.safetensors", lambda f: f.write(_st_bytes(state)))
     atomic_write(self.out / "model.safetensors", lambda f: f.write(_st_bytes(ema)))
@@ -64,6 +73,7 @@ def load_checkpoint(self) -> None:  # self: a training.train.Trainer
     self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     self.ema.load_state_dict(ema)
     load_optimizer_tensors(self.opt, state, self.device)
+    self.recent_losses = state["loop.losses"].tolist() if "loop.losses" in state else []
     self.step = int(meta["step"])
     if self.rank == 0:
         trim_metrics(self.out / "metrics.jsonl", self.step)
@@ -123,10 +133,13 @@ def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
 
 
-def resume_settings(cfg, resume: bool, read_config) -> dict | None:
+def resume_settings(
+    cfg, resume: bool, read_config, overrides: tuple[str, ...] = ("steps", "device")
+) -> dict | None:
     """Refuse to overwrite a checkpoint without ``resume`` or to resume nothing; when
-    resuming, the stored training settings with ``steps`` (may extend the run) and
-    ``device`` taken from ``cfg`` where given. None when not resuming."""
+    resuming, the stored training settings with those named in ``overrides`` (by default
+    ``steps``, which may extend the run, and ``device``) taken from ``cfg`` where given.
+    None when not resuming."""
     from ddpm_rt.errors import InputError
 
     out = Path(cfg.out)
@@ -141,5 +154,5 @@ def resume_settings(cfg, resume: bool, read_config) -> dict | None:
     if not resume:
         return None
     stored = read_config(out)["train"]
-    stored.update({k: getattr(cfg, k) for k in ("steps", "device") if getattr(cfg, k) is not None})
+    stored.update({k: getattr(cfg, k) for k in overrides if getattr(cfg, k) is not None})
     return stored

@@ -3,7 +3,8 @@
 
 :class:`TrainLoop` runs the steps: the learning rate decaying linearly to 0 over the run,
 the optimiser step, a ``{"step", "loss", ...}`` line in ``metrics.jsonl`` every 10 steps
-and at the last, the progress bar, the checkpoints (every ``checkpoint_every`` steps and
+and at the last (the mean loss of the last 10 steps, a window a checkpoint may keep:
+``recent_losses``), the progress bar, the checkpoints (every ``checkpoint_every`` steps and
 once at the end) and the summary. A trainer gives the per-model pieces: the loss of batch
 ``self.step``, what it saves and evaluates, and its own summary fields.
 :class:`SingleModelLoop` adds the checkpoint the autoencoder and the upscaler share.
@@ -42,6 +43,16 @@ def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
     perm = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
     idx = perm[pos * batch : (pos + 1) * batch]
     return idx if len(idx) else perm[:batch]
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema``'s parameters move ``1 - decay`` of the way to ``model``'s; its buffers (e.g.
+    BatchNorm's running statistics, their own EMA) are copied."""
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(p, 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
+        be.copy_(b)
 
 
 class TrainLoop:
@@ -89,10 +100,15 @@ class TrainLoop:
         return {}
 
     # -- the loop -------------------------------------------------------------------------
+    def learning_rate(self) -> float:
+        """The learning rate of step ``self.step``: by default a linear decay from
+        ``cfg.lr`` to 0 over ``total_steps``."""
+        return self.cfg.lr * (1 - self.step / self.total_steps)
+
     def train_step(self) -> float:
-        """One optimiser step on batch ``self.step``, at the learning rate of a linear decay
-        from ``cfg.lr`` to 0 over ``total_steps``; returns the loss."""
-        lr = self.cfg.lr * (1 - self.step / self.total_steps)
+        """One optimiser step on batch ``self.step`` at :meth:`learning_rate`; returns the
+        loss."""
+        lr = self.learning_rate()
         for g in self.opt.param_groups:
             g["lr"] = lr
         loss = self.loss()
@@ -101,7 +117,10 @@ class TrainLoop:
         self.opt.step()
         self.after_update()
         self.step += 1
-        return loss.item()
+        value = loss.item()
+        # The window of metrics.jsonl's loss mean, kept in the checkpoint (exact resume).
+        self.recent_losses = [*getattr(self, "recent_losses", []), value][-10:]
+        return value
 
     def fit(self, progress: bool = True) -> dict:
         """Train from ``self.step`` to ``total_steps``; returns the summary."""
@@ -126,7 +145,7 @@ class TrainLoop:
                     if not main:
                         continue
                     if self.step % 10 == 0 or self.step == self.total_steps:
-                        mean = float(np.mean(losses[-10:]))
+                        mean = float(np.mean(self.recent_losses))
                         bar.set_postfix(loss=f"{mean:.4f}")
                         line = {"step": self.step, "loss": mean, **self.log_fields()}
                         log.write(json.dumps(line) + "\n")

@@ -24,6 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,10 @@ class UNetConfig:
     # With "relu" the int8 graph is QLinearConv(+ReLU) end to end inside the blocks.
     norm: str = "group"
     activation: str = "gelu"
+    # Issue 29: a guidance-distilled student takes the guidance scale w as a 4th input,
+    # ``forward(x, t, c, w)``; its embedding is added where the time embedding is. Off (the
+    # default) the model, its outputs and its state_dict keys are those of before.
+    guidance_embedding: bool = False
 
     def __post_init__(self):
         if self.height % 4 or self.width % 4 or self.height < 4 or self.width < 4:
@@ -82,7 +87,10 @@ class UNetConfig:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.guidance_embedding:  # ordinary models' configs read as before issue 29
+            del d["guidance_embedding"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -235,6 +243,14 @@ class ContextUnet(nn.Module):
         self.timeembed2 = EmbedFC(1, n)
         self.contextembed1 = EmbedFC(d, 2 * n)
         self.contextembed2 = EmbedFC(d, n)
+        if config.guidance_embedding:
+            # Zero last layers: the embedding starts at 0, so a student made from a teacher
+            # starts as the teacher's conditional prediction (``init_from`` copies the rest).
+            self.guidanceembed1 = EmbedFC(1, 2 * n)
+            self.guidanceembed2 = EmbedFC(1, n)
+            for emb in (self.guidanceembed1, self.guidanceembed2):
+                nn.init.zeros_(emb.model[-1].weight)
+                nn.init.zeros_(emb.model[-1].bias)
         k = (config.height // 4, config.width // 4)
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n, 2 * n, k, k), nn.GroupNorm(g, 2 * n), nn.ReLU()
@@ -251,8 +267,17 @@ class ContextUnet(nn.Module):
     def _gate(self, e: torch.Tensor) -> torch.Tensor:
         return 1.0 + torch.tanh(e) if self.config.context_gate == "tanh" else e
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``w`` (B, 1): the guidance scale, for (and only for) a ``guidance_embedding`` model."""
         n = self.config.n_feat
+        if (w is not None) != self.config.guidance_embedding:
+            raise TypeError(
+                "a guidance_embedding model takes w (B, 1)"
+                if w is None
+                else "w is an input of guidance_embedding models only"
+            )
         x = self.init_conv(x)  # (B, n, H, W)
         down1 = self.down1(x)  # (B, n, H/2, W/2)
         down2 = self.attn(self.down2(down1))  # (B, 2n, H/4, W/4)
@@ -263,10 +288,55 @@ class ContextUnet(nn.Module):
         temb1 = self.timeembed1(t).view(-1, 2 * n, 1, 1)
         cemb2 = self._gate(self.contextembed2(c)).view(-1, n, 1, 1)
         temb2 = self.timeembed2(t).view(-1, n, 1, 1)
+        if w is not None:  # added where (and as) the time embedding is
+            temb1 = temb1 + self.guidanceembed1(w).view(-1, 2 * n, 1, 1)
+            temb2 = temb2 + self.guidanceembed2(w).view(-1, n, 1, 1)
         up1 = self.up0(hidden)  # (B, 2n, H/4, W/4)
         up2 = self.up1(cemb1 * up1 + temb1, down2)  # (B, n, H/2, W/2)
         up3 = self.up2(cemb2 * up2 + temb2, down1)  # (B, n, H, W)
         return self.out(torch.cat((up3, x), 1))  # (B, C, H, W)
+
+
+PREDICTIONS = ("eps", "v")
+
+
+class EpsFromV(nn.Module):
+    """A v-predicting U-Net (Salimans & Ho 2022, v = alpha_t eps - sigma_t x0) as the eps
+    predictor the runtime's samplers take: eps = sigma_t x_t + alpha_t v, exactly, with
+    alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t) looked up at the integer timestep
+    round(t_in * T) (``t_in`` = ``timestep_input(t, T)``). Traces to Mul/Round/Cast/Gather;
+    the tables are constants of the graph (not in the state_dict: the checkpoint's weights
+    are the inner model's, keys unchanged). A checkpoint whose config.json says
+    ``"prediction": "v"`` is loaded wrapped by :func:`load_model`."""
+
+    def __init__(self, net: ContextUnet, alpha_bar: np.ndarray):
+        super().__init__()
+        self.net = net
+        ab = np.asarray(alpha_bar, dtype=np.float64)  # t = 0..T
+        self.timesteps = len(ab) - 1
+        self.register_buffer("alpha", torch.from_numpy(np.sqrt(ab).astype(np.float32)), False)
+        self.register_buffer("sigma", torch.from_numpy(np.sqrt(1 - ab).astype(np.float32)), False)
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.net.config
+
+    def table_index(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.round(t.reshape(-1) * self.timesteps).long().clamp(0, self.timesteps)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        v = self.net(x, t, c, w)
+        i = self.table_index(t)
+        return self.sigma[i].view(-1, 1, 1, 1) * x + self.alpha[i].view(-1, 1, 1, 1) * v
+
+
+def eps_model(net: ContextUnet, prediction: str, alpha_bar: np.ndarray) -> nn.Module:
+    """``net`` as an eps predictor: itself for "eps", wrapped in :class:`EpsFromV` for "v"."""
+    if prediction not in PREDICTIONS:
+        raise InputError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    return net if prediction == "eps" else EpsFromV(net, alpha_bar)
 
 
 CHECKPOINT_FORMAT = "ddpm-rt-checkpoint"
@@ -298,7 +368,9 @@ def read_checkpoint_config(
 
 
 def load_model(ckpt_dir, weights: str = "model.safetensors") -> tuple[ContextUnet, dict]:
-    """Rebuild the model from the config stored beside its weights (EMA weights by default)."""
+    """Rebuild the model from the config stored beside its weights (EMA weights by default).
+    A v-predicting one (``"prediction": "v"``, from ``ddpm-rt distill``) comes wrapped in
+    :class:`EpsFromV`: what is returned always predicts eps."""
     from pathlib import Path
 
     from safetensors import SafetensorError
@@ -316,4 +388,9 @@ def load_model(ckpt_dir, weights: str = "model.safetensors") -> tuple[ContextUne
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot load {path}: {first_line(e)}") from None
+    if cfg.get("prediction", "eps") != "eps":
+        from ddpm_rt.core.schedule import NoiseSchedule, ScheduleConfig
+
+        schedule = NoiseSchedule(ScheduleConfig.from_dict(cfg["schedule"]))
+        model = eps_model(model, cfg["prediction"], schedule.alpha_bar64)
     return model.eval(), cfg

@@ -26,7 +26,7 @@ from ddpm_rt.images import save_png
 
 from .checkpoint import load_checkpoint, resume_settings, save_checkpoint
 from .data import Dataset, load_dataset
-from .loop import TrainLoop, batch_indices, pick_device
+from .loop import TrainLoop, batch_indices, ema_update, pick_device
 from .model import (
     ContextUnet,
     UNetConfig,
@@ -182,13 +182,9 @@ class Trainer(TrainLoop):
 
     def after_update(self) -> None:
         # EMA with warm-up: early on, follow the raw weights closely.
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                pe.lerp_(p, 1 - decay)
-            # BatchNorm's running statistics follow the raw model's (they are its own EMA).
-            for be, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-                be.copy_(b)
+        ema_update(
+            self.ema, self.model, min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        )
 
     # -- the loop's hooks (TrainLoop.fit runs the loop) -----------------------------------
     def begin(self) -> None:
