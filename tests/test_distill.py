@@ -21,7 +21,6 @@ from ddpm_rt.training.data import load_dataset
 from ddpm_rt.training.distill import (
     DistillConfig,
     Distiller,
-    add_distill_parser,
     distill,
     guided_eps,
     halving_rounds,
@@ -299,8 +298,13 @@ def test_config_checks_and_parser(teacher, guided, tmp_path):
     (two / "config.json").write_text(json.dumps({**meta, "distilled_steps": [50, 25]}))
     with pytest.raises(InputError, match="--start-steps 2"):
         distill(_cfg(teacher, "bad2", teacher=str(two), stage="steps"))
+    from ddpm_rt.cli import train as cli_train
+    from ddpm_rt.training.distill import STAGES
+    from ddpm_rt.training.model import PREDICTIONS
+
+    assert (cli_train.DISTILL_STAGES, cli_train.DISTILL_PREDICTIONS) == (STAGES, PREDICTIONS)
     p = argparse.ArgumentParser()
-    add_distill_parser(p.add_subparsers())
+    cli_train._add_distill_parser(p.add_subparsers(), lambda p: None)
     args = p.parse_args(["distill", "T", "--out", "O", "--stage", "steps", "--w-max", "3"])
     names = set(DistillConfig.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -350,3 +354,28 @@ def test_v_student_with_w_traces_to_an_eps_graph(tmp_path):
         at_one = model(*(a[1:2] for a in args[:3]), torch.ones(1, 1)).numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     assert not np.allclose(ref[1], at_one[0], atol=1e-3)  # w is an input of the graph
+
+
+def test_cli_distill_runs_both_stages_and_writes_the_round_checkpoints(teacher):
+    """``ddpm-rt distill`` (the CLI wiring): stage guidance, then stage steps 8 -> 2 from
+    it, each a few iterations; the summary line names the round checkpoints."""
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "ddpm_rt.cli", "distill"]
+    base = ["--iterations", "2", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    g = subprocess.run(
+        [*cli, str(teacher / "teacher"), "--out", str(teacher / "cli-g"), *base],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert g.returncode == 0, g.stderr
+    assert "distilled to step 2" in g.stderr
+    s = subprocess.run(
+        [*cli, str(teacher / "cli-g"), "--out", str(teacher / "cli-s"), "--stage", "steps", *base],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert s.returncode == 0, s.stderr
+    for n in (4, 2):
+        meta = json.loads((teacher / "cli-s" / f"steps-{n}" / "config.json").read_text())
+        assert len(meta["distilled_steps"]) == n and meta["unet"]["guidance_embedding"]
+    assert "4 steps:" in s.stderr and "2 steps:" in s.stderr

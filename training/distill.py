@@ -444,52 +444,6 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     return summary
 
 
-def add_distill_parser(sub):
-    """``ddpm-rt distill TEACHER --out DIR [...]``: flags mirror :class:`DistillConfig`
-    (dashes for underscores, unset = the dataclass default); the caller sets ``func``."""
-    p = sub.add_parser(
-        "distill", help="guidance, then progressive step distillation (needs ddpm-rt[train])"
-    )
-    p.add_argument("teacher", help="checkpoint folder (train or distill) or bundle folder")
-    p.add_argument("--out", required=True, help="checkpoint folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--stage",
-        choices=STAGES,
-        help="guidance: w as an input, one call per step (default); steps: progressive "
-        "halving of deterministic DDIM steps (teacher: a stage-guidance checkpoint)",
-    )
-    p.add_argument("--data", help="training data (default: the teacher checkpoint's)")
-    p.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
-    p.add_argument("--contexts", help=".npy context vectors (N, D)")
-    p.add_argument("--label-names", help="comma-separated names, or a file with one per line")
-    p.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
-    p.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
-    p.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
-    for flag, typ, what in (
-        ("w-min", float, "lowest guidance scale distilled (default 1)"),
-        ("w-max", float, "highest guidance scale distilled (default 4)"),
-        ("start-steps", int, "stage steps: the first teacher's DDIM steps (default 8)"),
-        ("final-steps", int, "stage steps: the last student's steps (default 2)"),
-        ("iterations", int, "optimiser steps per stage or halving round (default 2000)"),
-        ("batch-size", int, "default 64"),
-        ("lr", float, "per stage/round, decays linearly to 0 (default 1e-4)"),
-        ("ema-decay", float, "default 0.999"),
-        ("seed", int, "default 0"),
-        ("checkpoint-every", int, "steps (default 500)"),
-    ):
-        p.add_argument(f"--{flag}", type=typ, help=what)
-    p.add_argument(
-        "--prediction",
-        choices=PREDICTIONS,
-        help="stage steps: what the student predicts inside (default eps; a v student is "
-        "exported as eps)",
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 @torch.no_grad()
 def step_gaps(
     student,
@@ -537,7 +491,6 @@ def step_gaps(
 __all__ = [
     "DistillConfig",
     "Distiller",
-    "add_distill_parser",
     "distill",
     "guided_eps",
     "halving_rounds",

@@ -17,6 +17,11 @@ from ddpm_rt.cli.evaluate import add_eval_parsers
 from ddpm_rt.cli.generate import bundle_arg, fields_of
 from ddpm_rt.errors import InputError
 
+# ddpm-rt distill's choices (training.distill.STAGES, training.model.PREDICTIONS), written
+# here because the parser is built without importing torch.
+DISTILL_STAGES = ("guidance", "steps")
+DISTILL_PREDICTIONS = ("eps", "v")
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     train_mod = _load("ddpm_rt.training.train", "train")
@@ -66,6 +71,23 @@ def cmd_train_upscaler(args: argparse.Namespace) -> int:
     print(
         f"trained to step {s['steps']} at {s['it_per_s']:.2f} it/s, loss {s['final_loss']:.4f}"
         f"{held}, {s['gflop']:.2f} GFLOP/image; checkpoint in {s['out']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    dist = _load("ddpm_rt.training.distill", "train")
+    from ddpm_rt.training.data import parse_label_names
+
+    cfg = dist.DistillConfig(
+        **fields_of(dist.DistillConfig, args, label_names=parse_label_names(args.label_names))
+    )
+    s = dist.distill(cfg, resume=args.resume, progress=not args.no_progress)
+    rounds = ", ".join(f"{r['student_steps']} steps: {r['checkpoint']}" for r in s["rounds"])
+    print(
+        f"distilled to step {s['steps']} at {s['it_per_s']:.2f} it/s, loss {s['final_loss']:.4f}"
+        f"; checkpoint in {s['out']}" + (f" ({rounds})" if rounds else ""),
         file=sys.stderr,
     )
     return 0
@@ -420,11 +442,62 @@ def _add_data_parser(sub, common) -> None:
     em.set_defaults(func=cmd_data_emoji)
 
 
+def _add_distill_parser(sub, common) -> None:
+    """``ddpm-rt distill TEACHER --out DIR [...]``: flags mirror :class:`DistillConfig`
+    (dashes for underscores, unset = the dataclass default). The choices are written here
+    (the parser is built without torch); tests/test_distill.py checks them against
+    ``training.distill.STAGES`` and ``training.model.PREDICTIONS``."""
+    p = sub.add_parser(
+        "distill", help="guidance, then progressive step distillation (needs ddpm-rt[train])"
+    )
+    p.add_argument("teacher", help="checkpoint folder (train or distill) or bundle folder")
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--stage",
+        choices=DISTILL_STAGES,
+        help="guidance: w as an input, one call per step (default); steps: progressive "
+        "halving of deterministic DDIM steps (teacher: a stage-guidance checkpoint)",
+    )
+    p.add_argument("--data", help="training data (default: the teacher checkpoint's)")
+    p.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
+    p.add_argument("--contexts", help=".npy context vectors (N, D)")
+    p.add_argument("--label-names", help="comma-separated names, or a file with one per line")
+    p.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
+    p.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
+    p.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
+    for flag, typ, what in (
+        ("w-min", float, "lowest guidance scale distilled (default 1)"),
+        ("w-max", float, "highest guidance scale distilled (default 4)"),
+        ("start-steps", int, "stage steps: the first teacher's DDIM steps (default 8)"),
+        ("final-steps", int, "stage steps: the last student's steps (default 2)"),
+        ("iterations", int, "optimiser steps per stage or halving round (default 2000)"),
+        ("batch-size", int, "default 64"),
+        ("lr", float, "per stage/round, decays linearly to 0 (default 1e-4)"),
+        ("ema-decay", float, "default 0.999"),
+        ("seed", int, "default 0"),
+        ("checkpoint-every", int, "steps (default 500)"),
+    ):
+        p.add_argument(f"--{flag}", type=typ, help=what)
+    p.add_argument(
+        "--prediction",
+        choices=DISTILL_PREDICTIONS,
+        help="stage steps: what the student predicts inside (default eps; a v student is "
+        "exported as eps)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_distill)
+
+
+
 def add_train_parsers(sub, common) -> None:
     """The torch commands' parsers, in the order ``ddpm-rt --help`` lists them."""
     _add_train_parser(sub, common)
     _add_autoencoder_parser(sub, common)
     _add_upscaler_parser(sub, common)
+    _add_distill_parser(sub, common)
     _add_cascade_parser(sub, common)
     _add_encode_latents_parser(sub, common)
     _add_export_parser(sub, common)
