@@ -72,6 +72,11 @@ def format_bench(r: dict) -> str:
             lines.append(
                 f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
                 + (f"{vs:>8.1f}x" if vs else "")
+                + (
+                    f"  ({row['vs_text_to_image']:.2f} of text-to-image)"
+                    if "vs_text_to_image" in row
+                    else ""
+                )
             )
     if "end_to_end_vs_compare" in r:
         e = r["end_to_end_vs_compare"]
