@@ -115,19 +115,20 @@ extern "C" int on_progress(int step, int total, void *) {
 }
 
 int main(int argc, char **argv) {
-  const char *init = nullptr, *mask_path = nullptr;
+  const char *prog = argv[0], *init = nullptr, *mask_path = nullptr;
   double strength = -1.0;  // < 0: the runtime's default
-  while (argc > 2 && std::strncmp(argv[1], "--", 2) == 0) {  // options before BUNDLE
+  bool bad = false;
+  while (argc > 2 && std::strncmp(argv[1], "--", 2) == 0 && !bad) {  // options before BUNDLE
     std::string flag = argv[1];
     if (flag == "--init") init = argv[2];
     else if (flag == "--mask") mask_path = argv[2];
     else if (flag == "--strength") strength = std::stod(argv[2]);
-    else break;
+    else bad = true;
     argv += 2;
     argc -= 2;
   }
-  if (argc < 6 || (mask_path && !init)) {
-    std::cerr << "usage: " << argv[0] << " [--init IN.ppm [--strength S] [--mask MASK.pgm]] "
+  if (bad || argc < 6 || (mask_path && !init)) {
+    std::cerr << "usage: " << prog << " [--init IN.ppm [--strength S] [--mask MASK.pgm]] "
               << "BUNDLE PROMPT SEED NUM OUT.ppm [STEPS] [GUIDANCE] [OPTIONS_JSON]\n";
     return 64;
   }
