@@ -166,7 +166,8 @@ def test_c_abi_options_are_the_request_schemas_settings(built, tmp_path):
     from ddpm_rt.capi._impl import SETTING_OPTIONS
     from ddpm_rt.config import SETTINGS
 
-    assert set(SETTING_OPTIONS) == set(SETTINGS) - {"num", "seed", "steps", "guidance"}
+    calls = {"num", "seed", "steps", "guidance", "strength"}  # the functions' arguments
+    assert set(SETTING_OPTIONS) == set(SETTINGS) - calls
     out = tmp_path / "a.ppm"
     args = [str(built["example"]), str(DEFAULT), "a frog", "3", "1", str(out), "5", "2"]
     options = '{"sampler": "dpm++2m", "spacing": "logsnr", "size": 16}'
@@ -204,6 +205,72 @@ def test_c_abi_error_paths(built):
     assert got["guidance-huge"].startswith("1 guidance must be a finite number")
     assert got["null-handle"] == "1 handle is NULL"
     assert got["version"] == __import__("ddpm_rt").__version__
+    # ddpm_rt_generate_from_image's refusals: one line each, the existing codes
+    assert got["img-null-rgb"] == "1 rgb must not be NULL"
+    assert got["img-channels"] == "1 channels must be 3 (RGB) or 4 (RGBA), got 2"
+    assert got["img-zero-width"] == "1 width and height must be >= 1, got 0x7"
+    assert got["img-too-big"].startswith("1 the picture is 5000x5000 pixels, over the limit")
+    assert got["img-strength"].startswith("1 strength must be a finite number between 0 and 1")
+    assert got["img-too-small"] == f"6 {need} out_capacity 16 < {need} bytes needed"
+
+
+def test_c_from_image_rgba_with_a_mask_matches_the_python_api(built):
+    """Issue 28: ddpm_rt_generate_from_image from plain C -- a 10x7 RGBA picture (not the
+    model's size, not square) and a mask, steps/guidance/strength given -- writes the bytes of
+    Generator.generate(init_image=<the array>, mask=<the array>, ...)."""
+    import numpy as np
+
+    from ddpm_rt import Generator
+
+    out = built["dir"] / "from_image.raw"
+    proc = subprocess.run(
+        [str(built["errors"]), str(DEFAULT), str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "from-image 0 \n" in proc.stdout
+    y, x, k = np.mgrid[:7, :10, :4]
+    picture = ((x * 37 + y * 11 + k * 53) % 256).astype(np.uint8)  # errors.c's pattern
+    mask = np.where(x[..., 0] < 5, 255, 0).astype(np.uint8)
+    want = Generator(DEFAULT).generate(
+        "a frog", num=2, seed=3, steps=4, guidance=2.0, strength=0.6, init_image=picture,
+        mask=mask,
+    )  # fmt: skip
+    assert out.read_bytes() == want.tobytes()
+
+
+def _netpbm(path: Path, magic: bytes, pixels) -> Path:
+    h, w = pixels.shape[:2]
+    path.write_bytes(magic + f"\n{w} {h}\n255\n".encode() + pixels.tobytes())
+    return path
+
+
+def test_cpp_example_from_an_image_matches_the_python_api(built, tmp_path):
+    """The C++ example's --init/--mask/--strength (ddpm_rt_generate_from_image): a 48x40
+    PPM, with and without a PGM mask, the default strength (< 0 in C) and a given one."""
+    import numpy as np
+
+    from ddpm_rt import Generator
+
+    rng = np.random.default_rng(5)
+    picture = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 5:40] = 200
+    ppm = _netpbm(tmp_path / "in.ppm", b"P6", picture)
+    pgm = _netpbm(tmp_path / "m.pgm", b"P5", mask)
+    gen = Generator(DEFAULT)
+    out = tmp_path / "a.ppm"
+    cases = [
+        ([], {}),
+        (["--strength", "0.5", "--mask", str(pgm)], {"strength": 0.5, "mask": mask}),
+    ]
+    for flags, kw in cases:
+        args = ["--init", str(ppm), *flags, str(DEFAULT), "a red car", "4", "2", str(out)]
+        proc = subprocess.run(
+            [str(built["example"]), *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        want = gen.generate("a red car", num=2, seed=4, init_image=picture, **kw)
+        assert out.read_bytes().split(b"\n255\n", 1)[1] == want.tobytes(), flags
 
 
 def test_cpp_example_cancels_on_sigint(built, tmp_path):
@@ -238,6 +305,7 @@ def test_header_matches_the_library_contract():
         "ddpm_rt_close",
         "ddpm_rt_version",
         "ddpm_rt_image_shape",
+        "ddpm_rt_generate_from_image",
     ):
         assert name + "(" in text
     # the pixel buffer's C type, as a C parser reads the header (pycparser, what cffi uses):
@@ -261,3 +329,14 @@ def test_header_matches_the_library_contract():
         "size_t *written",
     ]
     assert params["ddpm_rt_image_shape"][1:] == ["int *height", "int *width", "int *channels"]
+    # image-to-image: ddpm_rt_generate's arguments, with strength and the picture inserted
+    img = params["ddpm_rt_generate_from_image"]
+    assert img[:6] + img[12:] == params["ddpm_rt_generate"]
+    assert img[6:12] == [
+        "double strength",
+        "const uint8_t *rgb",
+        "int width",
+        "int height",
+        "int channels",
+        "const uint8_t *mask",
+    ]

@@ -1,5 +1,8 @@
 /* The C ABI's error paths, in plain C: each line is "case status message".
- *   cc errors.c -I CAPI -L CAPI -lddpm_rt -Wl,-rpath,CAPI -o errors && ./errors BUNDLE */
+ *   cc errors.c -I CAPI -L CAPI -lddpm_rt -Wl,-rpath,CAPI -o errors && ./errors BUNDLE [OUT]
+ * With OUT: also an RGBA picture of 10x7 pixels (pixel (x, y), channel k: (x*37 + y*11 +
+ * k*53) % 256) and a mask (repaint where x < 5: 255, else 0), 2 images of "a frog" from seed 3
+ * at strength 0.6 and 4 steps, guidance 2, written raw to OUT ("from-image" line). */
 #include "ddpm_rt.h"
 
 #include <stdio.h>
@@ -32,6 +35,39 @@ int main(int argc, char **argv) {
     report("guidance-huge", ddpm_rt_generate(h, "red apple", 1, 1, 0, 1e9, NULL, NULL, big,
                                               sizeof big, &written), h);
     report("null-handle", ddpm_rt_image_shape(NULL, NULL, NULL, NULL), NULL);
+    static uint8_t pic[10 * 7 * 4], mask[10 * 7];
+    for (int y = 0; y < 7; y++)
+        for (int x = 0; x < 10; x++) {
+            for (int k = 0; k < 4; k++)
+                pic[(y * 10 + x) * 4 + k] = (uint8_t)((x * 37 + y * 11 + k * 53) % 256);
+            mask[y * 10 + x] = x < 5 ? 255 : 0;
+        }
+    report("img-null-rgb", ddpm_rt_generate_from_image(h, "a frog", 1, 1, 0, 0, 0.5, NULL, 10, 7,
+                                                        3, NULL, NULL, NULL, big, sizeof big,
+                                                        &written), h);
+    report("img-channels", ddpm_rt_generate_from_image(h, "a frog", 1, 1, 0, 0, 0.5, pic, 10, 7,
+                                                        2, NULL, NULL, NULL, big, sizeof big,
+                                                        &written), h);
+    report("img-zero-width", ddpm_rt_generate_from_image(h, "a frog", 1, 1, 0, 0, 0.5, pic, 0, 7,
+                                                          3, NULL, NULL, NULL, big, sizeof big,
+                                                          &written), h);
+    report("img-too-big", ddpm_rt_generate_from_image(h, "a frog", 1, 1, 0, 0, 0.5, pic, 5000,
+                                                       5000, 3, NULL, NULL, NULL, big,
+                                                       sizeof big, &written), h);
+    report("img-strength", ddpm_rt_generate_from_image(h, "a frog", 1, 1, 0, 0, 1.5, pic, 10, 7,
+                                                        4, NULL, NULL, NULL, big, sizeof big,
+                                                        &written), h);
+    rc = ddpm_rt_generate_from_image(h, "a frog", 2, 1, 0, 0, 0.5, pic, 10, 7, 4, mask, NULL,
+                                     NULL, small, sizeof small, &written);
+    printf("img-too-small %d %zu %s\n", rc, written, ddpm_rt_last_error(h));
+    if (argc > 2) {
+        rc = ddpm_rt_generate_from_image(h, "a frog", 2, 3, 4, 2.0, 0.6, pic, 10, 7, 4, mask,
+                                         NULL, NULL, big, sizeof big, &written);
+        report("from-image", rc, h);
+        FILE *f = fopen(argv[2], "wb");
+        if (rc != DDPM_RT_OK || f == NULL || fwrite(big, 1, written, f) != written) return 1;
+        fclose(f);
+    }
     ddpm_rt_close(h);
     ddpm_rt_close(NULL);
     printf("version %s\n", ddpm_rt_version());

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from ddpm_rt.errors import (
     NumericalError,
     first_line,
 )
+from ddpm_rt.images import MAX_INPUT_PIXELS
 
 OK, INVALID, BUNDLE, BACKEND, NUMERICAL, CANCELLED, TOO_SMALL, INTERNAL = range(8)
 _CODES = (  # most specific first
@@ -41,7 +43,7 @@ LOAD_OPTIONS = (
     "providers",
     "expected_digest",
 )
-CALL_ARGUMENTS = ("num", "seed", "steps", "guidance")
+CALL_ARGUMENTS = ("num", "seed", "steps", "guidance", "strength")
 SETTING_OPTIONS = tuple(n for n in SETTINGS if n not in CALL_ARGUMENTS)
 
 
@@ -130,10 +132,22 @@ def bind(ffi) -> None:
         except BaseException as e:
             return fail(h, e)
 
-    @ffi.def_extern()
-    def ddpm_rt_generate(
-        h, prompt, num, seed, steps, guidance, progress, user, out_rgb, out_capacity, written
+    def run(
+        h,
+        prompt,
+        num,
+        seed,
+        steps,
+        guidance,
+        progress,
+        user,
+        out_rgb,
+        out_capacity,
+        written,
+        **inputs,
     ):
+        """ddpm_rt_generate's body; ``inputs``: the picture, mask and strength of
+        ddpm_rt_generate_from_image, checked by the caller."""
         try:
             handle = get(h)
             if prompt == ffi.NULL or out_rgb == ffi.NULL or written == ffi.NULL:
@@ -161,7 +175,11 @@ def bind(ffi) -> None:
                 kw["steps"] = steps
             if guidance > 0:
                 kw["guidance"] = float(guidance)
-            images = np.ascontiguousarray(handle.gen.generate(text, config=handle.config, **kw))
+            config = handle.config
+            if inputs.get("mask") is None:  # "resample" smooths an inpainting's seam only
+                config = replace(config, resample=0)
+            images = handle.gen.generate(text, config=config, **kw, **inputs)
+            images = np.ascontiguousarray(images)
             ffi.memmove(out_rgb, ffi.from_buffer(images), images.nbytes)
             written[0] = images.nbytes
             state["errors"].pop(int(ffi.cast("uintptr_t", h)), None)
@@ -171,6 +189,30 @@ def bind(ffi) -> None:
             return TOO_SMALL
         except BaseException as e:
             return fail(h, e)
+
+    @ffi.def_extern()
+    def ddpm_rt_generate(
+        h, prompt, num, seed, steps, guidance, progress, user, out_rgb, out_capacity, written
+    ):
+        return run(h, prompt, num, seed, steps, guidance, progress, user, out_rgb, out_capacity,
+                   written)  # fmt: skip
+
+    @ffi.def_extern()
+    def ddpm_rt_generate_from_image(
+        h, prompt, num, seed, steps, guidance, strength, rgb, width, height, channels, mask,
+        progress, user, out_rgb, out_capacity, written,
+    ):  # fmt: skip
+        try:
+            get(h)
+            if written != ffi.NULL:
+                written[0] = 0
+            inputs = _picture_inputs(ffi, rgb, width, height, channels, mask)
+            if not strength < 0:  # NaN is refused by the schema's check, as strength
+                inputs["strength"] = float(strength)
+        except BaseException as e:
+            return fail(h, e)
+        return run(h, prompt, num, seed, steps, guidance, progress, user, out_rgb, out_capacity,
+                   written, **inputs)  # fmt: skip
 
     @ffi.def_extern()
     def ddpm_rt_last_error(h):
@@ -190,3 +232,28 @@ def bind(ffi) -> None:
 
 class _TooSmall(InputError):
     pass
+
+
+def _picture_inputs(ffi, rgb, width: int, height: int, channels: int, mask) -> dict:
+    """ddpm_rt_generate_from_image's picture (and mask) as the Python API's arrays: (height,
+    width, channels) uint8 and (height, width) uint8, copied out of the host's buffers after
+    their sizes are checked (nothing is read before)."""
+    if rgb == ffi.NULL:
+        raise InputError("rgb must not be NULL")
+    if channels not in (3, 4):
+        raise InputError(f"channels must be 3 (RGB) or 4 (RGBA), got {channels}")
+    if width < 1 or height < 1:
+        raise InputError(f"width and height must be >= 1, got {width}x{height}")
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"the picture is {width}x{height} pixels, over the limit of "
+            f"{MAX_INPUT_PIXELS / 1e6:.1f} M pixels"
+        )
+    n = width * height
+    picture = np.frombuffer(ffi.buffer(rgb, n * channels), np.uint8).reshape(
+        height, width, channels
+    )
+    out = {"init_image": picture.copy()}
+    if mask != ffi.NULL:
+        out["mask"] = np.frombuffer(ffi.buffer(mask, n), np.uint8).reshape(height, width).copy()
+    return out

@@ -41,7 +41,7 @@ enum {
 typedef struct ddpm_rt_handle ddpm_rt_handle; /* opaque */
 
 /* Called after every sampling step: step counts from 1 to total. Return nonzero to go on,
- * 0 to cancel (ddpm_rt_generate then returns DDPM_RT_CANCELLED and writes nothing). */
+ * 0 to cancel (the call then returns DDPM_RT_CANCELLED and writes nothing). */
 typedef int (*ddpm_rt_progress_fn)(int step, int total, void *user);
 
 /* The library's version, e.g. "0.1.0" (static storage). */
@@ -56,7 +56,9 @@ const char *ddpm_rt_version(void);
  * the bundle's image by default; a cascade bundle also gives its base picture, e.g. 16: the
  * U-Net's own, without the decoder), "sampler" ("ddpm"|"ddim"|"dpm++2m"|"dpm++2m-sde"),
  * "eta" (ddim, in [0, 1]), "spacing" ("time"|"logsnr"), "batch_size" (images per U-Net
- * call). Left out: the model's recommended settings. */
+ * call), "resample" (inpainting: RePaint's jumps per step, 0-20, default 0; used only by
+ * ddpm_rt_generate_from_image calls with a mask). Left out: the model's recommended
+ * settings. */
 int ddpm_rt_open(const char *bundle_dir, const char *options_json, ddpm_rt_handle **out);
 
 /* The images' shape: height, width and channels (3, RGB). For a latent bundle these are the
@@ -74,6 +76,31 @@ int ddpm_rt_image_shape(ddpm_rt_handle *handle, int *height, int *width, int *ch
 int ddpm_rt_generate(ddpm_rt_handle *handle, const char *prompt, int num, uint64_t seed,
                      int steps, double guidance, ddpm_rt_progress_fn progress, void *user,
                      uint8_t *out_rgb, size_t out_capacity, size_t *written);
+
+/* Image-to-image and inpainting (SDEdit; RePaint with the "resample" option): as
+ * ddpm_rt_generate, starting from a picture instead of pure noise.
+ *
+ *   rgb      the picture: height rows of width pixels, top to bottom, each `channels` bytes
+ *            (3: RGB, 4: RGBA, transparency composited on white); any size from 1x1 to
+ *            4096x4096 pixels (width * height <= 16,777,216), resized to the model's picture
+ *            (Lanczos) -- out_rgb's size is still ddpm_rt_image_shape's. Read, not kept.
+ *   mask     NULL (redraw the whole picture), or width * height bytes, one grey level per
+ *            pixel of the picture: >= 128 is repainted, < 128 kept exactly.
+ *   strength how much of the picture is redrawn, in [0, 1]: 0 returns the picture (resized),
+ *            1 (without a mask) is ddpm_rt_generate's image for the same seed, byte for
+ *            byte; < 0 means the runtime's default (0.8). The run takes the last
+ *            int(strength * steps) of the sampler's steps (about strength x the time).
+ *
+ * The other arguments, *written and the status codes are ddpm_rt_generate's. A NULL rgb,
+ * channels other than 3 or 4, a width or height < 1 or a picture over the limit return
+ * DDPM_RT_INVALID_ARGUMENT with a one-line message, before anything is read from rgb.
+ * The bytes equal the Python API's Generator.generate(prompt, init_image=<the (height,
+ * width, channels) uint8 array>, mask=<the (height, width) uint8 array>, strength=...). */
+int ddpm_rt_generate_from_image(ddpm_rt_handle *handle, const char *prompt, int num,
+                                uint64_t seed, int steps, double guidance, double strength,
+                                const uint8_t *rgb, int width, int height, int channels,
+                                const uint8_t *mask, ddpm_rt_progress_fn progress, void *user,
+                                uint8_t *out_rgb, size_t out_capacity, size_t *written);
 
 /* The last error on this handle (or of the last failed ddpm_rt_open with NULL), as a
  * one-line UTF-8 message; "" when there was none. Valid until the next call on the handle. */

@@ -19,6 +19,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for out in (args.json, args.grid):
         if out:
             check_writable(Path(out), force=args.force)
+    if args.img2img:
+        return _eval_img2img(ev, args)
+    if args.img2img_concepts is not None:
+        raise InputError("--img2img-concepts goes with --img2img")
     if args.settings == "full":
         settings = ev.FULL_GRID
     else:
@@ -50,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         detail_data=args.detail_data,
         baseline=args.baseline,
         recognition=not args.no_recognition,
+        judge_steps=args.judge_steps,
         **({"detail_judge_steps": args.detail_judge_steps} if args.detail_judge_steps else {}),
     )
     if args.json:
@@ -65,6 +70,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         first = next(iter(report["settings"].values()))["train_captions"]["_images"]
         save_png(args.grid, first, ncols=args.per_concept * 8, scale=2)
+    return 0
+
+
+def _eval_img2img(ev, args: argparse.Namespace) -> int:
+    """``eval --img2img``: variations at 0.3/0.5/0.7 and edits at 0.7, judged (issue 28)."""
+    if args.baseline or args.classifier or args.write_recommended or args.grid:
+        raise InputError(
+            "--img2img takes --data, --detail-data, --img2img-concepts, --judge-steps, --seed, "
+            "--json"
+        )
+    report = ev.evaluate_img2img(
+        args.bundle or default_model(),
+        args.data,
+        renders=args.detail_data,
+        seed=args.seed,
+        concepts=args.img2img_concepts,
+        judge_steps=args.judge_steps,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    if args.json:
+        ev.save_report(report, Path(args.json))
     return 0
 
 
@@ -127,6 +153,21 @@ def _add_eval_parser(sub, common) -> None:
         "bicubic-upscaled, give the detail distance to compare with (needs --detail-data)",
     )
     _add_detail_flags(ev)
+    ev.add_argument(
+        "--img2img",
+        action="store_true",
+        help="instead: image-to-image from each concept's render (--detail-data's, else "
+        "--data's) at the bundle's recommended settings: variations at strength 0.3/0.5/0.7 "
+        "(recognition, mean pixel change) and edits towards another concept at 0.7",
+    )
+    ev.add_argument(
+        "--img2img-concepts", type=int, help="with --img2img: a spread subset of N concepts"
+    )
+    ev.add_argument(
+        "--judge-steps",
+        type=int,
+        help="training steps of the 16x16 judge (default: 1,500, or 10 per concept over 150)",
+    )
     ev.add_argument("--per-concept", type=int, default=4)
     ev.add_argument(
         "--classifier",

@@ -408,16 +408,59 @@ def add_model_flags(p) -> None:
     p.add_argument("--expect-digest", help="refuse the bundle unless its digest is this sha256")
 
 
-def add_setting_flags(p) -> None:
+def add_setting_flags(p, defaults: dict | None = None) -> None:
     """One flag per request setting (:data:`ddpm_rt.config.SETTINGS`: ``--batch-size`` for
-    ``batch_size``), with its type, choices and help; left out, the field's own default."""
+    ``batch_size``), with its type, choices and help; left out, the field's own default, or
+    the command's own from ``defaults`` (its help says so)."""
     for name, setting in SETTINGS.items():
         kw: dict = {"help": setting.help}
+        if name in (defaults or {}):
+            kw["default"] = defaults[name]
+            kw["help"] = re.sub(r"default [0-9.]+", f"default {defaults[name]:g}", setting.help)
         if setting.kind == "choice":
             kw["choices"] = list(setting.choices)
         else:
             kw["type"] = int if setting.kind == "int" else float
         p.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def _add_run_flags(p, defaults: dict | None = None, out: str = "out.png") -> None:
+    """generate's (and variations') flags after the prompt and the pictures: the request
+    settings, the outputs, how the model loads."""
+    add_setting_flags(p, defaults)
+    p.add_argument("--out", default=out, help="PNG to write; several images form a grid")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--trajectory", help="also write the denoising (x̂0 at every step) as a GIF")
+    p.add_argument(
+        "--preview-every", type=int, help="also save the x̂0 grid every K steps (OUT.stepK.png)"
+    )
+    p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
+    add_model_flags(p)
+    p.add_argument("--no-progress", action="store_true")
+
+
+# ``ddpm-rt variations``: generate's settings it changes (several seeds, half redrawn).
+VARIATIONS = {"num": 4, "strength": 0.5}
+
+
+def cmd_variations(args: argparse.Namespace) -> int:
+    """``ddpm-rt variations IMAGE``: ``generate --init-image IMAGE`` at
+    :data:`VARIATIONS`' settings; without ``--prompt``, the prompt IMAGE's ddpm-rt settings
+    record (a PNG this command or generate wrote)."""
+    if args.prompt is None:
+        from ddpm_rt.images import read_provenance
+
+        try:
+            prompts = read_provenance(args.image).get("prompts")
+        except InputError:
+            prompts = None
+        if not isinstance(prompts, list) or len(prompts) != 1 or not isinstance(prompts[0], str):
+            raise InputError(
+                f"give --prompt: {args.image} records no single ddpm-rt prompt to reuse"
+            )
+        args.prompt = prompts[0]
+    args.prompt, args.init_image = [args.prompt], args.image
+    return cmd_generate(args)
 
 
 def add_generate_parsers(sub, common) -> None:
@@ -440,18 +483,25 @@ def add_generate_parsers(sub, common) -> None:
         help="with --init-image: repaint where this picture is light (grey >= 128 of 255), "
         "keep the rest exactly",
     )
-    add_setting_flags(g)
-    g.add_argument("--out", default="out.png", help="PNG to write; several images form a grid")
-    g.add_argument("--force", action="store_true", help="replace --out if it exists")
-    g.add_argument("--trajectory", help="also write the denoising (x̂0 at every step) as a GIF")
-    g.add_argument(
-        "--preview-every", type=int, help="also save the x̂0 grid every K steps (OUT.stepK.png)"
-    )
-    g.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG")
-    add_model_flags(g)
-    g.add_argument("--no-progress", action="store_true")
+    _add_run_flags(g)
     common(g)
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser(
+        "variations",
+        help="several seeds of image-to-image from one picture (generate --init-image, "
+        f"--num {VARIATIONS['num']}, --strength {VARIATIONS['strength']:g})",
+    )
+    v.add_argument("image", help="the picture (PNG, JPEG or WebP; any size)")
+    v.add_argument(
+        "--prompt",
+        help="what to draw (default: the prompt in IMAGE's ddpm-rt settings, if it has them)",
+    )
+    v.add_argument("--negative-prompt", help="what to steer away from (needs --guidance != 1)")
+    v.add_argument("--model", help="bundle folder (default: the shipped model)")
+    _add_run_flags(v, VARIATIONS, out="variations.png")
+    common(v)
+    v.set_defaults(func=cmd_variations, prompts=None, mask=None)
 
     i = sub.add_parser(
         "info", help="validate and describe a bundle (prints its digest), or a PNG's settings"

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
 
 from ddpm_rt.config import GenerateConfig
 from ddpm_rt.core.samplers import EVAL_GRID
-from ddpm_rt.errors import first_line
+from ddpm_rt.errors import InputError, first_line
 from ddpm_rt.extras import optional
 from ddpm_rt.generator import Generator
 from ddpm_rt.tools.bench_latent import compare_end_to_end, decode_rows
@@ -148,6 +149,7 @@ def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: i
     for label, cfg in settings:
         s = time_it(lambda cfg=cfg: gen.generate(context=ctx, config=cfg), repeats, warmup=1)
         rows[label] = {"seconds": float(np.median(s)), "images_per_s": 1 / float(np.median(s))}
+    rows.update(_from_image(gen, ctx, default, repeats))
     model, ref, why = torch_model
     if gen.bundle.latent is not None:
         why = "a latent bundle: the course's loop has no decoder (its rows would not compare)"
@@ -162,7 +164,39 @@ def _end_to_end(gen: Generator, default: GenerateConfig, torch_model, repeats: i
         "images_per_s": 1 / base,
     }
     for r in rows.values():
-        r["vs_torch_course"] = base / r["seconds"]
+        if "seconds" in r:  # not a skipped row
+            r["vs_torch_course"] = base / r["seconds"]
+    return rows
+
+
+IMG2IMG_STRENGTHS = (0.3, 0.5, 0.7)
+
+
+def _from_image(gen: Generator, ctx, default: GenerateConfig, repeats: int) -> dict:
+    """Image-to-image at the default settings from the default's own picture, per strength:
+    the run takes the last int(strength x steps) steps, so about strength x the time of
+    text-to-image, plus reading the picture and the steps' fixed costs (the decoder's):
+    ``vs_text_to_image``, the ratio of the medians, text-to-image timed alternately with it."""
+    picture = gen.generate(context=ctx, config=default)[0]
+    rows = {}
+    for strength in IMG2IMG_STRENGTHS:
+        label = f"default img2img {strength:g}"
+        cfg = replace(default, strength=strength)
+        try:
+            gen.prepare(context=ctx, config=cfg, init_image=picture)
+        except InputError as e:  # a latent bundle without an encoder
+            rows[label] = {"skipped": str(e)}
+            continue
+        # text-to-image timed again call for call beside it: a busy spell falls on both
+        calls = (
+            lambda cfg=cfg: gen.generate(context=ctx, config=cfg, init_image=picture),
+            lambda: gen.generate(context=ctx, config=default),
+        )
+        both = np.array(
+            [time_it(f, 1, warmup=0)[0] for _ in range(repeats + 1) for f in calls]
+        ).reshape(-1, 2)[1:]  # the first pair warms up
+        sec, t2i = (float(v) for v in np.median(both, axis=0))
+        rows[label] = {"seconds": sec, "images_per_s": 1 / sec, "vs_text_to_image": sec / t2i}
     return rows
 
 

@@ -110,6 +110,11 @@ def _end_to_end(r: dict) -> list[str]:
         lines.append(
             f"{name:<28} {row['seconds']:>7.3f}  {row['images_per_s']:>9.1f}  "
             + (f"{vs:>8.1f}x" if vs else "")
+            + (
+                f"  ({row['vs_text_to_image']:.2f} of text-to-image)"
+                if "vs_text_to_image" in row
+                else ""
+            )
         )
     return lines
 
