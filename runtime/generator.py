@@ -85,7 +85,8 @@ class Generator:
         engine_cache: str | Path | None = None,
         decoder_precision: str | None = None,
     ):
-        """``expected_digest``: the sha256 of the bundle's manifest.json, from a trusted
+        """(Long for this docstring, the arguments' contract.)
+        ``expected_digest``: the sha256 of the bundle's manifest.json, from a trusted
         place; a bundle with another digest is refused (``ddpm-rt info`` prints it).
         ``threads``: ONNX Runtime's intra-op threads (default: its own, the physical cores).
         ``unet_precision``: ``fp32`` or a variant the bundle lists (``int8``); default

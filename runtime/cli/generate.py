@@ -486,7 +486,12 @@ def add_generate_parsers(sub, common) -> None:
     _add_run_flags(g)
     common(g)
     g.set_defaults(func=cmd_generate)
+    _add_variations_parser(sub, common)
+    _add_info_parser(sub, common)
+    _add_bench_parser(sub, common)
 
+
+def _add_variations_parser(sub, common) -> None:
     v = sub.add_parser(
         "variations",
         help="several seeds of image-to-image from one picture (generate --init-image, "
@@ -503,6 +508,8 @@ def add_generate_parsers(sub, common) -> None:
     common(v)
     v.set_defaults(func=cmd_variations, prompts=None, mask=None)
 
+
+def _add_info_parser(sub, common) -> None:
     i = sub.add_parser(
         "info", help="validate and describe a bundle (prints its digest), or a PNG's settings"
     )
@@ -513,6 +520,8 @@ def add_generate_parsers(sub, common) -> None:
     common(i)
     i.set_defaults(func=cmd_info)
 
+
+def _add_bench_parser(sub, common) -> None:
     bn = sub.add_parser("bench", help="U-Net latency per step and generation time")
     bn.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
     bn.add_argument("--batch-sizes", default="1,8,32")

@@ -337,6 +337,7 @@ def sample_loop(
     resample: int = 0,
 ) -> np.ndarray:
     """Run the reverse process from Gaussian noise; returns x_0 in model space (about [-1, 1]).
+    (Long for this docstring: it states the draw order the loop fixes.)
 
     The one sampling loop: the runtime's :class:`ddpm_rt.run.Run`, parity's recordings,
     training's sample grids and the torch reference all step through it, so the order of

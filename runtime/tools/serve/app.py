@@ -203,7 +203,8 @@ class Service:
     async def read_edit(self, request: Request) -> GenerateRequest:
         """``/v1/images/edits``' multipart/form-data body -> a request: ``image`` and ``mask``
         files (each within ``max_image_bytes``), the other fields text; the mask's
-        transparent pixels (the OpenAI API's convention) turned into ours."""
+        transparent pixels (the OpenAI API's convention) turned into ours. (Long: each part
+        of the form is read and bounded in turn.)"""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/x-www-form-urlencoded":  # a form without a file
             raise RequestError(
