@@ -546,9 +546,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ema-batchnorm-stats",
         "EMA weights carry BatchNorm's running statistics",
-        "training/train.py",
-        "                be.copy_(b)",
-        "                pass",
+        "training/loop.py",
+        "        be.copy_(b)",
+        "        pass",
         (T + "test_int8_blocks.py::test_batch_norm_statistics_reach_the_ema_weights",),
     ),
     Mutation(

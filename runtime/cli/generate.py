@@ -486,9 +486,9 @@ def add_generate_parsers(sub, common) -> None:
     _add_run_flags(g)
     common(g)
     g.set_defaults(func=cmd_generate)
-    _add_variations_parser(sub, common)
     _add_info_parser(sub, common)
     _add_bench_parser(sub, common)
+    _add_variations_parser(sub, common)
 
 
 def _add_variations_parser(sub, common) -> None:
