@@ -306,6 +306,21 @@ def test_c_abi_error_paths_under_asan(asan_built):
     assert got["num-zero"] == "1 num must be >= 1, got 0"
 
 
+def test_c_abi_from_image_runs_clean_under_asan(asan_built):
+    """ddpm_rt_generate_from_image's successful path (an RGBA picture and a mask, read from
+    the host's buffers) under ASan: no report, and every byte of the images written."""
+    out = asan_built["dir"] / "from_image.rgb"
+    proc = _asan_run(asan_built["errors"], ROOT / "models" / "default", out)
+    assert "AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = dict(ln.split(" ", 1) for ln in proc.stdout.splitlines())
+    assert got["from-image"] == "0 "
+    from ddpm_rt.bundle.bundle import Bundle
+
+    c, h, w = Bundle.load(ROOT / "models" / "default").image_shape
+    assert out.stat().st_size == 2 * c * h * w
+
+
 def test_cpp_example_under_asan_matches_the_python_api(asan_built):
     out = asan_built["dir"] / "apple.ppm"
     proc = _asan_run(asan_built["example"], ROOT / "models" / "default", "red apple", 7, 2, out)
