@@ -200,6 +200,17 @@ _TRAIN_NUMBERS = (
 )
 
 
+def _add_data_source_flags(p) -> None:
+    """What conditions the training images, beside ``--data`` (``train`` and ``distill``:
+    training.data.load_dataset's arguments)."""
+    p.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
+    p.add_argument("--contexts", help=".npy context vectors (N, D)")
+    p.add_argument("--label-names", help="comma-separated names, or a file with one per line")
+    p.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
+    p.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
+    p.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
+
+
 def _add_train_parser(sub, common) -> None:
     """``ddpm-rt train``: the U-Net."""
     t = sub.add_parser("train", help="train a U-Net (needs ddpm-rt[train])")
@@ -208,12 +219,7 @@ def _add_train_parser(sub, common) -> None:
         required=True,
         help=".npz with images + labels/contexts (or latents, from encode-latents), or images .npy",
     )
-    t.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
-    t.add_argument("--contexts", help=".npy context vectors (N, D)")
-    t.add_argument("--label-names", help="comma-separated names, or a file with one per line")
-    t.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
-    t.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
-    t.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
+    _add_data_source_flags(t)
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     for flag, typ in _TRAIN_NUMBERS:
@@ -460,12 +466,7 @@ def _add_distill_parser(sub, common) -> None:
         "halving of deterministic DDIM steps (teacher: a stage-guidance checkpoint)",
     )
     p.add_argument("--data", help="training data (default: the teacher checkpoint's)")
-    p.add_argument("--labels", help=".npy labels, (N,) int or (N, K) one-hot")
-    p.add_argument("--contexts", help=".npy context vectors (N, D)")
-    p.add_argument("--label-names", help="comma-separated names, or a file with one per line")
-    p.add_argument("--captions", help=".txt (one per line) or .json: a caption (or list) per image")
-    p.add_argument("--text-encoder", help="text-encoder folder (ddpm-rt text export) for captions")
-    p.add_argument("--image-size", type=int, help="resize imagefolder images to this size")
+    _add_data_source_flags(p)
     for flag, typ, what in (
         ("w-min", float, "lowest guidance scale distilled (default 1)"),
         ("w-max", float, "highest guidance scale distilled (default 4)"),
