@@ -220,6 +220,14 @@ class GenerateConfig:
         if self.resample and not mask:
             raise InputError("resample needs a mask (it smooths an inpainting's seam)", "resample")
 
+    def start_step(self, steps: int) -> int:
+        """The sampler step an image-to-image run starts at, of ``steps``: the last
+        ``min(int(steps * strength), steps)`` are taken, as diffusers does (0 without a
+        strength: all of them)."""
+        if self.strength is None:
+            return 0
+        return steps - min(int(steps * self.strength), steps)
+
     def check_negative_prompt(self, negative_prompt: str | None) -> None:
         """The one rule for a negative prompt: it replaces classifier-free guidance's null
         context, so it acts only when guidance != 1 (a guidance still None -- the model's --

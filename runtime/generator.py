@@ -398,9 +398,11 @@ class Generator:
         out = {
             "init": init,
             "init_pixels": to_uint8(init[None])[0] if base else picture,
-            "start": steps - min(int(steps * cfg.strength), steps),
+            "start": cfg.start_step(steps),
             "inputs": {"init_image_sha256": hashlib.sha256(picture.tobytes()).hexdigest()},
         }
+        if out["start"] == 0 and mask is None:  # strength 1: text-to-image, the picture unused
+            del out["init"], out["init_pixels"]  # (so it batches as text-to-image does)
         if mask is not None:
             repaint = load_mask(mask, big_h, big_w)
             small = repaint.reshape(h, k, w, k).any(axis=(1, 3))

@@ -9,7 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.errors import InputError, first_line
@@ -235,11 +235,13 @@ def _decode(src, size: int, label: str, what: str) -> Image.Image:
             )
         im.seek(0)  # an animated picture: its first frame
         im.load()
+        frame = im.copy()  # (an animated file keeps its handle open: closed here)
+        im.close()
     except InputError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise _unreadable(label, e, what) from None
-    return im
+    return frame
 
 
 def _unreadable(label: str, e: Exception, what: str) -> InputError:
@@ -325,7 +327,18 @@ def _picture(src, what: str) -> Image.Image:
 
 
 def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    """An alpha channel, or a palette's or colour key's transparency (a tRNS chunk)."""
+    return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The picture as it is meant to be seen: its EXIF orientation applied (a phone's JPEG),
+    and 16- or 32-bit greyscale scaled to 8 bits (Pillow's convert would clip it)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        grey = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    return im
 
 
 def _resized(im: Image.Image, h: int, w: int) -> Image.Image:
@@ -335,7 +348,7 @@ def _resized(im: Image.Image, h: int, w: int) -> Image.Image:
 def load_picture(src, h: int, w: int, what: str = "init_image") -> np.ndarray:
     """A picture to start from -> (h, w, 3) uint8: its first frame, transparency composited on
     white (the training data's background), resized to h x w with :data:`RESIZE_FILTER`."""
-    im = _picture(src, what)
+    im = _upright(_picture(src, what))
     if _has_alpha(im):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -346,7 +359,7 @@ def load_mask(src, h: int, w: int, what: str = "mask") -> np.ndarray:
     """A mask -> (h, w) bool, True where the picture is repainted: any picture converted to
     one grey channel (transparency counts as black: kept), resized to h x w like the
     picture, then grey >= :data:`MASK_THRESHOLD` (of 255) is repainted."""
-    im = _picture(src, what)
+    im = _upright(_picture(src, what))
     if _has_alpha(im):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

@@ -72,10 +72,10 @@ class Job:
     @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys may share a batch: the same sampler, steps, eta, spacing,
-        picture size, starting step, and inpainting (mask, resample) or not."""
+        picture size, starting step, and inputs (a picture, a mask, resample) or not."""
         c = self.config
-        inpaint = (self.mask is not None, c.resample)
-        return (c.sampler, c.steps, c.eta, c.spacing, c.size, self.start, inpaint)
+        inputs = (self.init is not None, self.mask is not None, c.resample)
+        return (c.sampler, c.steps, c.eta, c.spacing, c.size, self.start, inputs)
 
     @property
     def settings(self) -> dict:

@@ -214,3 +214,70 @@ def test_cli_init_image_and_mask_with_provenance(gen, picture, left_half, tmp_pa
         "error: a mask needs an init image (the picture it masks)"
     )  # fmt: skip
     assert not (tmp_path / "b.png").exists()
+
+
+def test_strength_one_batches_with_text_to_image_and_each_is_as_alone(gen, picture):
+    """Review finding: a strength-1 job (its picture unused) and a text-to-image job share
+    a batch key; run together they must not fail, and each is as it is alone."""
+    kw = {"sampler": "ddim", "steps": 4, "seed": 2}
+    a = gen.prepare("red apple", init_image=picture, strength=1.0, **kw)
+    b = gen.prepare("a cat", **kw)
+    assert a.batch_key == b.batch_key
+    gen.run_jobs([a, b])
+    assert a.error is None and b.error is None
+    assert np.array_equal(a.images, gen.generate("red apple", **kw))
+    assert np.array_equal(b.images, gen.generate("a cat", **kw))
+    assert a.inputs["init_image_sha256"]  # still recorded
+
+
+def test_sample_loop_at_strength_zero_returns_the_picture(gen):
+    from ddpm_rt.core.samplers import make_sampler, sample_loop
+
+    s = make_sampler("ddim", gen.schedule, 4)
+    init = np.full((1, 3, 4, 4), 0.25, np.float32)
+    got = sample_loop(lambda x, t: x, s, init.shape, ImageNoise(0, [0]), start=4, init=init)
+    assert np.array_equal(got, init)
+
+
+def test_pictures_upright_16_bit_and_colour_key(tmp_path):
+    """EXIF orientation applied; 16-bit grey scaled (not clipped); a colour key (tRNS) is
+    transparency."""
+    from ddpm_rt.images import load_mask, load_picture
+
+    im = Image.new("RGB", (8, 4), (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 4, 4))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to view
+    im.save(tmp_path / "o.jpg", exif=exif, quality=100)
+    up = load_picture(tmp_path / "o.jpg", 8, 4)  # seen upright: 4 wide, 8 tall
+    assert up[1, 2, 0] > 200 and up[6, 2, 0] < 60  # red on top after the rotation
+    grey16 = np.array([[0, 65535]], np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    assert load_picture(tmp_path / "g16.png", 1, 2)[0, :, 0].tolist() == [0, 255]
+    assert load_mask(tmp_path / "g16.png", 1, 2).tolist() == [[False, True]]
+    key = Image.new("RGB", (2, 1), (10, 20, 30))
+    key.putpixel((1, 0), (255, 0, 0))
+    key.save(tmp_path / "key.png", transparency=(255, 0, 0))
+    assert load_picture(tmp_path / "key.png", 1, 2)[0, 1].tolist() == [255, 255, 255]
+
+
+def test_server_counts_resample_against_its_step_limit():
+    from ddpm_rt.tools.serve.api import Limits, RequestError, check_calls
+
+    check_calls(10, 4, Limits(max_steps=50))  # 50 calls: allowed
+    with pytest.raises(RequestError) as e:
+        check_calls(10, 5, Limits(max_steps=50))
+    assert e.value.param == "resample" and "60 U-Net calls" in e.value.message
+
+
+def test_cli_refuses_a_trajectory_at_strength_zero_before_any_work(picture, tmp_path):
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_rt.cli", "--prompt", "x", "--init-image",
+         str(tmp_path / "in.png"), "--strength", "0", "--trajectory", str(tmp_path / "t.gif"),
+         "--out", str(tmp_path / "o.png")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: --trajectory needs a sampling step; strength 0 takes none"
+    assert not (tmp_path / "o.png").exists()

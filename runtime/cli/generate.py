@@ -101,8 +101,8 @@ class _Outputs:
         return self.out.with_name(f"{self.out.stem}.step{k:04d}.png")
 
     def plan(self, images: int, shape: tuple[int, int, int], ncols, steps: int) -> int:
-        """Check the files a run of ``steps`` steps will write, ``images`` pictures of
-        ``shape``; returns the x̂0 grids it keeps until the end."""
+        """Check the files a run of ``steps`` steps (those it takes) will write, ``images``
+        pictures of ``shape``; returns the x̂0 grids it keeps until the end."""
         from ddpm_rt.bundle.fileio import check_writable
         from ddpm_rt.images import check_png
 
@@ -112,6 +112,8 @@ class _Outputs:
                 check_writable(self._step_png(k), force=self.force)
         check_png(images, shape[1], shape[2], self.scale, ncols)
         if self.trajectory is not None:
+            if steps == 0:
+                raise InputError("--trajectory needs a sampling step; strength 0 takes none")
             return steps
         return steps // self.preview_every if self.preview_every else 0
 
@@ -195,7 +197,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     inputs = _inputs_of(args, bundle)  # the pictures read and checked, before any graph
     shape = bundle.output_shape(resolved.size)
     ncols = cfg.num if len(prompts) > 1 else None  # one grid row per prompt
-    frames = outputs.plan(cfg.num * len(prompts), shape, ncols, len(sampler.timesteps))
+    n = len(sampler.timesteps)
+    steps = n - (resolved.start_step(n) if inputs else 0)  # image-to-image starts part-way
+    frames = outputs.plan(cfg.num * len(prompts), shape, ncols, steps)
     what = f"{len(prompts)} x --num {cfg.num}"
     if outputs.trajectory is not None:
         what += f" with a {frames}-frame --trajectory"

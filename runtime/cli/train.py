@@ -492,7 +492,6 @@ def _add_distill_parser(sub, common) -> None:
     p.set_defaults(func=cmd_distill)
 
 
-
 def add_train_parsers(sub, common) -> None:
     """The torch commands' parsers, in the order ``ddpm-rt --help`` lists them."""
     _add_train_parser(sub, common)

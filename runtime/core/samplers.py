@@ -366,6 +366,8 @@ def sample_loop(
     x = rng.standard_normal(shape, dtype=np.float32)  # (B, C, H, W), drawn first
     ts = sampler.timesteps
     schedule = sampler.schedule
+    if start >= len(ts):  # strength 0: no step, the picture itself
+        return np.array(init, dtype=np.float32)
     if start > 0:
         x = _noised(schedule, init, x, int(ts[start]))
     steps = range(start, len(ts))

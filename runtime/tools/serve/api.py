@@ -132,6 +132,19 @@ def _prompt(value, name: str, limits: Limits) -> str:
     return value
 
 
+def check_calls(steps: int, resample: int, limits: Limits) -> None:
+    """An inpainting's RePaint jumps repeat every step: ``steps x (1 + resample)`` U-Net
+    calls per image, held to the same limit as steps (``max_steps``)."""
+    calls = steps * (1 + resample)
+    if resample and calls > limits.max_steps:
+        raise RequestError(
+            422,
+            f"{steps} steps x (1 + resample {resample}) = {calls} U-Net calls per image is "
+            f"over this server's limit of {limits.max_steps}",
+            "resample",
+        )
+
+
 def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateRequest:
     """A JSON object (already decoded) -> a :class:`GenerateRequest`, or a RequestError."""
     if not isinstance(body, dict):
@@ -179,6 +192,7 @@ def parse_generate(body, limits: Limits, *, stream: bool = False) -> GenerateReq
         )
     if cfg.steps is not None:
         _checked("steps", check_int, cfg.steps, 1, limits.max_steps)
+        check_calls(cfg.steps, cfg.resample, limits)
     elif cfg.sampler == "ddpm":  # ddpm's default is every timestep: over any sane server limit
         raise RequestError(
             422, f"sampler ddpm needs steps (at most {limits.max_steps} here)", "steps"

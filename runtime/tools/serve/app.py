@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import io
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -149,6 +150,18 @@ class Service:
         b = generator.bundle
         shapes = [b.output_shape(s) for s in b.sizes]
         self.sizes = {f"{w}x{h}": h for _, h, w in shapes}  # the OpenAI route's "WxH"
+        # Decoding a picture or parsing a big body before a request is queued: at most two
+        # at a time, so that a burst of uploads cannot hold many decoded pictures at once.
+        # (a thread semaphore: bound to no event loop)
+        self._decoding = threading.BoundedSemaphore(2)
+
+    def _bounded(self, fn, *args):
+        with self._decoding:
+            return fn(*args)
+
+    async def _off_loop(self, fn, *args):
+        """``fn(*args)`` in a worker thread, at most two at a time (:attr:`_decoding`)."""
+        return await run_in_threadpool(self._bounded, fn, *args)
 
     # -- requests -----------------------------------------------------------------------
     async def read_body(self, request: Request, kind: str) -> bytes:
@@ -183,8 +196,10 @@ class Service:
         body = await self.read_body(request, JSON_TYPE)
         limit = self.limits.max_body_bytes
         too_big = f"the body is over this server's limit of {limit} bytes (besides its pictures)"
-        try:
-            value = json.loads(body)
+        try:  # a big body (pictures) is parsed off the event loop: other clients go on
+            value = (
+                json.loads(body) if len(body) <= limit else await self._off_loop(json.loads, body)
+            )
         except (ValueError, RecursionError) as e:
             if len(body) > limit:  # whatever it is, it is too big
                 raise RequestError(413, too_big) from None
@@ -262,7 +277,7 @@ class Service:
             raise RequestError(422, "image is required (a PNG, JPEG or WebP file)", "image")
         body = parse_edit_form(fields)
         image = files["image"]
-        mask = await run_in_threadpool(openai_mask, image, files.get("mask"))
+        mask = await self._off_loop(openai_mask, image, files.get("mask"))
         return parse_openai(body, self.limits, self.sizes, image=image, mask=mask)
 
     def provenance(self, ticket: Ticket) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ddpm_rt.errors import Cancelled
 from ddpm_rt.progress import StepInfo
-from ddpm_rt.tools.serve.api import GenerateRequest, Limits, RequestError
+from ddpm_rt.tools.serve.api import GenerateRequest, Limits, RequestError, check_calls
 
 
 class QueueFull(Exception):
@@ -156,6 +156,7 @@ class Batcher:
             with self._cond:
                 self._preparing -= 1
         steps = ticket.job.config.steps
+        check_calls(ticket.job.steps_run, ticket.job.config.resample, self.limits)
         if steps is not None and steps > self.limits.max_steps:  # a default from the bundle
             raise RequestError(
                 422,
