@@ -28,7 +28,10 @@ from ddpm_rt.training.model import ContextUnet, fold_for_export, load_model
 from .tracing import ExportConfig, ExportError, trace_to_onnx
 
 
-def unet_parity_inputs(model: ContextUnet, batch: int, conditioning: dict, seed: int = 0):
+def unet_parity_inputs(
+    model: ContextUnet, batch: int, conditioning: dict, guidance: dict | None = None, seed: int = 0
+):
+    """Feeds (x, t, c, and w for a guidance-distilled model, over ``guidance``'s range)."""
     cfg = model.config
     rng = np.random.default_rng(seed + batch)
     x = rng.standard_normal((batch, cfg.in_channels, cfg.height, cfg.width), dtype=np.float32)
@@ -38,19 +41,27 @@ def unet_parity_inputs(model: ContextUnet, batch: int, conditioning: dict, seed:
     else:
         c = rng.standard_normal((batch, cfg.context_dim), dtype=np.float32)
     c[0] = 0.0  # always include a null-context row
-    return {"x": x, "t": t, "c": c}
+    feeds = {"x": x, "t": t, "c": c}
+    if cfg.guidance_embedding:
+        lo, hi = (guidance["w_min"], guidance["w_max"]) if guidance else (1.0, 4.0)
+        feeds["w"] = rng.uniform(lo, hi, (batch, 1)).astype(np.float32)
+    return feeds
 
 
 def check_unet_parity(
-    model: ContextUnet, onnx_bytes: bytes, conditioning: dict, batches=(1, 8)
+    model: ContextUnet,
+    onnx_bytes: bytes,
+    conditioning: dict,
+    batches=(1, 8),
+    guidance: dict | None = None,
 ) -> list[dict]:
     """Torch vs ONNX Runtime (CPU, fp32) on the same inputs; raises ExportError on a miss."""
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     report = []
     for b in batches:
-        feeds = unet_parity_inputs(model, b, conditioning)
+        feeds = unet_parity_inputs(model, b, conditioning, guidance)
         with torch.no_grad():
-            ref = model(*(torch.from_numpy(feeds[k]) for k in ("x", "t", "c"))).numpy()
+            ref = model(*(torch.from_numpy(v) for v in feeds.values())).numpy()
         got = sess.run(["eps"], feeds)[0]
         ok, _ = check("ort", "fp32", got, ref)
         report.append({"batch": b, "max_abs_err": float(np.abs(got - ref).max()), "ok": ok})
@@ -84,7 +95,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
         raise InputError(f"--out must be a folder, got a file: {out}")
     out.mkdir(parents=True, exist_ok=True)
     u = model.config
-    spec = unet_io(u.in_channels, u.height, u.width, u.context_dim)
+    spec = unet_io(u.in_channels, u.height, u.width, u.context_dim, u.guidance_embedding)
     source = {"checkpoint_sha256": ckpt_sha, "step": meta.get("step"), "opset": cfg.opset}
     if decoder is not None:
         source["autoencoder_sha256"] = decoder.sha256
@@ -104,11 +115,13 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
         log(f"reusing {unet_path} (exported from the same checkpoint weights)")
         parity = old.get("parity", {}).get("unet")
     else:
-        example = tuple(
-            torch.from_numpy(v) for v in unet_parity_inputs(model, 2, meta["conditioning"]).values()
-        )
+        guidance = meta.get("guidance")
+        feeds = unet_parity_inputs(model, 2, meta["conditioning"], guidance)
+        example = tuple(torch.from_numpy(v) for v in feeds.values())
         onnx_bytes = trace_to_onnx(fold_for_export(model), example, spec, cfg.opset)
-        parity = check_unet_parity(model, onnx_bytes, meta["conditioning"], cfg.parity_batches)
+        parity = check_unet_parity(
+            model, onnx_bytes, meta["conditioning"], cfg.parity_batches, guidance
+        )
         for p in parity:
             log(f"parity unet batch {p['batch']}: max |onnx - torch| = {p['max_abs_err']:.2e} (ok)")
         atomic_write(unet_path, lambda f: f.write(onnx_bytes))
@@ -154,6 +167,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
     }
     if decoder is not None:
         manifest["parity"]["decoder"] = dparity
+    _add_distilled(manifest, meta)
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
     if old == manifest:
         log(f"{out / MANIFEST} is up to date")
@@ -162,6 +176,55 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = print) -> Path
         log(f"wrote {out / MANIFEST}")
     Bundle.load(out)  # the runtime's own validation, as a final check
     return out
+
+
+# The guidance the teacher recommends (its model card); a student recommends it too when
+# it was distilled for it, else the nearest scale it was.
+TEACHER_GUIDANCE = 2.0
+
+
+def distilled_facts(meta: dict) -> tuple[dict, dict] | None:
+    """(``distilled``, ``recommended``) for a distilled checkpoint's config, None for an
+    ordinary one."""
+    guidance = meta.get("guidance")
+    timesteps = meta.get("distilled_steps")
+    if not guidance and not timesteps:
+        return None
+    distilled: dict = {"prediction": meta.get("prediction", "eps")}
+    recommended: dict = {}
+    if guidance:
+        lo, hi = float(guidance["w_min"]), float(guidance["w_max"])
+        distilled["guidance"] = {"w_min": lo, "w_max": hi}
+        recommended["guidance"] = min(max(TEACHER_GUIDANCE, lo), hi)
+    if timesteps:
+        how = meta.get("distilled_sampler") or {}
+        sampler = {
+            "sampler": how.get("sampler", "ddim"),
+            "eta": float(how.get("eta", 0.0)),
+            "spacing": how.get("spacing", "time"),
+        }
+        distilled["steps"] = {**sampler, "timesteps": [int(t) for t in timesteps]}
+        recommended.update(sampler=sampler["sampler"], steps=len(timesteps), eta=sampler["eta"])
+        if sampler["spacing"] != "time":
+            recommended["spacing"] = sampler["spacing"]
+    return distilled, recommended
+
+
+def _add_distilled(manifest: dict, meta: dict) -> None:
+    """A distilled checkpoint's bundle: its U-Net is described as such (what it was distilled
+    for, its recommended settings), and a graph that takes w is a feature it requires."""
+    facts = distilled_facts(meta)
+    if facts is None:
+        return
+    distilled, recommended = facts
+    manifest["unet_precisions"] = {
+        "fp32": {"graph": "unet", "distilled": distilled, "recommended": recommended}
+    }
+    manifest["recommended"] = dict(recommended)
+    if "guidance" in distilled:
+        from ddpm_rt.bundle.manifest import GUIDANCE_DISTILLED
+
+        manifest["requires"] = [*manifest.get("requires", []), GUIDANCE_DISTILLED]
 
 
 TEXT_GRAPH = {"fp32": "text_encoder", "int8": "text_encoder_int8"}

@@ -264,6 +264,7 @@ class GenerateConfig:
         *,
         init_image: bool = False,
         mask: bool = False,
+        unet_precision: str | None = None,
     ):
         """The one place a request's settings are completed, for ``bundle``: checked
         (:meth:`validate`); each None filled in from the bundle's recommended settings
@@ -272,10 +273,12 @@ class GenerateConfig:
         run will use; the sampler's own defaults (steps, eta, spacing) filled in. Returns
         (these settings resolved, the sampler they make). Reads the manifest only: the CLI
         sizes its output with it before any graph is loaded; ``Generator.prepare`` calls it
-        for every request."""
+        for every request. ``unet_precision``: the U-Net that will run; a distilled one
+        brings its own recommended settings and rules (:func:`check_distilled`)."""
         self.validate()
         self.check_inputs(init_image, mask)
-        cfg = self.with_defaults(bundle.recommended)  # what the caller left to the model
+        # what the caller left to the model
+        cfg = self.with_defaults(bundle.recommended_for(unet_precision))
         if init_image and cfg.strength is None:
             cfg = replace(cfg, strength=DEFAULT_STRENGTH)
         if cfg.size is not None:  # one the bundle gives; the image's own is the default
@@ -284,7 +287,12 @@ class GenerateConfig:
         cfg.check_negative_prompt(negative_prompt)
         schedule = NoiseSchedule(bundle.schedule)
         sampler = cfg.make_sampler(schedule)  # made (and checked) once per request
-        return cfg.resolved(schedule), sampler
+        cfg = cfg.resolved(schedule)
+        precision = unet_precision or "fp32"  # the Generator's default U-Net
+        distilled = bundle.distillation(precision)
+        if distilled:
+            check_distilled(cfg, sampler, distilled, negative_prompt, precision)
+        return cfg, sampler
 
     def make_sampler(self, schedule: NoiseSchedule) -> Sampler:
         """The sampler these settings ask for (the one place one is made from settings)."""
@@ -297,6 +305,55 @@ class GenerateConfig:
             self.sampler, schedule, self.steps, self.eta, self.spacing
         )
         return replace(self, steps=steps, eta=eta, spacing=spacing)
+
+
+class DistillationWarning(UserWarning):
+    """Settings a distilled U-Net was not distilled for: allowed, but off its training."""
+
+
+def check_distilled(
+    cfg: GenerateConfig, sampler: Sampler, distilled: dict, negative_prompt, precision: str
+) -> None:
+    """A distilled U-Net's rules (issue 29; docs/bundle-format.md). A guidance-distilled
+    graph makes no unconditional pass, so a negative prompt (which replaces that pass's
+    null context) is refused. A guidance scale outside the distilled range, or steps other
+    than the deterministic ones a step-distilled graph learned, are allowed (the graph still
+    runs) but warn, once per distinct message (:class:`DistillationWarning`)."""
+    import warnings
+
+    guidance = distilled.get("guidance")
+    if guidance and negative_prompt is not None:
+        raise InputError(
+            f"a negative prompt needs the unconditional pass, which the guidance-distilled "
+            f"U-Net ({precision}) does not make: choose a U-Net that is not distilled",
+            "negative_prompt",
+        )
+    if guidance and not guidance["w_min"] <= cfg.guidance <= guidance["w_max"]:
+        warnings.warn(
+            f"guidance {cfg.guidance:g} is outside the {guidance['w_min']:g}-"
+            f"{guidance['w_max']:g} the {precision} U-Net was distilled for",
+            DistillationWarning,
+            stacklevel=2,  # resolve(): one place, so the message shows once
+        )
+    steps = distilled.get("steps")
+    if not steps:
+        return
+    same = (
+        cfg.sampler == steps["sampler"]
+        and cfg.eta == steps["eta"]
+        and list(map(int, sampler.timesteps)) == list(steps["timesteps"])
+    )
+    if not same:
+        asked = f"{cfg.sampler} {cfg.steps} steps" + (
+            f" eta {cfg.eta:g}" if cfg.eta is not None else ""
+        )
+        warnings.warn(
+            f"the {precision} U-Net was distilled for {steps['sampler']} "
+            f"{len(steps['timesteps'])} steps eta {steps['eta']:g}, not {asked}: "
+            "expect a worse picture",
+            DistillationWarning,
+            stacklevel=2,  # resolve(): one place, so the message shows once
+        )
 
 
 # The settings for a bundle that recommends none: the rule in

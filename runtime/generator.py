@@ -154,6 +154,10 @@ class Generator:
             self.unet_graph, self.unet_precision = unet_graph_for(b, unet), unet
         else:
             self.unet_precision, self.unet_graph = _pick("U-Net", variants, unet)
+        # a distilled U-Net (issue 29): what it was distilled for; a guidance-distilled one
+        # takes w and makes no unconditional pass
+        self.distilled = b.distillation(self.unet_precision)
+        self.unet_takes_w = bool((self.distilled or {}).get("guidance"))
         self.text_precision = self.text_graph = None  # a text bundle's encoder
         if b.conditioning["kind"] == "text":
             t = b.conditioning["text"]
@@ -307,9 +311,16 @@ class Generator:
 
         With ``guidance != 1`` conditional and unconditional rows go through one U-Net call:
         eps = eps_uncond + guidance * (eps_cond - eps_uncond)  (Ho & Salimans 2022, eq. 6).
-        ``uncond`` (B,D) replaces the null context (a negative prompt); default zeros.
+        ``uncond`` (B,D) replaces the null context (a negative prompt); default zeros. A
+        guidance-distilled U-Net takes ``guidance`` as its input ``w`` in the same one call
+        per row, and has no unconditional pass to give ``uncond`` to.
         """
         b = x.shape[0]
+        if uncond is not None and self.unet_takes_w:
+            raise InputError(
+                f"the guidance-distilled U-Net ({self.unet_precision}) makes no unconditional "
+                "pass: uncond cannot apply"
+            )
         unet = GuidedUNet(
             self.backend,
             self.unet_graph,
@@ -317,6 +328,7 @@ class Generator:
             c,
             np.full(b, guidance, np.float32),
             np.zeros_like(c) if uncond is None else uncond,
+            takes_w=self.unet_takes_w,
         )
         return unet(x, timestep_input(t, self.schedule.timesteps))[0]
 
@@ -345,7 +357,11 @@ class Generator:
             check_prompt(negative_prompt, "negative prompt")
         cfg = replace(config or GenerateConfig(), **overrides)
         cfg, sampler = cfg.resolve(
-            self.bundle, negative_prompt, init_image=init_image is not None, mask=mask is not None
+            self.bundle,
+            negative_prompt,
+            init_image=init_image is not None,
+            mask=mask is not None,
+            unet_precision=self.unet_precision,
         )
         inputs = self._inputs(init_image, mask, cfg, len(sampler.timesteps))
         rows = len(prompts) if prompts else 1

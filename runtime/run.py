@@ -134,7 +134,13 @@ class Run:
                 job._pixels.append(np.repeat(job.init_pixels[None], b - a, axis=0))
             return
         self.unet = GuidedUNet(
-            gen.backend, gen.unet_graph, gen.bundle.sample_shape, contexts, scales, uncond
+            gen.backend,
+            gen.unet_graph,
+            gen.bundle.sample_shape,
+            contexts,
+            scales,
+            uncond,
+            takes_w=gen.unet_takes_w,
         )
         draws = n_steps * (2 + first.config.resample * 3) + 1  # a bound: blocks of normals
         noise = ImageNoise(seeds, index, draws=draws)

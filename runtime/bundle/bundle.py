@@ -90,6 +90,22 @@ class Bundle:
         extra = self.manifest.get("unet_precisions", {})
         return {"fp32": "unet", **{p: e["graph"] for p, e in extra.items()}}
 
+    def distillation(self, precision: str) -> dict | None:
+        """What the U-Net at ``precision`` was distilled for (``guidance``: w range, the
+        graph takes w; ``steps``: the deterministic steps it takes), None for an ordinary
+        U-Net (issue 29; docs/bundle-format.md)."""
+        entry = self.manifest.get("unet_precisions", {}).get(precision) or {}
+        return entry.get("distilled")
+
+    def recommended_for(self, precision: str | None) -> dict:
+        """The settings recommended for the U-Net at ``precision``: a distilled variant's
+        own, else the bundle's (:attr:`recommended`)."""
+        entry = self.manifest.get("unet_precisions", {}).get(precision) or {}
+        rec = entry.get("recommended")
+        if rec is None:
+            return self.recommended
+        return {k: v for k, v in rec.items() if v is not None}
+
     @property
     def decoder_precisions(self) -> dict[str, str]:
         """A latent bundle's decoder precision -> graph name; {} for a pixel bundle."""

@@ -98,16 +98,25 @@ class GraphIO:
         return None
 
 
-def unet_io(channels: int, height: int, width: int, context_dim: int) -> GraphIO:
-    """(x[B,C,H,W] f32, t[B,1] f32 = timestep/T, c[B,D] f32) -> eps[B,C,H,W] f32."""
+def unet_io(
+    channels: int, height: int, width: int, context_dim: int, guidance_input: bool = False
+) -> GraphIO:
+    """(x[B,C,H,W] f32, t[B,1] f32 = timestep/T, c[B,D] f32) -> eps[B,C,H,W] f32.
+
+    ``guidance_input``: a guidance-distilled U-Net (issue 29) takes a 4th input, w[B,1] f32,
+    the classifier-free guidance scale, and outputs the guided eps in one call (no
+    unconditional pass). Only such a graph has it."""
+    inputs = [
+        TensorSpec("x", "float32", ("batch", channels, height, width)),
+        TensorSpec("t", "float32", ("batch", 1)),
+        TensorSpec("c", "float32", ("batch", context_dim)),
+    ]
+    if guidance_input:
+        inputs.append(TensorSpec("w", "float32", ("batch", 1)))
     return GraphIO(
         name="unet",
         file="unet.onnx",
-        inputs=(
-            TensorSpec("x", "float32", ("batch", channels, height, width)),
-            TensorSpec("t", "float32", ("batch", 1)),
-            TensorSpec("c", "float32", ("batch", context_dim)),
-        ),
+        inputs=tuple(inputs),
         outputs=(TensorSpec("eps", "float32", ("batch", channels, height, width)),),
     )
 

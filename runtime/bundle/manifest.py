@@ -17,6 +17,7 @@ above anything this project trains (16x16 images, 500 timesteps, 384-d contexts)
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Any
@@ -28,7 +29,10 @@ from ddpm_rt.errors import BundleError
 SCHEMA_VERSION = 1
 # Features this runtime understands, for a manifest's ``requires`` list. ``latent``: the
 # U-Net samples a latent that a decoder graph turns into the image (``latent`` object).
-KNOWN_FEATURES: frozenset[str] = frozenset({"latent"})
+# ``guidance-distilled``: a U-Net graph takes the guidance scale as a 4th input ``w`` and makes
+# no unconditional pass (``unet_precisions.<p>.distilled.guidance``, issue 29).
+GUIDANCE_DISTILLED = "guidance-distilled"
+KNOWN_FEATURES: frozenset[str] = frozenset({"latent", GUIDANCE_DISTILLED})
 
 MAX_TIMESTEPS = 10_000
 MAX_IMAGE_SIDE = 1024
@@ -48,7 +52,17 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _GRAPH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 CONDITIONING_KINDS = ("label", "text", "vector")
-UNET_PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
+# A distilled U-Net (issue 29) ships beside the teacher as a precision-like variant family.
+UNET_PRECISIONS = (
+    "fp32",
+    "fp16",
+    "int8",
+    "int8-qdq",
+    "distilled",
+    "distilled-fp16",
+    "distilled-int8",
+    "distilled-int8-qdq",
+)
 DECODER_PRECISIONS = ("fp32", "fp16", "int8")
 # ``latent.kind``: "learned" (an autoencoder's latent space; the default when absent) or
 # "pixels" (a cascade: the latent is the base model's RGB picture at a whole fraction of
@@ -184,14 +198,15 @@ def _validate(m: Any) -> None:
     sample = (c, h, w) if latent is None else _latent(latent, h, w)  # what the U-Net samples
     timesteps = _schedule(m)
     graphs = _graphs(m, files)
-    precisions = _unet_precisions(m, graphs)
-    _recommended(m, timesteps)
+    precisions = _unet_precisions(m, graphs, timesteps)
+    w_graphs = _guidance_inputs(m, precisions, requires)
+    _recommended(m.get("recommended"), "recommended", timesteps)
     cond = _dict(m, "", "conditioning")
     kind = _str(cond, "conditioning", "kind", choices=CONDITIONING_KINDS)
     d = _int(cond, "conditioning", "context_dim", 1, MAX_CONTEXT_DIM)
     for gname in {"unet", *(e["graph"] for e in precisions.values())}:
         _expect_graph(
-            unet_io(*sample, d),
+            unet_io(*sample, d, guidance_input=gname in w_graphs),
             graphs[gname],
             f"must agree with {'latent' if latent is not None else 'image'} and conditioning",
         )
@@ -317,8 +332,10 @@ def _graphs(m: dict, files: dict) -> dict[str, GraphIO]:
     return graphs
 
 
-def _unet_precisions(m: dict, graphs: dict) -> dict:
-    """The optional ``unet_precisions``: a known precision -> a graph of the bundle."""
+def _unet_precisions(m: dict, graphs: dict, timesteps: int) -> dict:
+    """The optional ``unet_precisions``: a known precision -> a graph of the bundle, and for
+    a distilled U-Net what it was distilled for (:func:`_distilled`) and its own
+    ``recommended`` settings."""
     precisions = _dict(m, "", "unet_precisions", required=False) or {}
     for precision, entry in precisions.items():
         where = f"unet_precisions.{precision}"
@@ -331,7 +348,63 @@ def _unet_precisions(m: dict, graphs: dict) -> dict:
         gname = _str(entry, where, "graph", _GRAPH_NAME)
         if gname not in graphs:
             _fail(f"{where}.graph", f"{gname} is not a graph of this bundle")
+        if entry.get("distilled") is not None:
+            _distilled(_dict(entry, where, "distilled"), f"{where}.distilled", timesteps)
+        _recommended(entry.get("recommended"), f"{where}.recommended", timesteps)
     return precisions
+
+
+def _distilled(dist: dict, where: str, timesteps: int) -> None:
+    """A distilled U-Net's ``distilled`` object. ``guidance`` ({w_min, w_max}): the graph
+    takes w and its output is the guided eps for w in that range; ``steps`` ({sampler, eta,
+    spacing, timesteps}): the deterministic steps it was distilled to take (absent: any
+    sampler); ``prediction``: what the network predicted inside (its graph outputs eps)."""
+    guidance = _dict(dist, where, "guidance", required=False)
+    if guidance is not None:
+        lo = _float(guidance, f"{where}.guidance", "w_min", 0.0, MAX_GUIDANCE, closed=True)
+        hi = _float(guidance, f"{where}.guidance", "w_max", 0.0, MAX_GUIDANCE, closed=True)
+        if lo > hi:
+            _fail(f"{where}.guidance", f"w_min {lo} must not exceed w_max {hi}")
+    steps = _dict(dist, where, "steps", required=False)
+    if steps is not None:
+        sw = f"{where}.steps"
+        _str(steps, sw, "sampler", choices=("ddim",))
+        _float(steps, sw, "eta", 0.0, 1.0, closed=True)
+        _str(steps, sw, "spacing", choices=SPACINGS)
+        ts = _get(steps, sw, "timesteps")
+        ok = isinstance(ts, list) and 1 <= len(ts) <= timesteps
+        ok = ok and all(type(v) is int and 1 <= v <= timesteps for v in ts)
+        if not ok or any(a <= b for a, b in itertools.pairwise(ts)):
+            _fail(
+                f"{sw}.timesteps",
+                f"must be 1-{timesteps} decreasing integers in [1, {timesteps}], got {_show(ts)}",
+            )
+    if dist.get("prediction") is not None:
+        _str(dist, where, "prediction", choices=("eps", "v"))
+
+
+def _guidance_inputs(m: dict, precisions: dict, requires: list) -> set[str]:
+    """The U-Net graphs that take w (a guidance-distilled entry's); ``requires`` lists
+    ``guidance-distilled`` exactly when there is one, and no graph is both."""
+
+    def takes_w(entry: dict) -> bool:
+        return bool((entry.get("distilled") or {}).get("guidance"))
+
+    w_graphs = {e["graph"] for e in precisions.values() if takes_w(e)}
+    plain = {e["graph"] for e in precisions.values() if not takes_w(e)}
+    if "fp32" not in precisions:
+        plain.add("unet")  # the fp32 U-Net, an ordinary one unless its entry says otherwise
+    both = w_graphs & plain
+    if both:
+        _fail(
+            "unet_precisions",
+            f"graph {sorted(both)[0]} is listed both as guidance-distilled and not",
+        )
+    if w_graphs and GUIDANCE_DISTILLED not in requires:
+        _fail("requires", f"must list {GUIDANCE_DISTILLED!r}: graph {sorted(w_graphs)[0]} takes w")
+    if GUIDANCE_DISTILLED in requires and not w_graphs:
+        _fail("requires", f"lists {GUIDANCE_DISTILLED!r} but no U-Net graph takes w")
+    return w_graphs
 
 
 def _latent_decoder(latent: dict, graphs: dict, sample: tuple, h: int, w: int) -> None:
@@ -389,35 +462,36 @@ def _text(cond: dict, d: int, files: dict, graphs: dict) -> None:
 RECOMMENDED_KEYS = ("sampler", "steps", "eta", "guidance", "spacing")
 
 
-def _recommended(m: dict, timesteps: int) -> None:
-    """The optional ``recommended`` object: the model's own default settings (written by
-    ``ddpm-rt eval --write-recommended``); each key optional, each checked as the runtime
-    would check the same setting given by a caller."""
-    rec = _dict(m, "", "recommended", required=False)
+def _recommended(rec: Any, where: str, timesteps: int) -> None:
+    """An optional ``recommended`` object (the manifest's, or a distilled U-Net's own): the
+    model's default settings (written by ``ddpm-rt eval --write-recommended``); each key
+    optional, each checked as the runtime would check the same setting given by a caller."""
     if rec is None:
         return
+    if not isinstance(rec, dict):
+        _fail(where, f"must be an object, got {_show(rec)}")
     for key in rec:
         if key not in RECOMMENDED_KEYS:
             _fail(
-                "recommended",
+                where,
                 f"unknown setting {_show(key)} (known: {', '.join(RECOMMENDED_KEYS)})",
             )
     sampler = rec.get("sampler")
     if sampler is not None:
-        _str(rec, "recommended", "sampler", choices=SAMPLERS)
+        _str(rec, where, "sampler", choices=SAMPLERS)
     if rec.get("steps") is not None:
-        steps = _int(rec, "recommended", "steps", 1, timesteps)
+        steps = _int(rec, where, "steps", 1, timesteps)
         if sampler == "ddpm" and steps != timesteps:
-            _fail("recommended.steps", f"ddpm runs all {timesteps} steps, got {steps}")
+            _fail(f"{where}.steps", f"ddpm runs all {timesteps} steps, got {steps}")
     if rec.get("eta") is not None:
-        _float(rec, "recommended", "eta", 0.0, 1.0, closed=True)
+        _float(rec, where, "eta", 0.0, 1.0, closed=True)
         if sampler != "ddim":
-            _fail("recommended.eta", "applies to ddim only")
+            _fail(f"{where}.eta", "applies to ddim only")
     if rec.get("guidance") is not None:
-        _float(rec, "recommended", "guidance", 0.0, MAX_GUIDANCE, closed=True)
+        _float(rec, where, "guidance", 0.0, MAX_GUIDANCE, closed=True)
     if rec.get("spacing") is not None:
-        _str(rec, "recommended", "spacing", choices=SPACINGS)
+        _str(rec, where, "spacing", choices=SPACINGS)
         if sampler in (None, "ddpm"):
-            _fail("recommended.spacing", "applies to a named few-step sampler only")
+            _fail(f"{where}.spacing", "applies to a named few-step sampler only")
     if sampler is None and any(rec.get(k) is not None for k in ("steps", "eta")):
-        _fail("recommended", "steps and eta need the sampler they are for")
+        _fail(where, "steps and eta need the sampler they are for")

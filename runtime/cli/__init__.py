@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import sys
+import warnings
 
 from ddpm_rt.errors import DdpmRtError, first_line
 
@@ -150,8 +151,15 @@ def _failed(e: Exception) -> int:
     return 1
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints its messages: one line, no source location."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     _install_handlers()
+    if "--debug" not in sys.argv[1:] + list(argv or []):
+        warnings.formatwarning = _one_line_warning
     debug = False
     try:
         argv = list(sys.argv[1:] if argv is None else argv)

@@ -192,7 +192,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # them (GenerateConfig.resolve, as Generator.prepare does), which size the output.
     bundle = Bundle.load(model, hash_all=False, expected_digest=digest)
     resolved, sampler = cfg.resolve(
-        bundle, args.negative_prompt, init_image=bool(args.init_image), mask=bool(args.mask)
+        bundle,
+        args.negative_prompt,
+        init_image=bool(args.init_image),
+        mask=bool(args.mask),
+        unet_precision=args.unet_precision,
     )
     inputs = _inputs_of(args, bundle)  # the pictures read and checked, before any graph
     shape = bundle.output_shape(resolved.size)

@@ -122,7 +122,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.text_precisions:
         extra["text_precisions"] = tuple(p.strip() for p in args.text_precisions.split(","))
     cfg = exp.ExportConfig(**fields_of(exp.ExportConfig, args, **extra))
-    exp.export_bundle(cfg, log=lambda s: print(s, file=sys.stderr))
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if args.as_variant:
+        given = [f for f in ("text_encoder", "text_precisions", "autoencoder") if getattr(args, f)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise InputError(f"{flag} does not apply to --as-variant (the bundle keeps its own)")
+        dist = _load("ddpm_rt.export.distilled_export", "export")
+        dist.add_distilled_variant(cfg, bundle_arg(args.out, "--out"), log=log)
+        return 0
+    exp.export_bundle(cfg, log=log)
     return 0
 
 
@@ -370,6 +379,12 @@ def _add_export_parser(sub, common) -> None:
     e.add_argument(
         "--autoencoder",
         help="a latent model's autoencoder folder (default: the one it was trained with)",
+    )
+    e.add_argument(
+        "--as-variant",
+        action="store_true",
+        help="a distilled checkpoint (ddpm-rt distill): add its U-Net to the existing bundle "
+        "--out as the 'distilled' U-Net, beside the one there (--unet-precision distilled)",
     )
     common(e)
     e.set_defaults(func=cmd_export)

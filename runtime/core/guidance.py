@@ -7,6 +7,10 @@ goes through the call conditionally; the guided rows (``w != 1``) go through it 
 time with their unconditional context, in the same call. The combination is float32
 elementwise arithmetic per row, so a row's result does not depend on which other rows share
 its call.
+
+A guidance-distilled U-Net (Meng et al. 2023; issue 29) takes each row's w as a 4th input
+``w`` and returns the guided eps itself: every row goes through the call once, whatever its
+scale (``takes_w``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ class GuidedUNet:
     per-row scales.
 
     ``contexts`` (R, D); ``guidance`` (R,) per-row scales; ``uncond`` (R, D) each row's
-    unconditional context (only the guided rows' are used)."""
+    unconditional context (only the guided rows' are used). ``takes_w``: the graph is
+    guidance-distilled: one row per image, ``w`` fed, no unconditional rows."""
 
     def __init__(
         self,
@@ -30,8 +35,10 @@ class GuidedUNet:
         contexts: np.ndarray,
         guidance: np.ndarray,
         uncond: np.ndarray,
+        takes_w: bool = False,
     ):
         self.backend, self.graph, self.image_shape = backend, graph, tuple(image_shape)
+        self.takes_w = takes_w
         self._contexts = np.ascontiguousarray(contexts, dtype=np.float32)
         self._scales = np.asarray(guidance, dtype=np.float32).reshape(-1)
         self._uncond = np.asarray(uncond, dtype=np.float32)
@@ -40,7 +47,9 @@ class GuidedUNet:
     def _prepare(self) -> None:
         rows = len(self._contexts)
         self.rows = rows
-        self.guided = np.flatnonzero(self._scales != 1.0)  # rows with a second, uncond pass
+        # rows with a second, unconditional pass (none when the graph takes w)
+        self.guided = np.flatnonzero(self._scales != 1.0) if not self.takes_w else np.arange(0)
+        self.w = self._scales.reshape(-1, 1).copy() if self.takes_w else None
         self.all_guided = len(self.guided) == rows
         self.scale = self._scales[self.guided].reshape(-1, *([1] * len(self.image_shape)))
         self.c = np.ascontiguousarray(
@@ -64,7 +73,10 @@ class GuidedUNet:
         if len(self.guided):
             self.x[r:] = x if self.all_guided else x[self.guided]
         self.t.fill(t_value)
-        out = self.backend.run(self.graph, {"x": self.x, "t": self.t, "c": self.c})["eps"]
+        feeds = {"x": self.x, "t": self.t, "c": self.c}
+        if self.takes_w:
+            feeds["w"] = self.w
+        out = self.backend.run(self.graph, feeds)["eps"]
         if not len(self.guided):
             return out, out
         cond, uncond = out[:r], out[r:]
