@@ -344,7 +344,8 @@ class Service:
     def info(self) -> dict:
         b = self.gen.bundle
         c, h, w = b.image_shape
-        d = GenerateConfig().with_defaults(b.recommended)  # the model's own settings
+        # the model's own settings: the running U-Net's (a distilled one has its own)
+        d = GenerateConfig().with_defaults(b.recommended_for(self.gen.unet_precision))
         steps = {s: DEFAULT_STEPS.get(s) for s in SAMPLERS}
         steps[d.sampler] = d.steps or steps[d.sampler]
         text = b.conditioning.get("text") or {}
@@ -381,6 +382,9 @@ class Service:
                 "text_available": list(text.get("graphs", {})),
                 "decoder": self.gen.decoder_precision,
                 "decoder_available": list(b.decoder_precisions),
+                # a distilled U-Net (issue 29): what it was distilled for; a guidance-
+                # distilled one refuses a negative prompt
+                "unet_distilled": self.gen.distilled,
             },
             "backend": self.gen.backend.name,
             "limits": {

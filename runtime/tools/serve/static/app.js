@@ -53,6 +53,9 @@ async function loadInfo() {
     sel.appendChild(o);
   }
   $("guidance").value = info.defaults.guidance;
+  // a guidance-distilled U-Net makes no unconditional pass: no negative prompt to give it
+  const distilled = info.precisions.unet_distilled;
+  $("negative-label").hidden = Boolean(distilled && distilled.guidance);
   const size = $("size");  // a cascade also gives its base picture: offer both
   size.replaceChildren();
   for (const s of info.sizes || []) {
@@ -78,7 +81,7 @@ function stepsPlaceholder() {
 function body() {
   const b = { prompt: $("prompt").value, num: Number($("num").value || 1) };
   const neg = $("negative_prompt").value;
-  if (neg) b.negative_prompt = neg;
+  if (neg && !$("negative-label").hidden) b.negative_prompt = neg;
   if ($("seed").value !== "") b.seed = Number($("seed").value);
   if ($("sampler").value) b.sampler = $("sampler").value;
   if ($("steps").value !== "") b.steps = Number($("steps").value);
