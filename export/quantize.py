@@ -33,8 +33,8 @@ import numpy as np
 from ddpm_rt.backends import cpu_kernels
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
-from ddpm_rt.parity import compare, record
-from ddpm_rt.tolerances import TOLERANCES
+from ddpm_rt.parity import compare, record_in_use
+from ddpm_rt.tolerances import tolerance
 
 from .variants import (  # noqa: F401 - OPS, QDQ_OPS, QuantizeError: this module's API too
     OPS,
@@ -83,48 +83,43 @@ def quantize_bundle(
     force: bool = False,
     log: Callable[[str], None] = print,
     precision: str = "int8",
+    of: str = "fp32",
 ) -> dict:
     """Add an int8 U-Net to a bundle (rewrites its manifest: the digest changes).
 
     ``precision`` ``int8``: the CPU graph (QOperator, u8 activations, fastest on ONNX
     Runtime's x86 CPU); ``int8-qdq``: the symmetric Q/DQ graph for TensorRT (also runs, more
-    slowly, on ONNX Runtime's CPU, which is how it is checked here)."""
+    slowly, on ONNX Runtime's CPU, which is how it is checked here). ``of``: the U-Net it is
+    made from, ``fp32`` or the bundle's ``distilled`` one (:func:`variant_names`)."""
     qdq = precision == "int8-qdq"
-    graph_name, file, fmt = (
-        (QDQ_GRAPH, QDQ_FILE, QDQ_FORMAT)
-        if qdq
-        else (
-            INT8_GRAPH,
-            INT8_FILE,
-            INT8_FORMAT,
-        )
-    )
-    bundle, m = open_for_variant(bundle_dir, precision, graph_name, force, log, file=file)
+    bundle, m, (key, graph_name, file) = _open_source(bundle_dir, precision, of, force, log)
     if bundle is None:
-        return m["unet_precisions"][precision]
-    gen = Generator(bundle)
+        return m["unet_precisions"][key]
+    gen = Generator(bundle, unet_precision=of)
     prompts, contexts = calibration_contexts(gen)
     every = max(1, gen.schedule.timesteps // 40)
-    feeds = _record_finite(gen, contexts, every, precision)
+    feeds = _record_finite(gen, contexts, every, key)
     calib = [f for k, f in enumerate(feeds) if k % 4 != 3]
     check = [f for k, f in enumerate(feeds) if k % 4 == 3]
+    along = _along(gen, feeds) or {"every_timesteps": every}
     log(
-        f"calibrating on {len(calib)} batches of real x_t ({len(prompts)} prompts, every "
-        f"{every}th of {gen.schedule.timesteps} timesteps); {len(check)} held out"
+        f"calibrating on {len(calib)} batches of real x_t ({len(prompts)} prompts, "
+        f"{_describe(along, gen.schedule.timesteps)}); {len(check)} held out"
     )
-    data = static_int8(bundle.graph_bytes("unet"), calib, qdq)
+    data = static_int8(bundle.graph_bytes(gen.unet_graph), calib, qdq)
     if qdq:
         why = qdq_problems(data)
         if why:
             raise QuantizeError(f"the Q/DQ graph is not what TensorRT consumes: {why}")
-    figures = _check_variant(gen, precision, data, check, log)
+    figures = _check_variant(gen, key, data, check, log)
     entry = {
         "graph": graph_name,
-        "format": fmt,
-        "calibration": {"prompts": len(prompts), "batches": len(calib), "every_timesteps": every},
+        "format": QDQ_FORMAT if qdq else INT8_FORMAT,
+        **_inherited(m, of),
+        "calibration": {"prompts": len(prompts), "batches": len(calib), **along},
         "checks": {"heldout_batches": len(check), **figures},
     }
-    add_variant(bundle, m, precision, file, data, entry, log)
+    add_variant(bundle, m, key, file, data, entry, log)
     return entry
 
 
@@ -163,9 +158,13 @@ FP16_FORMAT = (
 
 
 def fp16_bundle(
-    bundle_dir: str | Path, force: bool = False, log: Callable[[str], None] = print
+    bundle_dir: str | Path,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    of: str = "fp32",
 ) -> dict:
-    """Add an fp16 U-Net (for GPU backends; on this CPU it is slower than fp32).
+    """Add an fp16 U-Net (for GPU backends; on this CPU it is slower than fp32), made from
+    the ``of`` U-Net (``fp32`` or ``distilled``).
 
     Measured on the shipped U-Net against fp32 on x_t recorded along real trajectories
     (relative L2 error of eps): everything in fp16, max 2.7e-3, mean 5.0e-4; keeping the
@@ -173,62 +172,133 @@ def fp16_bundle(
     same. Keeping ops in fp32 buys no accuracy on this model, so none are kept; the check
     below (the tolerance table's ``("ort", "fp16")``) guards a model where it would.
     """
-    bundle, m = open_for_variant(bundle_dir, "fp16", FP16_GRAPH, force, log, file=FP16_FILE)
+    bundle, m, (key, graph_name, file) = _open_source(bundle_dir, "fp16", of, force, log)
     if bundle is None:
-        return m["unet_precisions"]["fp16"]
-    gen = Generator(bundle)
+        return m["unet_precisions"][key]
+    gen = Generator(bundle, unet_precision=of)
     _, contexts = calibration_contexts(gen, limit=16)
-    feeds = _record_finite(gen, contexts, max(1, gen.schedule.timesteps // 20), "fp16")
-    data = fp16_graph(bundle.graph_bytes("unet"))
-    figures = _check_variant(gen, "fp16", data, feeds, log)
+    feeds = _record_finite(gen, contexts, max(1, gen.schedule.timesteps // 20), key)
+    data = fp16_graph(bundle.graph_bytes(gen.unet_graph))
+    figures = _check_variant(gen, key, data, feeds, log)
     entry = {
-        "graph": FP16_GRAPH,
+        "graph": graph_name,
         "format": FP16_FORMAT,
-        "checks": {"batches": len(feeds), **figures},
+        **_inherited(m, of),
+        "checks": {"batches": len(feeds), **_along(gen, feeds), **figures},
     }
-    add_variant(bundle, m, "fp16", FP16_FILE, data, entry, log)
+    add_variant(bundle, m, key, file, data, entry, log)
     return entry
 
 
+# The variants ``ddpm-rt quantize`` makes: precision -> (graph name, file) of the fp32
+# U-Net's; a distilled U-Net's are named after it (:func:`variant_names`).
+VARIANTS = {
+    "int8": (INT8_GRAPH, INT8_FILE),
+    "int8-qdq": (QDQ_GRAPH, QDQ_FILE),
+    "fp16": (FP16_GRAPH, FP16_FILE),
+}
+SOURCES = ("fp32", "distilled")  # the U-Nets a variant is made from (``--of``)
+
+
+def variant_names(precision: str, of: str = "fp32") -> tuple[str, str, str]:
+    """(manifest precision, graph, file) of the ``precision`` variant of the ``of`` U-Net:
+    ``unet_int8`` in ``unet.int8-qoperator-u8s8.onnx`` for the fp32 U-Net, and for the
+    distilled one (issue 29) ``distilled-int8``, ``unet_distilled_int8`` in
+    ``unet.distilled.int8-qoperator-u8s8.onnx``: one bundle holds both families."""
+    graph, file = VARIANTS[precision]
+    if of == "fp32":
+        return precision, graph, file
+    return (
+        f"{of}-{precision}",
+        graph.replace("unet", f"unet_{of}", 1),
+        file.replace("unet.", f"unet.{of}.", 1),
+    )
+
+
+def _open_source(bundle_dir, precision: str, of: str, force: bool, log):
+    """:func:`~.variants.open_for_variant` for the ``precision`` variant of the ``of``
+    U-Net, with its names (:func:`variant_names`); a bundle without that U-Net is refused
+    before any work."""
+    if of not in SOURCES:
+        raise InputError(f"a variant is made of the {' or '.join(SOURCES)} U-Net, not {of!r:.20}")
+    names = variant_names(precision, of)
+    bundle, m = open_for_variant(bundle_dir, names[0], names[1], force, log, file=names[2])
+    if of != "fp32" and of not in m.get("unet_precisions", {}):
+        raise InputError(
+            f"{Path(bundle_dir)} has no {of} U-Net to convert to {precision} (add one with "
+            "'ddpm-rt export STUDENT --out BUNDLE --as-variant')"
+        )
+    return bundle, m, names
+
+
+def _inherited(m: dict, of: str) -> dict:
+    """What a variant keeps of its source U-Net's entry: what it was distilled for and its
+    own recommended settings (issue 29), so that the runtime runs it as it runs that one."""
+    source = m.get("unet_precisions", {}).get(of) or {}
+    return {k: source[k] for k in ("distilled", "recommended") if k in source}
+
+
+def _along(gen: Generator, feeds: list[dict]) -> dict:
+    """Where a distilled U-Net's feeds were recorded (its own timesteps, and the guidance
+    scales a guidance-distilled one was fed), for the entry; {} for an ordinary U-Net."""
+    if not gen.distilled:
+        return {}
+    T = gen.schedule.timesteps
+    ts = {int(v) for f in feeds for v in np.rint(f["t"][:, 0] * T)}
+    out: dict = {"timesteps": sorted(ts, reverse=True)}
+    if gen.unet_takes_w:
+        out["guidance"] = sorted({float(v) for f in feeds for v in f["w"][:, 0]})
+    return out
+
+
+def _describe(along: dict, T: int) -> str:
+    """Where calibration feeds were recorded, for the log."""
+    if "every_timesteps" in along:
+        return f"every {along['every_timesteps']}th of {T} timesteps"
+    return "; ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in along.items())
+
+
 def _record_finite(gen: Generator, contexts: np.ndarray, every: int, precision: str) -> list:
-    """Feeds recorded along the fp32 U-Net's own trajectories, refused before any work
-    when they are not finite (a broken fp32 graph cannot be the reference)."""
-    feeds = record(gen, contexts, every)
+    """Feeds recorded along the reference U-Net's own trajectories (``gen``'s: fp32, or the
+    distilled one along its own few steps), refused before any work when they are not
+    finite (a broken reference graph cannot be the reference)."""
+    feeds = record_in_use(gen, contexts, every)
     if not all(np.isfinite(f["x"]).all() for f in feeds):
-        raise QuantizeError(_NOT_FINITE.format(precision=precision))
+        raise QuantizeError(_NOT_FINITE.format(source=gen.unet_variant, precision=precision))
     return feeds
 
 
 _NOT_FINITE = (
-    "the bundle's fp32 U-Net gives non-finite values along its own trajectories: no "
+    "the bundle's {source} U-Net gives non-finite values along its own trajectories: no "
     "{precision} U-Net can be checked against it (the bundle is unchanged)"
 )
 
 
 def _check_variant(gen: Generator, precision: str, data: bytes, feeds: list[dict], log) -> dict:
-    """The variant's eps against the bundle's fp32 U-Net on recorded x_t, judged as ``ddpm-rt
-    doctor`` judges a backend: :func:`ddpm_rt.parity.compare` with the tolerance
-    table's ``("ort", precision)`` entry. Returns its figures; raises
-    :class:`QuantizeError` when it misses (or when fp32 itself is not finite there)."""
+    """The variant's eps against the U-Net it was made of (``gen``'s) on recorded x_t, judged
+    as ``ddpm-rt doctor`` judges a backend: :func:`ddpm_rt.parity.compare` with the
+    tolerance table's ``("ort", precision)`` entry (a distilled variant's: its base
+    precision's). Returns its figures; raises :class:`QuantizeError` when it misses (or
+    when the reference itself is not finite there)."""
     import onnxruntime as ort
 
     T = gen.schedule.timesteps
-    ref = [gen.backend.run("unet", f)["eps"] for f in feeds]
+    ref = [gen.backend.run(gen.unet_graph, f)["eps"] for f in feeds]
     if not all(np.isfinite(r).all() for r in ref):
-        raise QuantizeError(_NOT_FINITE.format(precision=precision))
+        raise QuantizeError(_NOT_FINITE.format(source=gen.unet_variant, precision=precision))
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = [sess.run(["eps"], f)[0] for f in feeds]
     ts = np.concatenate([np.rint(f["t"][:, 0] * T).astype(int) for f in feeds])
     key = ("ort", precision)
     ok, figures = compare(key, got, ref, ts, T)
     log(
-        f"{precision} vs fp32 eps on {len(feeds)} batches of recorded x_t: "
+        f"{precision} vs {gen.unet_variant} eps on {len(feeds)} batches of recorded x_t: "
         + ", ".join(f"{k} {v:.5g}" for k, v in figures.items())
         + f" (on {cpu_kernels.describe(cpu_kernels.family())})"
     )
     if not ok:
         raise QuantizeError(
-            f"{precision} U-Net misses its parity check {TOLERANCES[key]}: {figures} "
+            f"{precision} U-Net misses its parity check {tolerance(*key)}: {figures} "
             "(the bundle is unchanged)"
         )
     return {**figures, "cpu_family": cpu_kernels.family()}

@@ -149,14 +149,16 @@ class Generator:
         if unet is None:
             unet = DEFAULT_UNET_PRECISION if DEFAULT_UNET_PRECISION in variants else "fp32"
         if backend == "trt" and isinstance(unet, str):
-            from ddpm_rt.backends.trt_build import unet_graph_for  # int8: the Q/DQ graph
+            from ddpm_rt.backends.trt_build import trt_variant, unet_graph_for
 
             self.unet_graph, self.unet_precision = unet_graph_for(b, unet), unet
+            self.unet_variant = trt_variant(unet)  # int8: the Q/DQ graph's entry
         else:
             self.unet_precision, self.unet_graph = _pick("U-Net", variants, unet)
+            self.unet_variant = self.unet_precision
         # a distilled U-Net (issue 29): what it was distilled for; a guidance-distilled one
         # takes w and makes no unconditional pass
-        self.distilled = b.distillation(self.unet_precision)
+        self.distilled = b.distillation(self.unet_variant)
         self.unet_takes_w = bool((self.distilled or {}).get("guidance"))
         self.text_precision = self.text_graph = None  # a text bundle's encoder
         if b.conditioning["kind"] == "text":
@@ -361,7 +363,7 @@ class Generator:
             negative_prompt,
             init_image=init_image is not None,
             mask=mask is not None,
-            unet_precision=self.unet_precision,
+            unet_precision=self.unet_variant,
         )
         inputs = self._inputs(init_image, mask, cfg, len(sampler.timesteps))
         rows = len(prompts) if prompts else 1

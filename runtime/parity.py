@@ -15,7 +15,7 @@ from ddpm_rt.config import GenerateConfig
 from ddpm_rt.core.noise import ImageNoise
 from ddpm_rt.core.samplers import make_sampler, sample_loop
 from ddpm_rt.core.schedule import predict_x0, timestep_input
-from ddpm_rt.tolerances import TOLERANCES, check
+from ddpm_rt.tolerances import check, tolerance
 
 
 def record(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]:
@@ -37,6 +37,50 @@ def record(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]
             eps_fn, make_sampler("ddpm", gen.schedule), (len(c), *gen.bundle.sample_shape), noise
         )
     return feeds
+
+
+def record_distilled(gen, contexts: np.ndarray, batch: int = 8, min_rows: int = 32) -> list[dict]:
+    """(x_t, t/T, c[, w]) feeds along the trajectories a distilled U-Net (``gen``'s) runs in
+    use: its own recommended sampler and steps (a step-distilled graph is only ever evaluated
+    at its distilled timesteps, so DDPM's T steps would calibrate it on inputs it never
+    sees), at guidance ``w_min``, the recommended scale and ``w_max`` of a guidance-distilled
+    graph (``w`` fed). A 2-step student gives 2 feeds per batch of trajectories, not ~40, so
+    the prompts are repeated (each repeat another image of the seed) until every scale has
+    ``min_rows`` trajectories: enough batches to calibrate on and to hold out."""
+    rec = gen.bundle.recommended_for(gen.unet_variant)
+    scales = [GenerateConfig().with_defaults(rec).guidance]
+    if gen.unet_takes_w:
+        w = gen.distilled["guidance"]
+        scales = sorted({w["w_min"], *scales, w["w_max"]})
+    reps = -(-min_rows // len(contexts))  # ceil
+    rows = np.concatenate([contexts] * reps)
+    T, feeds = gen.schedule.timesteps, []
+    for k, scale in enumerate(scales):
+        _, sampler = GenerateConfig(guidance=scale).resolve(
+            gen.bundle, unet_precision=gen.unet_variant
+        )  # the sampler a request at this scale runs
+        for start in range(0, len(rows), batch):
+            c = rows[start : start + batch]
+
+            def eps_fn(x, t, c=c, scale=scale):
+                feed = {"x": x.copy(), "t": np.full((len(x), 1), timestep_input(t, T)), "c": c}
+                if gen.unet_takes_w:
+                    feed["w"] = np.full((len(x), 1), scale)
+                feeds.append({name: np.asarray(v, np.float32) for name, v in feed.items()})
+                return gen.eps(x, t, c, scale)
+
+            noise = ImageNoise(k, range(start, start + len(c)))
+            sample_loop(eps_fn, sampler, (len(c), *gen.bundle.sample_shape), noise)
+    return feeds
+
+
+def record_in_use(gen, contexts: np.ndarray, every: int, batch: int = 16) -> list[dict]:
+    """The feeds ``gen``'s U-Net is checked and calibrated on: along DDPM trajectories
+    (:func:`record`) for an ordinary U-Net, along its own few steps for a distilled one
+    (:func:`record_distilled`)."""
+    if gen.distilled:
+        return record_distilled(gen, contexts, batch=min(batch, 8))
+    return record(gen, contexts, every, batch)
 
 
 def record_latents(gen, contexts: np.ndarray, batch: int = 16) -> list[np.ndarray]:
@@ -72,7 +116,7 @@ def compare(
     (``ref``), batch by batch, by the tolerance table's entry ``key`` = (backend,
     precision); returns (passes, figures). ``timesteps`` and ``T`` (the batch rows'
     timesteps) are needed by the cosine entries only."""
-    tol = TOLERANCES[key]
+    tol = tolerance(*key)
     g = np.concatenate([a.reshape(len(a), -1) for a in got]).astype(np.float64)
     r = np.concatenate([a.reshape(len(a), -1) for a in ref]).astype(np.float64)
     if not np.isfinite(g).all():

@@ -437,3 +437,36 @@ def test_trt_precisions_need_the_qdq_graph_for_int8():
     assert trt_precisions({"fp32": "unet", "int8": "unet_int8"}) == ("fp32",)  # QOperator: no
     both = {"fp32": "unet", "fp16": "f", "int8": "i", "int8-qdq": "q"}
     assert trt_precisions(both) == ("fp32", "fp16", "int8")
+
+
+def test_a_distilled_unet_picks_its_own_graphs_and_one_row_per_image():
+    """Issue 29: TensorRT's distilled precisions build the distilled graphs (its int8: the
+    distilled Q/DQ graph, never the teacher's), a graph that takes w gets a profile with
+    ``w`` and one row per image (it makes no unconditional pass), the teacher's keeps twice
+    that; a missing one names the command that makes it."""
+    from types import SimpleNamespace
+
+    from ddpm_rt.backends.trt_build import flags_for, trt_precisions, unet_graph_for
+
+    teacher, student = unet_io(3, 16, 16, 384), unet_io(3, 16, 16, 384, guidance_input=True)
+    variants = {
+        "fp32": "unet",
+        "int8-qdq": "unet_int8_qdq",
+        "distilled": "unet_distilled",
+        "distilled-int8": "unet_distilled_int8",  # the CPU's QOperator graph: not TensorRT's
+        "distilled-int8-qdq": "unet_distilled_int8_qdq",
+    }
+    graphs = {g: student if "distilled" in g else teacher for g in variants.values()}
+    b = SimpleNamespace(unet_precisions=variants, graphs=graphs)  # what flags_for reads
+    assert trt_precisions(variants) == ("fp32", "int8", "distilled", "distilled-int8")
+    for p in ("fp32", "int8"):
+        prof = flags_for(b, p, 16).profile
+        assert "w" not in prof and prof["x"][2][0] == 32
+    for p in ("distilled", "distilled-int8", "distilled-int8-qdq"):
+        prof = flags_for(b, p, 16).profile
+        assert prof["w"] == [[1, 1], [16, 1], [16, 1]] and prof["x"][2][0] == 16
+    assert unet_graph_for(b, "distilled-int8") == "unet_distilled_int8_qdq"
+    with pytest.raises(
+        InputError, match=r"no distilled-fp16 U-Net.*--precision fp16 --of distilled"
+    ):
+        flags_for(b, "distilled-fp16")

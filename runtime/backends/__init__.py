@@ -65,7 +65,7 @@ def _asks_tensorrt(providers) -> bool:
 def tensorrt_graphs(bundle: Bundle) -> dict[str, dict]:
     """The graphs ONNX Runtime's TensorRT execution provider may take, each with its
     optimisation profile (from the bundle's I/O spec) and whether it is a Q/DQ int8 graph:
-    every U-Net variant but the CPU's QOperator int8 one, and a latent bundle's decoder
+    every U-Net variant but the CPU's QOperator int8 ones, and a latent bundle's decoder
     variants (its int8 one only when it is a Q/DQ graph, see
     :func:`ddpm_rt.bundle.graph_ops.not_qdq`). Never the text encoder: its dynamic-int8
     graph (DynamicQuantizeLinear, MatMulInteger) is not TensorRT's, and it runs once per
@@ -74,13 +74,15 @@ def tensorrt_graphs(bundle: Bundle) -> dict[str, dict]:
     from ddpm_rt.bundle.graph_ops import not_qdq
     from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
 
-    unets = {g: p for p, g in bundle.unet_precisions.items() if p != "int8"}
+    cpu_int8 = ("int8", "distilled-int8")  # QOperator graphs
+    unets = {g: p for p, g in bundle.unet_precisions.items() if p not in cpu_int8}
     decoders = {g: p for p, g in bundle.decoder_precisions.items()}
     out = {}
     for g, spec in bundle.graphs.items():
         if g in unets:
-            batch = unet_batch_range(DEFAULT_MAX_IMAGES)  # guidance doubles the rows
-            qdq = unets[g] == "int8-qdq"
+            # guidance doubles the rows; a guidance-distilled graph (takes w) makes one per image
+            batch = unet_batch_range(DEFAULT_MAX_IMAGES, guidance="w" not in spec.input_names)
+            qdq = unets[g].endswith("int8-qdq")
         elif g in decoders:
             batch = unet_batch_range(DEFAULT_MAX_IMAGES, guidance=False)  # one row per image
             qdq = decoders[g] == "int8"

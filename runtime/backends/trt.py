@@ -86,7 +86,7 @@ class TrtBackend:
         """``bundle``: the loaded (verified) Bundle; ``text_backend``: the ONNX Runtime
         backend that runs the text encoder; U-Net and decoder engines are looked up in
         ``cache``."""
-        from ddpm_rt.backends.trt_build import current_platform
+        from ddpm_rt.backends.trt_build import current_platform, trt_precision
 
         self.trt = gpu.tensorrt()
         self.rt = gpu.cudart()
@@ -102,9 +102,7 @@ class TrtBackend:
         self._local = threading.local()
         self._contexts: list[_Context] = []
         # the graphs that run as engines: graph -> (role, TensorRT precision)
-        self._engine_of = {
-            g: ("unet", "int8" if p == "int8-qdq" else p) for p, g in bundle.unet_precisions.items()
-        }
+        self._engine_of = {g: ("unet", trt_precision(p)) for p, g in bundle.unet_precisions.items()}
         self._engine_of.update({g: ("decoder", p) for p, g in bundle.decoder_precisions.items()})
 
     @property

@@ -45,30 +45,48 @@ from ddpm_rt.bundle.io_spec import profile_shapes, unet_batch_range
 from ddpm_rt.errors import BackendError, InputError
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
+# A distilled U-Net's (issue 29): the same three, made from the distilled graph.
+TRT_UNET_PRECISIONS = (*TRT_PRECISIONS, "distilled", "distilled-fp16", "distilled-int8")
 DEFAULT_MAX_IMAGES = 16  # images per U-Net call (the Generator's default batch size)
 
 
+def trt_variant(precision: str) -> str:
+    """The bundle's U-Net variant TensorRT builds for a TensorRT precision: int8 is the
+    symmetric Q/DQ graph (``int8-qdq``, ``distilled-int8-qdq``), because the CPU's
+    QOperator int8 graph is not what TensorRT's explicit quantisation consumes."""
+    return f"{precision}-qdq" if precision.endswith("int8") else precision
+
+
+def trt_precision(variant: str) -> str:
+    """The TensorRT precision of a bundle's U-Net variant (the inverse of
+    :func:`trt_variant`): ``int8-qdq`` -> ``int8``, ``distilled-int8-qdq`` ->
+    ``distilled-int8``."""
+    return variant.removesuffix("-qdq")
+
+
 def unet_graph_for(bundle: Bundle, precision: str) -> str:
-    """The bundle graph TensorRT builds for a U-Net precision: int8 is the symmetric Q/DQ
-    graph (``int8-qdq``), because the CPU's QOperator int8 graph is not what TensorRT's
-    explicit quantisation consumes."""
+    """The bundle graph TensorRT builds for a U-Net precision (``int8-qdq`` names TensorRT's
+    ``int8`` too): :func:`trt_variant`'s."""
+    precision = trt_precision(precision)
+    if precision not in TRT_UNET_PRECISIONS:
+        raise InputError(f"TensorRT precision must be one of {', '.join(TRT_UNET_PRECISIONS)}")
+    key = trt_variant(precision)
     variants = bundle.unet_precisions
-    precision = "int8" if precision == "int8-qdq" else precision
-    if precision not in TRT_PRECISIONS:
-        raise InputError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)}")
-    key = "int8-qdq" if precision == "int8" else precision
     if key not in variants:
-        how = {
-            "fp16": "ddpm-rt quantize BUNDLE --precision fp16",
-            "int8-qdq": "ddpm-rt quantize BUNDLE --precision int8-qdq",
-        }[key]
+        if key == "distilled":
+            how = "ddpm-rt export STUDENT --out BUNDLE --as-variant"
+        elif key.startswith("distilled-"):
+            base = key.removeprefix("distilled-")
+            how = f"ddpm-rt quantize BUNDLE --precision {base} --of distilled"
+        else:
+            how = f"ddpm-rt quantize BUNDLE --precision {key}"
         raise InputError(f"this bundle has no {key} U-Net for TensorRT (make it with '{how}')")
     return variants[key]
 
 
 def trt_precisions(variants: dict) -> tuple[str, ...]:
     """The TensorRT precisions a bundle with these U-Net variants can build."""
-    return tuple(p for p in TRT_PRECISIONS if ("int8-qdq" if p == "int8" else p) in variants)
+    return tuple(p for p in TRT_UNET_PRECISIONS if trt_variant(p) in variants)
 
 
 def current_platform() -> Platform:
@@ -129,7 +147,8 @@ def flags_for(
 ) -> BuildFlags:
     """The build flags of the ``role`` graph (``unet`` or ``decoder``) of a precision. The
     U-Net's profile goes up to twice ``max_images`` rows (guidance runs conditional and
-    unconditional rows in one call); the decoder decodes finished latents, one row each."""
+    unconditional rows in one call), a guidance-distilled U-Net's and the decoder's (it
+    decodes finished latents) up to ``max_images``, one row per image."""
     if not 0 <= optimization_level <= 5:
         raise InputError(f"--optimization-level must be in 0..5, got {optimization_level}")
     if not 16 <= workspace_mib <= 1 << 20:
@@ -139,7 +158,9 @@ def flags_for(
         batch = unet_batch_range(max_images, guidance=False)
     else:
         spec = bundle.graphs[unet_graph_for(bundle, precision)]
-        batch = unet_batch_range(max_images)
+        # guidance doubles the rows, but a guidance-distilled graph (it takes w, issue 29)
+        # makes one row per image
+        batch = unet_batch_range(max_images, guidance="w" not in spec.input_names)
     return BuildFlags(
         precision=precision,
         profile=profile_shapes(spec, batch),

@@ -143,6 +143,16 @@ class _Outputs:
             save_gif(self.trajectory, frames, self.scale, self.ncols)
 
 
+def _unet_variant(args) -> str | None:
+    """The bundle's U-Net variant that will run (as ``Generator.unet_variant``): on
+    TensorRT, ``int8`` names the Q/DQ graph's."""
+    if args.backend != "trt" or args.unet_precision is None:
+        return args.unet_precision
+    from ddpm_rt.backends.trt_build import trt_variant
+
+    return trt_variant(args.unet_precision)
+
+
 def _prompts_of(args: argparse.Namespace) -> list[str]:
     from ddpm_rt.text import check_prompt
 
@@ -196,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.negative_prompt,
         init_image=bool(args.init_image),
         mask=bool(args.mask),
-        unet_precision=args.unet_precision,
+        unet_precision=_unet_variant(args),
     )
     inputs = _inputs_of(args, bundle)  # the pictures read and checked, before any graph
     shape = bundle.output_shape(resolved.size)

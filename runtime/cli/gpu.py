@@ -20,13 +20,13 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         return 0
     if not args.bundle:
         raise InputError("give a bundle folder (or --clear)")
-    from ddpm_rt.backends.trt_build import TRT_PRECISIONS, build_engines
+    from ddpm_rt.backends.trt_build import TRT_PRECISIONS, TRT_UNET_PRECISIONS, build_engines
 
     precisions = tuple(p.strip() for p in args.unet_precision.split(","))
-    bad = [p for p in precisions if p not in TRT_PRECISIONS]
+    bad = [p for p in precisions if p not in TRT_UNET_PRECISIONS]
     if bad or not precisions:
         raise InputError(
-            f"--unet-precision takes {', '.join(TRT_PRECISIONS)} (comma-separated), got {bad}"
+            f"--unet-precision takes {', '.join(TRT_UNET_PRECISIONS)} (comma-separated), got {bad}"
         )
     decoders = args.decoder_precision.strip()
     if decoders not in ("default", "all"):
@@ -70,7 +70,8 @@ def add_gpu_parsers(sub, common) -> None:
     b.add_argument(
         "--unet-precision",
         default="fp32",
-        help="fp32, fp16, int8 (the bundle's Q/DQ graph), comma-separated (default fp32)",
+        help="fp32, fp16, int8 (the bundle's Q/DQ graph), or a distilled U-Net's distilled, "
+        "distilled-fp16, distilled-int8, comma-separated (default fp32)",
     )
     b.add_argument(
         "--decoder-precision",

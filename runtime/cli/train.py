@@ -137,6 +137,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if args.graph == "decoder" and args.of != "fp32":
+        raise InputError("--of applies to the U-Net (--graph unet): a bundle has one decoder")
     # ONNX Runtime's quantisation and float16 tools import onnx only when they run: asked
     # here, before any work, so its absence is a one-line error naming the extra
     _load("onnx", "export")
@@ -153,9 +155,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     q = _load("ddpm_rt.export.quantize", "export")
     if args.precision == "fp16":
-        q.fp16_bundle(args.bundle, force=args.force, log=log)
+        q.fp16_bundle(args.bundle, force=args.force, log=log, of=args.of)
     else:
-        q.quantize_bundle(args.bundle, force=args.force, log=log, precision=args.precision)
+        q.quantize_bundle(
+            args.bundle, force=args.force, log=log, precision=args.precision, of=args.of
+        )
     return 0
 
 
@@ -410,6 +414,14 @@ def _add_quantize_parser(sub, common) -> None:
         default="int8",
         help="int8: CPU graph (ONNX Runtime); int8-qdq: symmetric Q/DQ for TensorRT (U-Net "
         "only); fp16",
+    )
+    qz.add_argument(
+        "--of",
+        choices=["fp32", "distilled"],
+        default="fp32",
+        help="the U-Net to convert: fp32 (default) or the bundle's distilled one (ddpm-rt "
+        "export --as-variant), whose variants are distilled-int8, distilled-int8-qdq, "
+        "distilled-fp16",
     )
     qz.add_argument("--force", action="store_true", help="redo an existing variant")
     common(qz)

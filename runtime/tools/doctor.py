@@ -30,8 +30,8 @@ from ddpm_rt.backends import cpu_kernels, gpu, make_backend
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.errors import DdpmRtError
 from ddpm_rt.generator import Generator
-from ddpm_rt.parity import compare, record
-from ddpm_rt.tolerances import TOLERANCES
+from ddpm_rt.parity import compare, record_in_use
+from ddpm_rt.tolerances import TOLERANCES, base_precision
 
 # A full seeded generation (the default sampler, 4 prompts) against ONNX Runtime CPU fp32:
 # mean and 99th-percentile absolute difference in 8-bit levels. fp32 elsewhere (another CPU,
@@ -59,13 +59,20 @@ def image_check(
     precision: str, diff: np.ndarray, concept_gap: float
 ) -> tuple[bool, float, float, float]:
     """(ok, mean, p99, mean limit) of absolute pixel differences against the fp32 reference."""
-    lim = IMAGE_TOLERANCES[precision]
+    lim = IMAGE_TOLERANCES[base_precision(precision)]  # a distilled variant: its base's
     mean, p99 = float(diff.mean()), float(np.percentile(diff, 99))
     mean_limit = lim["mean"] if "mean" in lim else lim["of_concept_gap"] * concept_gap
     return mean <= mean_limit and p99 <= lim.get("p99", np.inf), mean, p99, mean_limit
 
 
 PROMPTS = ("red apple", "a snowman", "thumbs up", "a cup of coffee")
+
+
+def prompts_for(bundle: Bundle) -> list[str]:
+    """The prompts doctor generates: :data:`PROMPTS`, or a label bundle's first labels."""
+    if bundle.conditioning["kind"] == "label":
+        return list(bundle.label_names[: len(PROMPTS)])
+    return list(PROMPTS)
 
 
 def recorded_families(bundle: Bundle) -> dict[str, str]:
@@ -105,10 +112,13 @@ def cpu_family_notes(bundle: Bundle, rows: list[tuple]) -> list[str]:
         lines.append(f"{what}: its figures in the manifest {where}: {here_too} this CPU's")
         precision = what.split()[-1]
         if what.startswith("U-Net") and precision in failed:
+            family = _family(precision)  # a distilled variant is re-made from its own U-Net
+            of = f" --of {family}" if family != "fp32" else ""
             lines.append(
-                f"  {precision} misses its check on this CPU: use --precision fp32 here, or "
-                f"re-quantise it (ddpm-rt quantize {bundle.path} --precision {precision} "
-                "--force), which writes 7-bit weights that every CPU family computes alike"
+                f"  {precision} misses its check on this CPU: use --precision {family} here, or "
+                f"re-quantise it (ddpm-rt quantize {bundle.path} --precision "
+                f"{base_precision(precision)}{of} --force), which writes 7-bit weights that "
+                "every CPU family computes alike"
             )
     return lines
 
@@ -123,15 +133,29 @@ def _latency(run: Callable[[], object], repeats: int = 20) -> float:
     return float(np.median(times)) * 1e3
 
 
+# The U-Nets each other precision is checked against: the fp32 one, and a distilled U-Net
+# (issue 29) for its own variants -- on ONNX Runtime's CPU, where they are the reference.
+REFERENCES = ("fp32", "distilled")
+# The U-Net variants ONNX Runtime's CUDA provider runs (not the CPU's QOperator int8 graphs).
+ORT_GPU_PRECISIONS = (
+    "fp32",
+    "fp16",
+    "int8-qdq",
+    "distilled",
+    "distilled-fp16",
+    "distilled-int8-qdq",
+)
+
+
 def _candidates(report: gpu.GpuReport, variants: dict) -> list[tuple[str, str, dict]]:
     """(table key backend, precision, Generator keywords) for every usable combination."""
     out = []
     for p in variants:
-        if p != "fp32":
+        if p not in REFERENCES:
             out.append(("ort", p, {"unet_precision": p}))
     if "CUDAExecutionProvider" in report.ort_providers and report.gpu:
         prov = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        for p in ("fp32", "fp16", "int8-qdq"):
+        for p in ORT_GPU_PRECISIONS:
             if p in variants:
                 out.append(("ort-gpu", p, {"unet_precision": p, "providers": prov}))
     if report.tensorrt_version and report.gpu and not report.cuda_python_why:
@@ -258,31 +282,49 @@ def _log_machine(log: Callable[[str], None]) -> gpu.GpuReport:
 
 @dataclass
 class _Reference:
-    """ONNX Runtime CPU fp32 on the bundle: what every other backend and precision is
-    compared with."""
+    """A U-Net of :data:`REFERENCES` on ONNX Runtime's CPU: what the other backends and
+    precisions of its family are compared with."""
 
     gen: Generator
     feeds: list  # U-Net inputs recorded along real trajectories, batches of 8
     ts: np.ndarray  # their timesteps
     T: int
     eps: list  # the reference's eps on each feed
-    images: np.ndarray  # one seeded generation of PROMPTS, int16
+    prompts: list  # what the seeded generation is of (prompts_for)
+    images: np.ndarray  # one seeded generation of the prompts, int16
     concept_gap: float  # mean difference between two prompts' images
     one: dict  # a feed of batch 1, for latency
 
 
-def _reference(bundle: Bundle) -> _Reference:
-    ref = Generator(bundle, unet_precision="fp32")
-    prompts = list(PROMPTS) * 2
-    contexts = np.stack([ref.context(p) for p in prompts])
+def _reference(bundle: Bundle, precision: str = "fp32") -> _Reference:
+    """The reference of ``precision``'s family, its feeds recorded where that U-Net runs in
+    use (:func:`ddpm_rt.parity.record_in_use`: a distilled one along its own few steps,
+    with w)."""
+    ref = Generator(bundle, unet_precision=precision)
+    prompts = prompts_for(bundle)
+    contexts = np.stack([ref.context(p) for p in prompts * 2])
     T = ref.schedule.timesteps
-    feeds = record(ref, contexts, every=max(1, T // 40), batch=8)  # quantize's spacing
+    feeds = record_in_use(ref, contexts, every=max(1, T // 40), batch=8)  # quantize's spacing
     ts = np.concatenate([np.rint(f["t"][:, 0] * T).astype(int) for f in feeds])
-    ref_eps = [ref.backend.run("unet", f)["eps"] for f in feeds]
-    ref_images = ref.generate(list(PROMPTS), num=1, seed=0).astype(np.int16)
+    ref_eps = [ref.backend.run(ref.unet_graph, f)["eps"] for f in feeds]
+    ref_images = ref.generate(prompts, num=1, seed=0).astype(np.int16)
     concept_gap = float(np.abs(ref_images - np.roll(ref_images, 1, axis=0)).mean())
     one = {k: v[:1] for k, v in feeds[0].items()}
-    return _Reference(ref, feeds, ts, T, ref_eps, ref_images, concept_gap, one)
+    return _Reference(ref, feeds, ts, T, ref_eps, prompts, ref_images, concept_gap, one)
+
+
+def _family(precision: str) -> str:
+    """The reference a precision is checked against (:data:`REFERENCES`)."""
+    return "distilled" if precision.startswith("distilled") else "fp32"
+
+
+def _reference_latency(r: _Reference) -> tuple[float, float]:
+    """The reference U-Net's ms per step at batch 1 and 8."""
+    gen = r.gen
+    return (
+        _latency(lambda: gen.backend.run(gen.unet_graph, r.one)),
+        _latency(lambda: gen.backend.run(gen.unet_graph, r.feeds[0])),
+    )
 
 
 def _build_trt_engines(
@@ -310,7 +352,7 @@ def _check_unet(
     x1 = r.feeds[0]
     got = [gen.backend.run(gen.unet_graph, f)["eps"] for f in r.feeds]
     ok, figures = compare((backend, precision), got, r.eps, r.ts, r.T)
-    images = gen.generate(list(PROMPTS), num=1, seed=0)
+    images = gen.generate(r.prompts, num=1, seed=0)
     diff = np.abs(images.astype(np.int16) - r.images)
     img_ok, mean, p99, mean_limit = image_check(precision, diff, r.concept_gap)
     b1 = _latency(lambda gen=gen: gen.backend.run(gen.unet_graph, r.one))
@@ -337,24 +379,16 @@ def run_doctor(
         f"; decoder precisions {', '.join(bundle.decoder_precisions)}" if bundle.latent else ""
     )
     log(f"bundle {bundle.path}: U-Net precisions {', '.join(variants)}{decoders}")
-    r = _reference(bundle)
-    ref = r.gen
-    rows = [
-        (
-            "ort",
-            "fp32",
-            "reference",
-            _latency(lambda: ref.backend.run("unet", r.one)),
-            _latency(lambda: ref.backend.run("unet", r.feeds[0])),
-        )
-    ]
+    refs = {p: _reference(bundle, p) for p in REFERENCES if p in variants}
+    rows = [("ort", p, "reference", *_reference_latency(r)) for p, r in refs.items()]
+    r = refs["fp32"]
     failed = 0
     if build and report.tensorrt_version and report.gpu and not report.cuda_python_why:
         failed += _build_trt_engines(bundle, variants, engine_cache, log)
     for backend, precision, kw in _candidates(report, variants):
         try:
             gen = Generator(bundle, engine_cache=engine_cache, **kw)
-            ok, what, b1, b8 = _check_unet(gen, backend, precision, r)
+            ok, what, b1, b8 = _check_unet(gen, backend, precision, refs[_family(precision)])
         except DdpmRtError as e:
             log(f"{backend} {precision}: FAILED: {e}")
             failed += 1
@@ -362,14 +396,16 @@ def run_doctor(
         failed += not ok
         rows.append((backend, precision, what, b1, b8))
     log("")
-    log("backend  precision  U-Net ms/step b1   b8   check vs ort fp32 (tolerance table)")
+    also = ", distilled-* vs ort distilled" if "distilled" in refs else ""
+    log(f"backend  precision  U-Net ms/step b1   b8   check vs ort fp32{also} (tolerance table)")
+    width = max(10, *(len(row[1]) for row in rows))  # distilled-int8-qdq: 18
     for backend, precision, what, b1, b8 in rows:
-        log(f"{backend:<8} {precision:<10} {b1:>12.2f} {b8:>6.2f}   {what}")
+        log(f"{backend:<8} {precision:<{width}} {b1:>12.2f} {b8:>6.2f}   {what}")
     for line in cpu_family_notes(bundle, rows):
         log(line)
     if bundle.latent is not None:
         latents = np.concatenate([f["x"] for f in r.feeds])[r.ts == 1]  # (B, C, h, w), ~x_0
-        failed += check_decoders(bundle, report, ref, latents, engine_cache, log)
+        failed += check_decoders(bundle, report, r.gen, latents, engine_cache, log)
     if not report.gpu:
         log("")
         log(f"only the CPU backend (ONNX Runtime) is usable here: {report.gpu_why}")
