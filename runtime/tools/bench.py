@@ -37,7 +37,14 @@ from ddpm_rt.errors import InputError, first_line
 from ddpm_rt.extras import optional
 from ddpm_rt.generator import Generator
 from ddpm_rt.tools.bench_latent import compare_end_to_end, decode_rows
-from ddpm_rt.tools.bench_probe import cold_start, cpu_name, peak_gflops, time_it, unet_flops
+from ddpm_rt.tools.bench_probe import (
+    cold_start,
+    cpu_name,
+    peak_gflops,
+    time_it,
+    time_round_robin,
+    unet_flops,
+)
 from ddpm_rt.tools.bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 
 PROMPT = "red apple"
@@ -192,10 +199,7 @@ def _from_image(gen: Generator, ctx, default: GenerateConfig, repeats: int) -> d
             lambda cfg=cfg: gen.generate(context=ctx, config=cfg, init_image=picture),
             lambda: gen.generate(context=ctx, config=default),
         )
-        both = np.array(
-            [time_it(f, 1, warmup=0)[0] for _ in range(repeats + 1) for f in calls]
-        ).reshape(-1, 2)[1:]  # the first pair warms up
-        sec, t2i = (float(v) for v in np.median(both, axis=0))
+        sec, t2i = time_round_robin(calls, repeats)
         rows[label] = {"seconds": sec, "images_per_s": 1 / sec, "vs_text_to_image": sec / t2i}
     return rows
 
