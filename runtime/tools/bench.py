@@ -8,7 +8,9 @@ this machine, and comparisons are ratios measured in the same run. Sections:
 3. per-step latency and images/s at each batch size for torch eager, torch.compile (same
    weights, parity-checked first), ddpm-rt fp32 and int8, with the fraction of the peak;
 4. end to end, one image at batch 1: the course's torch DDPM-500 loop vs ddpm-rt at its
-   default and at every sampler/step row of the evaluation grid;
+   default and at every sampler/step row of the evaluation grid; with a distilled U-Net in
+   the bundle, it beside the default at each batch size, prompt to images
+   (:mod:`ddpm_rt.tools.bench_distilled`);
 5. the sampler's own overhead per step (everything but the U-Net call);
 6. cold start (process start -> PNG on disk) and peak RSS of ``ddpm-rt --prompt`` at the
    defaults vs a torch script doing the same with the same weights; torch never imported.
@@ -36,6 +38,7 @@ from ddpm_rt.core.samplers import EVAL_GRID
 from ddpm_rt.errors import InputError, first_line
 from ddpm_rt.extras import optional
 from ddpm_rt.generator import Generator
+from ddpm_rt.tools.bench_distilled import distilled_end_to_end
 from ddpm_rt.tools.bench_latent import compare_end_to_end, decode_rows
 from ddpm_rt.tools.bench_probe import (
     cold_start,
@@ -310,10 +313,21 @@ def _unet_section(
 
 
 def _e2e_section(
-    gen: Generator, other: Generator | None, compare: str | None, default, torch_model, repeats
+    gen: Generator,
+    other: Generator | None,
+    compare: str | None,
+    default,
+    torch_model,
+    repeats,
+    batch_sizes,
 ) -> dict:
-    """``end_to_end_1_image``, and ``end_to_end_vs_compare`` with a compared bundle."""
+    """``end_to_end_1_image``, ``end_to_end_distilled`` when the bundle has a distilled
+    U-Net (at each of ``batch_sizes``, :mod:`~ddpm_rt.tools.bench_distilled`), and
+    ``end_to_end_vs_compare`` with a compared bundle."""
     out = {"end_to_end_1_image": _end_to_end(gen, default, torch_model, max(3, repeats // 10))}
+    distilled = distilled_end_to_end(gen, default, _prompt(gen), batch_sizes, max(3, repeats // 10))
+    if distilled is not None:
+        out["end_to_end_distilled"] = distilled
     if other is not None:
         out["end_to_end_vs_compare"] = {
             "bundle": str(compare),  # as the user named it
@@ -372,7 +386,7 @@ def run_bench(
             )
         )
     if "e2e" in sections:
-        result.update(_e2e_section(gen, other, compare, default, torch_model, repeats))
+        result.update(_e2e_section(gen, other, compare, default, torch_model, repeats, batch_sizes))
     if "overhead" in sections:
         # the default run (per-call setup amortised over its few steps) and the seed's
         # DDPM-500 (the per-step cost alone)
