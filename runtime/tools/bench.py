@@ -62,6 +62,8 @@ def _prompt(gen: Generator) -> str:
 
 def _torch_model(gen: Generator, checkpoint):
     """(torch module, torch_reference module, None) or (None, None, why not)."""
+    if (gen.bundle.distillation("fp32") or {}).get("guidance"):
+        return None, None, "a guidance-distilled U-Net: the torch reference feeds no w"
     torch, why = optional("torch", "train")
     if torch is None:
         return None, None, why
@@ -227,13 +229,17 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
 
 
 def _one_step_feeds(gen: Generator) -> dict:
-    """One U-Net input at batch 1, for counting its FLOPs."""
+    """One input of the fp32 U-Net graph at batch 1, for counting its FLOPs (w too when the
+    graph takes it: a distilled model's own bundle)."""
     c, h, w = gen.bundle.sample_shape
-    return {
+    feeds = {
         "x": np.zeros((1, c, h, w), np.float32),
         "t": np.full((1, 1), 0.5, np.float32),
         "c": gen.context(_prompt(gen))[None].astype(np.float32),
     }
+    if (gen.bundle.distillation("fp32") or {}).get("guidance"):
+        feeds["w"] = np.full((1, 1), 2.0, np.float32)
+    return feeds
 
 
 def _header(gen: Generator, default: GenerateConfig, peak, peak_why, flops, flops_why) -> dict:
