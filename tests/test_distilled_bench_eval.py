@@ -10,10 +10,14 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
+from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.config import GenerateConfig
+from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
+from ddpm_rt.training.shapes_dataset import make_shapes
 from tests.conftest import run_cli
 from tests.test_distilled_bundle import Counting, bundles, ckpts  # noqa: F401 - fixtures
 
@@ -82,3 +86,91 @@ def test_bench_rows_one_per_distilled_precision_none_without(bundles, tmp_path):
     assert list(e["vs_default"]["distilled-int8"]) == ["batch_2"]
     plain = Generator(bundles / "plain")
     assert distilled_end_to_end(plain, default, "red circle", (1,), 1) is None
+
+
+@pytest.fixture(scope="module")
+def eval_data(ckpts):  # noqa: F811
+    """The shapes as a tiny 'emoji' set: two styles, the label names as held-out prompts."""
+    d = make_shapes(24, size=8, seed=2)
+    d["styles"] = np.array(["a", "b"] * 12)
+    d["heldout"] = d["label_names"]
+    np.savez(ckpts / "eval.npz", **d)
+    return ckpts / "eval.npz"
+
+
+def test_eval_recommended_at_a_precision_is_that_unets_own(bundles):  # noqa: F811
+    from ddpm_rt.training.evaluate import expand_recommended, parse_setting
+
+    both = bundles / "both"
+    setting = expand_recommended(both, "recommended@distilled")
+    assert setting == "ddim:2:0@distilled@g2"
+    p = parse_setting(setting)
+    assert (p["precision"], p["guidance"], p["kw"]) == (
+        "distilled", 2.0, {"sampler": "ddim", "steps": 2, "eta": 0.0}
+    )  # fmt: skip
+    assert Bundle.load(both).recommended_for("distilled")["steps"] == 2
+    assert expand_recommended(both, "ddim:4@g2") == "ddim:4@g2"
+    with pytest.raises(InputError, match="has no int8 U-Net"):
+        expand_recommended(both, "recommended@int8")
+    with pytest.raises(InputError, match="write recommended or recommended@PRECISION"):
+        expand_recommended(both, "recommended@distilled@g3")
+
+
+def test_eval_runs_the_distilled_unet_and_costs_one_row_per_step(
+    bundles,  # noqa: F811
+    eval_data,
+    monkeypatch,
+    tmp_path,
+):
+    """``recommended@distilled`` and ``ddim:2:0@distilled@g2`` (the same row) run the
+    distilled U-Net with w fed, one row per image per step (counted on the backend): cost 2,
+    not doubled by guidance; the teacher at the same setting costs 4. The row names its
+    precision."""
+    import ddpm_rt.training.evaluate as ev
+
+    made = []
+
+    class Counted(Generator):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.backend = Counting(self.backend, self.unet_graph)
+            made.append(self)
+
+    monkeypatch.setattr(ev, "Generator", Counted)
+    monkeypatch.setenv("DDPM_RT_CACHE", str(tmp_path))
+    r = ev.evaluate(bundles / "both", eval_data, ("recommended@distilled", "ddim:2:0@g2"),
+                    per_concept=1, judge_steps=5, log=lambda s: None)  # fmt: skip
+    rows = r["settings"]
+    assert list(rows) == ["ddim:2:0@distilled@g2", "ddim:2:0@g2"]
+    student, teacher = rows["ddim:2:0@distilled@g2"], rows["ddim:2:0@g2"]
+    assert (student["precision"], student["guidance"], student["cost"]) == ("distilled", 2.0, 2)
+    assert (teacher["precision"], teacher["cost"]) == ("fp32", 4)
+    by_precision = {g.unet_precision: g.backend.calls for g in made}
+    images = sum(row["n"] for row in student.values() if isinstance(row, dict) and "n" in row)
+    calls = by_precision["distilled"]
+    assert all(c["w"].ravel().tolist() == [2.0] * len(c["x"]) for c in calls)
+    assert sum(len(c["x"]) for c in calls) == student["cost"] * images
+    calls = by_precision["fp32"]
+    assert sum(len(c["x"]) for c in calls) == teacher["cost"] * images
+
+
+def test_the_default_rule_never_picks_a_distilled_row():
+    """``choose_default`` chooses among fp32 rows only: a cheaper, better distilled row is
+    reported, not made the bundle's default (its own recommended lives in its entry)."""
+    from ddpm_rt.training.evaluate import choose_default
+
+    def row(precision, cost, top5, frechet=1.0):
+        return {"sampler": "ddim", "steps": cost // 2, "eta": 0.0, "guidance": 2.0,
+                "precision": precision, "cost": cost, "train_captions": {"frechet": frechet},
+                "heldout_paraphrases": {"top5": top5}}  # fmt: skip
+
+    report = {
+        "concepts": 100,
+        "per_concept": 4,
+        "settings": {
+            "ddpm@g1": {**row("fp32", 500, 0.5), "steps": None},
+            "ddim:8:1@g2": row("fp32", 16, 0.8),
+            "ddim:4:0@distilled@g2": row("distilled", 4, 0.9),
+        },
+    }
+    assert choose_default(report)["setting"] == "ddim:8:1@g2"
