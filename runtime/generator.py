@@ -20,7 +20,7 @@ from ddpm_rt.config import (
     check_threads,
     estimate_bytes,
 )
-from ddpm_rt.core.guidance import GuidedUNet
+from ddpm_rt.core.guidance import GuidedUNet, unet_rows_per_step
 from ddpm_rt.core.samplers import to_uint8
 from ddpm_rt.core.schedule import NoiseSchedule, timestep_input
 from ddpm_rt.errors import BundleError, InputError, NumericalError
@@ -333,6 +333,15 @@ class Generator:
             takes_w=self.unet_takes_w,
         )
         return unet(x, timestep_input(t, self.schedule.timesteps))[0]
+
+    def unet_rows_per_image(self, config: GenerateConfig | None = None) -> int:
+        """U-Net image-evaluations one text-to-image image costs at ``config`` (None: the
+        defaults), resolved as a run of this Generator's U-Net resolves it: its steps, each
+        one row, two with guidance (the unconditional pass) unless the U-Net takes w."""
+        cfg, sampler = (config or GenerateConfig()).resolve(
+            self.bundle, None, unet_precision=self.unet_precision
+        )
+        return len(sampler.timesteps) * unet_rows_per_step(cfg.guidance, self.unet_takes_w)
 
     def prepare(
         self,

@@ -139,6 +139,12 @@ class TextEncoder:
             self._cache[key] = emb
         return emb
 
+    def clear_cache(self) -> None:
+        """Forget every cached embedding: the next prompt runs the encoder again
+        (``ddpm-rt bench`` times prompt -> images with the encoder in each call)."""
+        with self._lock:
+            self._cache.clear()
+
     def context(self, prompt: str) -> np.ndarray:
         """Embedding of a prompt, blended prompts included."""
         parts = parse_blend(check_prompt(prompt))

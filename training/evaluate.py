@@ -26,6 +26,7 @@ import torch
 
 from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.bundle.manifest import UNET_PRECISIONS
+from ddpm_rt.config import GenerateConfig
 from ddpm_rt.core.samplers import EVAL_GRID, SAMPLERS
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
@@ -79,10 +80,13 @@ def parse_setting(setting: str) -> dict:
     }
 
 
-def cost(setting: str, guidance: float, timesteps: int) -> int:
-    """U-Net image-evaluations per image: steps, doubled by guidance's unconditional rows."""
-    steps = parse_setting(setting)["kw"]["steps"] or timesteps
-    return steps * (1 if guidance == 1.0 else 2)
+def cost(gen: Generator, kw: dict, guidance: float) -> int:
+    """U-Net image-evaluations per image at a setting (``kw``: :func:`parse_setting`'s) and
+    guidance, run by ``gen``'s U-Net: the steps it resolves to, doubled by guidance's
+    unconditional rows -- which a guidance-distilled U-Net does not make (one row per image
+    per step, :meth:`~ddpm_rt.generator.Generator.unet_rows_per_image`)."""
+    given = {k: v for k, v in kw.items() if v is not None}
+    return gen.unet_rows_per_image(GenerateConfig(guidance=guidance, **given))
 
 
 def standard_error(p: float, n: int) -> float:
@@ -136,11 +140,18 @@ def judge_steps_for(concepts: int) -> int:
     return max(1500, 10 * concepts)
 
 
-def recommended_setting(bundle: str | Path) -> str:
-    """The bundle's own recommended settings as a setting string (``ddim:8:1@g2``)."""
+def recommended_setting(bundle: str | Path, precision: str | None = None) -> str:
+    """The settings recommended for the bundle's U-Net at ``precision`` as a setting string:
+    None, the bundle's own (``ddim:8:1@g2``); a distilled U-Net's, its own
+    (:meth:`~ddpm_rt.bundle.bundle.Bundle.recommended_for`: ``ddim:4:0@distilled@g2``)."""
     from ddpm_rt.bundle.bundle import Bundle
 
-    rec = Bundle.load(bundle, hash_all=False).recommended
+    b = Bundle.load(bundle, hash_all=False)
+    if precision is not None and precision not in b.unet_precisions:
+        raise InputError(
+            f"{bundle} has no {precision} U-Net (it has: {', '.join(b.unet_precisions)})"
+        )
+    rec = b.recommended_for(precision)
     if "sampler" not in rec:
         raise InputError(f"{bundle} has no recommended settings: name the setting instead")
     spec = ":".join(
@@ -148,7 +159,22 @@ def recommended_setting(bundle: str | Path) -> str:
         for k in ("sampler", "steps", "eta")
         if k in rec
     )
-    return spec + (f"@g{rec['guidance']:g}" if "guidance" in rec else "")
+    tag = f"@{precision}" if precision not in (None, "fp32") else ""
+    return spec + tag + (f"@g{rec['guidance']:g}" if "guidance" in rec else "")
+
+
+def expand_recommended(bundle: str | Path, setting: str) -> str:
+    """``recommended`` -> the bundle's recommended settings, ``recommended@PRECISION`` -> those
+    of its U-Net at PRECISION (:func:`recommended_setting`); any other setting unchanged."""
+    spec, *tags = setting.split("@")
+    if spec != "recommended":
+        return setting
+    if len(tags) > 1 or (tags and tags[0] not in UNET_PRECISIONS):
+        raise InputError(
+            f"bad setting {setting!r:.60}: write recommended or recommended@PRECISION "
+            f"(precisions: {', '.join(UNET_PRECISIONS)})"
+        )
+    return recommended_setting(bundle, tags[0] if tags else None)
 
 
 def _generate(gen: Generator, prompts: list[str], seed: int, g: float, kw: dict) -> np.ndarray:
@@ -182,14 +208,16 @@ def evaluate(
     """``judge_steps``: default :func:`judge_steps_for` the number of concepts.
     ``classifier``: also rank concepts by the U-Net's own denoising error
     (:mod:`.diffclass`), a read of conditioning that works long before samples do.
-    ``detail_data``, ``baseline``: step 4 above. A setting ``recommended`` is the bundle's.
+    ``detail_data``, ``baseline``: step 4 above. A setting ``recommended`` is the bundle's
+    recommended one, ``recommended@PRECISION`` its U-Net's at PRECISION (a distilled U-Net's
+    own: :func:`expand_recommended`).
     ``recognition=False``: step 4 only (no 16x16 judge is trained: minutes instead of half
     an hour on a CPU without cached judges)."""
     if baseline is not None and detail_data is None:
         raise InputError("a baseline is measured at 64x64: give the detail data too")
     if not recognition and detail_data is None:
         raise InputError("without recognition only the detail distance is left: give its data")
-    settings = [recommended_setting(bundle) if s == "recommended" else s for s in settings]
+    settings = [expand_recommended(bundle, s) for s in settings]
     parsed_settings = [parse_setting(s) for s in settings]  # refused before the judge trains
     d = load_npz(Path(data), ("images", "labels", "label_names", "styles", "heldout"))
     images, labels, names = d["images"], d["labels"], [str(n) for n in d["label_names"]]
@@ -257,7 +285,7 @@ def evaluate(
         ]
     guidances = (guidance,) if isinstance(guidance, (int, float)) else tuple(guidance)
     report["settings"] = {}
-    for setting, parsed in zip(settings, parsed_settings, strict=True):
+    for parsed in parsed_settings:
         precision = parsed["precision"]
         if precision not in gens:
             gens[precision] = Generator(bundle, unet_precision=precision)
@@ -269,7 +297,7 @@ def evaluate(
                 **{k: parsed["kw"].get(k) for k in ("sampler", "steps", "eta")},
                 "guidance": g,
                 "precision": precision,
-                "cost": cost(setting, g, gen.schedule.timesteps),
+                "cost": cost(gen, parsed["kw"], g),
             }
             for kind, sets in prompt_sets.items():
                 t0 = time.perf_counter()

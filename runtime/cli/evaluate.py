@@ -139,7 +139,8 @@ def _add_eval_parser(sub, common) -> None:
         "--settings",
         default="ddpm,ddim:50,ddim:25",
         help="sampler[:steps[:eta]][@precision][@gG] list (@gG: this setting at guidance G "
-        "only; 'recommended': the bundle's own), or 'full' for the speed grid "
+        "only; 'recommended': the bundle's own; 'recommended@PRECISION': that U-Net's own, "
+        "e.g. recommended@distilled), or 'full' for the speed grid "
         "(default ddpm,ddim:50,ddim:25)",
     )
     ev.add_argument(

@@ -18,6 +18,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def unet_rows_per_step(guidance: float, takes_w: bool = False) -> int:
+    """U-Net rows one image makes per step: its conditional row, and with ``guidance != 1``
+    its unconditional one -- none when the graph takes w (:class:`GuidedUNet`'s rule)."""
+    return 1 if takes_w or guidance == 1.0 else 2
+
+
 class GuidedUNet:
     """One run's U-Net call, with everything fixed for the run made once: the context rows
     (conditional rows, then the guided rows' unconditional ones), the input buffers and the

@@ -8,7 +8,9 @@ this machine, and comparisons are ratios measured in the same run. Sections:
 3. per-step latency and images/s at each batch size for torch eager, torch.compile (same
    weights, parity-checked first), ddpm-rt fp32 and int8, with the fraction of the peak;
 4. end to end, one image at batch 1: the course's torch DDPM-500 loop vs ddpm-rt at its
-   default and at every sampler/step row of the evaluation grid;
+   default and at every sampler/step row of the evaluation grid; with a distilled U-Net in
+   the bundle, it beside the default at each batch size, prompt to images
+   (:mod:`ddpm_rt.tools.bench_distilled`);
 5. the sampler's own overhead per step (everything but the U-Net call);
 6. cold start (process start -> PNG on disk) and peak RSS of ``ddpm-rt --prompt`` at the
    defaults vs a torch script doing the same with the same weights; torch never imported.
@@ -36,8 +38,16 @@ from ddpm_rt.core.samplers import EVAL_GRID
 from ddpm_rt.errors import InputError, first_line
 from ddpm_rt.extras import optional
 from ddpm_rt.generator import Generator
+from ddpm_rt.tools.bench_distilled import distilled_end_to_end
 from ddpm_rt.tools.bench_latent import compare_end_to_end, decode_rows
-from ddpm_rt.tools.bench_probe import cold_start, cpu_name, peak_gflops, time_it, unet_flops
+from ddpm_rt.tools.bench_probe import (
+    cold_start,
+    cpu_name,
+    peak_gflops,
+    time_it,
+    time_round_robin,
+    unet_flops,
+)
 from ddpm_rt.tools.bench_report import format_bench  # noqa: F401 - the CLI imports it from here
 
 PROMPT = "red apple"
@@ -52,6 +62,8 @@ def _prompt(gen: Generator) -> str:
 
 def _torch_model(gen: Generator, checkpoint):
     """(torch module, torch_reference module, None) or (None, None, why not)."""
+    if (gen.bundle.distillation("fp32") or {}).get("guidance"):
+        return None, None, "a guidance-distilled U-Net: the torch reference feeds no w"
     torch, why = optional("torch", "train")
     if torch is None:
         return None, None, why
@@ -192,10 +204,7 @@ def _from_image(gen: Generator, ctx, default: GenerateConfig, repeats: int) -> d
             lambda cfg=cfg: gen.generate(context=ctx, config=cfg, init_image=picture),
             lambda: gen.generate(context=ctx, config=default),
         )
-        both = np.array(
-            [time_it(f, 1, warmup=0)[0] for _ in range(repeats + 1) for f in calls]
-        ).reshape(-1, 2)[1:]  # the first pair warms up
-        sec, t2i = (float(v) for v in np.median(both, axis=0))
+        sec, t2i = time_round_robin(calls, repeats)
         rows[label] = {"seconds": sec, "images_per_s": 1 / sec, "vs_text_to_image": sec / t2i}
     return rows
 
@@ -220,13 +229,17 @@ def _overhead(gen: Generator, cfg: GenerateConfig, repeats: int) -> dict:
 
 
 def _one_step_feeds(gen: Generator) -> dict:
-    """One U-Net input at batch 1, for counting its FLOPs."""
+    """One input of the fp32 U-Net graph at batch 1, for counting its FLOPs (w too when the
+    graph takes it: a distilled model's own bundle)."""
     c, h, w = gen.bundle.sample_shape
-    return {
+    feeds = {
         "x": np.zeros((1, c, h, w), np.float32),
         "t": np.full((1, 1), 0.5, np.float32),
         "c": gen.context(_prompt(gen))[None].astype(np.float32),
     }
+    if (gen.bundle.distillation("fp32") or {}).get("guidance"):
+        feeds["w"] = np.full((1, 1), 2.0, np.float32)
+    return feeds
 
 
 def _header(gen: Generator, default: GenerateConfig, peak, peak_why, flops, flops_why) -> dict:
@@ -306,10 +319,21 @@ def _unet_section(
 
 
 def _e2e_section(
-    gen: Generator, other: Generator | None, compare: str | None, default, torch_model, repeats
+    gen: Generator,
+    other: Generator | None,
+    compare: str | None,
+    default,
+    torch_model,
+    repeats,
+    batch_sizes,
 ) -> dict:
-    """``end_to_end_1_image``, and ``end_to_end_vs_compare`` with a compared bundle."""
+    """``end_to_end_1_image``, ``end_to_end_distilled`` when the bundle has a distilled
+    U-Net (at each of ``batch_sizes``, :mod:`~ddpm_rt.tools.bench_distilled`), and
+    ``end_to_end_vs_compare`` with a compared bundle."""
     out = {"end_to_end_1_image": _end_to_end(gen, default, torch_model, max(3, repeats // 10))}
+    distilled = distilled_end_to_end(gen, default, _prompt(gen), batch_sizes, max(3, repeats // 10))
+    if distilled is not None:
+        out["end_to_end_distilled"] = distilled
     if other is not None:
         out["end_to_end_vs_compare"] = {
             "bundle": str(compare),  # as the user named it
@@ -368,7 +392,7 @@ def run_bench(
             )
         )
     if "e2e" in sections:
-        result.update(_e2e_section(gen, other, compare, default, torch_model, repeats))
+        result.update(_e2e_section(gen, other, compare, default, torch_model, repeats, batch_sizes))
     if "overhead" in sections:
         # the default run (per-call setup amortised over its few steps) and the seed's
         # DDPM-500 (the per-step cost alone)

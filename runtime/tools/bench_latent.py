@@ -16,7 +16,7 @@ import numpy as np
 
 from ddpm_rt.config import GenerateConfig
 from ddpm_rt.generator import Generator
-from ddpm_rt.tools.bench_probe import time_it
+from ddpm_rt.tools.bench_probe import time_it, time_round_robin
 
 COMMON = ("ddim-8 guidance 2", GenerateConfig(sampler="ddim", steps=8, guidance=2.0))
 COMPARE_BATCHES = (1, 8)
@@ -65,13 +65,7 @@ def compare_end_to_end(gen: Generator, other: Generator, prompts: tuple, repeats
                 )
                 for g, c in zip((gen, other), ctxs, strict=True)
             ]
-            for fn in run:  # warm both (sessions, arenas at this batch size)
-                fn()
-            times = [[], []]
-            for _ in range(repeats):
-                for k, fn in enumerate(run):
-                    times[k].append(float(time_it(fn, 1, warmup=0)[0]))
-            this, that = (float(np.median(t)) / b for t in times)
+            this, that = (s / b for s in time_round_robin(run, repeats))
             row = {
                 "setting": label,
                 "batch": b,

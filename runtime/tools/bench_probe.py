@@ -28,6 +28,16 @@ def time_it(fn, repeats: int, warmup: int = 3) -> np.ndarray:
     return out
 
 
+def time_round_robin(calls, repeats: int) -> list[float]:
+    """Median seconds of each of ``calls``, timed in turn, one call each per round, for
+    ``repeats`` rounds after a warm-up round: a slow or fast spell of a shared machine falls
+    on all of them alike (ratios of these medians are what the bench compares)."""
+    for fn in calls:  # warm each (sessions, arenas at this batch size)
+        fn()
+    rounds = np.array([[time_it(fn, 1, warmup=0)[0] for fn in calls] for _ in range(repeats)])
+    return [float(v) for v in np.median(rounds, axis=0)]
+
+
 def peak_gflops(threads: int | None, n: int = 1024) -> tuple[float | None, str | None]:
     """fp32 GFLOP/s of an n x n x n MatMul in ONNX Runtime (the machine's practical peak)."""
     onnx, why = optional("onnx", "export")

@@ -13,6 +13,7 @@ def format_bench(r: dict) -> str:
             *_unet_cost_vs_compare(r),
             *_decode_per_image(r),
             *_end_to_end(r),
+            *_end_to_end_distilled(r),
             *_end_to_end_vs_compare(r),
             *_sampler_overhead(r),
             *_cold_start(r),
@@ -119,6 +120,48 @@ def _end_to_end(r: dict) -> list[str]:
     return lines
 
 
+def _opt(value, spec: str) -> str:
+    """``spec`` formatted with ``value``; nothing when there is none (a column left blank)."""
+    return "" if value is None else spec.format(value)
+
+
+def _setting(row: dict) -> str:
+    """``ddim-4 eta 0 g2``: a row's sampler, steps, eta and guidance."""
+    eta = f" eta {row['eta']:g}" if row.get("eta") is not None else ""
+    return f"{row['sampler']}-{row['steps']}{eta} g{row['guidance']:g}"
+
+
+def _end_to_end_distilled(r: dict) -> list[str]:
+    """The distilled U-Nets beside the default (:mod:`~ddpm_rt.tools.bench_distilled`), then
+    one line of ratios per distilled U-Net."""
+    if "end_to_end_distilled" not in r:
+        return []
+    e = r["end_to_end_distilled"]
+    lines = [
+        "",
+        f"distilled U-Net vs the default, end to end: {e['measures']}",
+        "U-Net            setting           U-Net rows/image  batch    s/call  images/s"
+        "  vs default",
+    ]
+    for name, row in e["rows"].items():
+        if "skipped" in row:
+            lines.append(f"{name:<16} skipped: {row['skipped']}")
+            continue
+        label = f"default {row['unet_precision']}" if name == "default" else name
+        lines += [
+            f"{label:<16} {_setting(row):<17} {row['unet_rows_per_image']:>16}  "
+            f"{f['batch']:>5}  {f['seconds']:>8.4f}  {f['images_per_s']:>8.1f}"
+            + _opt(f.get("vs_default"), "  {:>9.2f}x")
+            for f in row["batches"]
+        ]
+    for name, ratios in e["vs_default"].items():
+        lines.append(
+            f"{name} vs default e2e: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in ratios.items())
+        )
+    return lines
+
+
 def _end_to_end_vs_compare(r: dict) -> list[str]:
     if "end_to_end_vs_compare" not in r:
         return []
@@ -134,13 +177,12 @@ def _end_to_end_vs_compare(r: dict) -> list[str]:
         "setting               batch   this s/image   other s/image   this/other"
         + ("   latent/pixel" if "latent_over_pixel" in e["rows"][0] else ""),
     ]
-    for row in e["rows"]:
-        lp = row.get("latent_over_pixel")
-        lines.append(
-            f"{row['setting']:<20} {row['batch']:>6}  {row['this_s_per_image']:>13.4f}  "
-            f"{row['other_s_per_image']:>14.4f}  {row['ratio']:>10.2f}x"
-            + (f"  {lp:>12.2f}x" if lp is not None else "")
-        )
+    lines += [
+        f"{row['setting']:<20} {row['batch']:>6}  {row['this_s_per_image']:>13.4f}  "
+        f"{row['other_s_per_image']:>14.4f}  {row['ratio']:>10.2f}x"
+        + _opt(row.get("latent_over_pixel"), "  {:>12.2f}x")
+        for row in e["rows"]
+    ]
     return lines
 
 
