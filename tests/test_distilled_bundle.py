@@ -140,13 +140,16 @@ def test_negative_prompt_refused_and_other_steps_warned(bundles):
     gen = Generator(bundles / "both", unet_precision="distilled")
     with pytest.raises(InputError, match="negative prompt needs the unconditional pass"):
         gen.generate("red circle", negative_prompt="blue square", seed=1)
-    with pytest.warns(DistillationWarning, match="distilled for ddim 2 steps eta 0, not ddim 4"):
+    with pytest.warns(DistillationWarning, match=r"for ddim at 2 steps \[50, 25\], not ddim at 4"):
         gen.generate("red circle", seed=1, steps=4)
+    with pytest.warns(DistillationWarning, match="not dpm\\+\\+2m at 2 steps"):
+        gen.generate("red circle", seed=1, steps=2, sampler="dpm++2m")
     with pytest.warns(DistillationWarning, match="guidance 6 is outside the 1-4"):
         gen.generate("red circle", seed=1, guidance=6.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # at what it was distilled for: nothing to say
         gen.generate("red circle", seed=1, guidance=3.5)
+        gen.generate("red circle", seed=1, eta=1.0)  # eta is free (docs/bundle-format.md)
     # the teacher in the same bundle keeps its negative prompt and its defaults
     teacher = Generator(bundles / "both")
     teacher.generate("red circle", negative_prompt="blue square", seed=1, steps=2, sampler="ddim")
@@ -201,3 +204,38 @@ def test_manifest_rules_for_the_w_input(bundles):
         del b["unet_precisions"]["distilled"]
 
     refused(drop_variant, "lists 'guidance-distilled' but no U-Net graph takes w")
+
+
+def test_a_variants_own_recommended_settings_are_written_and_used(bundles, tmp_path):
+    """``write_recommended(..., precision)`` writes that U-Net's own settings (validated), the
+    runtime then fills them in for it only; the variant rule picks the cheapest row within
+    one standard error of the best held-out recognition@5, among that U-Net's rows."""
+    from ddpm_rt.bundle.bundle import write_recommended
+    from ddpm_rt.training.evaluate import choose_variant_default
+
+    shutil.copytree(bundles / "both", tmp_path / "b")
+    write_recommended(tmp_path / "b", {"sampler": "ddim", "steps": 2, "eta": 1.0,
+                                       "guidance": 3.0}, "distilled")  # fmt: skip
+    b = Bundle.load(tmp_path / "b")
+    assert b.recommended_for("distilled") == {"sampler": "ddim", "steps": 2, "eta": 1.0,
+                                              "guidance": 3.0}  # fmt: skip
+    assert b.recommended_for("fp32") == b.recommended
+    job = Generator(b, unet_precision="distilled").prepare("red circle", seed=1)
+    assert (job.config.eta, job.config.guidance, job.config.steps) == (1.0, 3.0, 2)
+    with pytest.raises(InputError, match="has no int8 U-Net"):
+        write_recommended(tmp_path / "b", {"sampler": "ddim"}, "int8")
+
+    def row(precision, cost, top5):
+        return {"precision": precision, "cost": cost, "sampler": "ddim", "steps": cost,
+                "eta": 1.0, "guidance": 2.0, "heldout_paraphrases": {"top5": top5}}  # fmt: skip
+
+    report = {"concepts": 400, "per_concept": 1, "settings": {
+        "ddim:8:1": row("fp32", 16, 0.80),  # the best overall, but not the variant's
+        "ddim:4:0@distilled": row("distilled", 4, 0.70),
+        "ddim:4:1@distilled": row("distilled", 4, 0.75),
+        "ddim:8:1@distilled": row("distilled", 8, 0.76),
+        "ddim:2:1@distilled": row("distilled", 2, 0.60),
+    }}  # fmt: skip
+    assert choose_variant_default(report, "distilled")["setting"] == "ddim:4:1@distilled"
+    with pytest.raises(InputError, match="no setting of this evaluation ran the int8"):
+        choose_variant_default(report, "int8")

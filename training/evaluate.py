@@ -133,6 +133,31 @@ def choose_default(report: dict) -> dict:
     }
 
 
+def choose_variant_default(report: dict, precision: str) -> dict:
+    """The rule for a U-Net variant's own recommended settings (a distilled U-Net's, issue
+    29): among the rows run on that U-Net, the cheapest no more than one standard error
+    below the best held-out recognition@5; ties to the higher. (No Fréchet cap: it is
+    measured against DDPM-500 on the bundle's own U-Net, which a variant is judged beside.)"""
+    rows = {k: r for k, r in report["settings"].items() if r["precision"] == precision}
+    if not rows:
+        raise InputError(f"no setting of this evaluation ran the {precision} U-Net")
+    n = report["concepts"] * report["per_concept"]
+    best = max(r["heldout_paraphrases"]["top5"] for r in rows.values())
+    floor = best - standard_error(best, n)
+    ok = [
+        (r["cost"], -r["heldout_paraphrases"]["top5"], key)
+        for key, r in rows.items()
+        if r["heldout_paraphrases"]["top5"] >= floor
+    ]
+    _, _, key = min(ok)
+    return {
+        "setting": key,
+        **{k: rows[key][k] for k in ("sampler", "steps", "eta", "guidance", "precision")},
+        "cost": rows[key]["cost"],
+        "heldout_top5_floor": floor,
+    }
+
+
 def judge_steps_for(concepts: int) -> int:
     """Judge training steps: 1,500 up to 150 concepts (what the 107-concept model's figures
     were measured with), then 10 per concept -- at 431 concepts 1,500 steps left the judge

@@ -297,16 +297,24 @@ def read_regular(path: Path, size: int | None, what: str, limit: int | None = No
     return data
 
 
-def write_recommended(path: str | Path, settings: dict) -> str:
+def write_recommended(path: str | Path, settings: dict, precision: str | None = None) -> str:
     """Record a model's own default settings (``sampler``, ``steps``, ``eta``, ``guidance``,
-    ``spacing``; None values left out) in its bundle's manifest: the bundle is loaded and
-    checked first, the new manifest validated before it is written, and ``manifest.json`` is
-    replaced atomically. Returns the new digest (the sha256 of manifest.json)."""
+    ``spacing``; None values left out) in its bundle's manifest -- with ``precision``, that
+    U-Net variant's own (``unet_precisions.<precision>.recommended``, a distilled U-Net's):
+    the bundle is loaded and checked first, the new manifest validated before it is written,
+    and ``manifest.json`` is replaced atomically. Returns the new digest (the sha256 of
+    manifest.json)."""
     from ddpm_rt.bundle.fileio import atomic_write
 
     bundle = Bundle.load(path)
     manifest = json.loads(json.dumps(bundle.manifest))
-    manifest["recommended"] = {k: v for k, v in settings.items() if v is not None}
+    rec = {k: v for k, v in settings.items() if v is not None}
+    if precision is None:
+        manifest["recommended"] = rec
+    elif precision in manifest.get("unet_precisions", {}):
+        manifest["unet_precisions"][precision]["recommended"] = rec
+    else:
+        raise InputError(f"{bundle.path} has no {precision} U-Net to recommend settings for")
     validate_manifest(manifest)
     data = (json.dumps(manifest, indent=2) + "\n").encode()
     atomic_write(bundle.path / MANIFEST, lambda f: f.write(data))

@@ -40,7 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.baseline and not args.detail_data:
         raise InputError("--baseline is measured at 64x64: add --detail-data (the 64x64 renders)")
     has_ref = "ddpm@g1" in settings or ("ddpm" in settings and 1.0 in guidance)
-    if args.write_recommended and not has_ref:
+    variant = args.write_recommended not in (None, "fp32")  # a U-Net variant's own settings
+    if args.write_recommended and not variant and not has_ref:
         raise InputError("--write-recommended needs the rule's reference row: add ddpm@g1")
     report = ev.evaluate(
         args.bundle or default_model(),
@@ -62,8 +63,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.write_recommended:
         from ddpm_rt.bundle.bundle import write_recommended
 
-        rec = {k: report["default"][k] for k in ("sampler", "steps", "eta", "guidance")}
-        digest = write_recommended(args.bundle or default_model(), rec)
+        precision = args.write_recommended if variant else None
+        chosen = ev.choose_variant_default(report, precision) if variant else report["default"]
+        rec = {k: chosen[k] for k in ("sampler", "steps", "eta", "guidance")}
+        digest = write_recommended(args.bundle or default_model(), rec, precision)
         print(f"recommended settings written: {rec}; manifest digest now {digest}")
     if args.grid:
         from ddpm_rt.images import save_png
@@ -182,9 +185,13 @@ def _add_eval_parser(sub, common) -> None:
     ev.add_argument("--force", action="store_true", help="replace --json/--grid if they exist")
     ev.add_argument(
         "--write-recommended",
-        action="store_true",
+        nargs="?",
+        const="fp32",
+        metavar="PRECISION",
         help="write the rule's choice into the bundle's manifest as its recommended settings "
-        "(needs the ddpm@g1 row; prints the new digest)",
+        "(needs the ddpm@g1 row; prints the new digest); with a U-Net variant's PRECISION "
+        "(distilled): the cheapest of that U-Net's rows within one standard error of its best, "
+        "as that U-Net's own",
     )
     common(ev)
     ev.set_defaults(func=cmd_eval)
