@@ -114,14 +114,7 @@ def choose_default(report: dict) -> dict:
         if r["precision"] == "fp32" and r["train_captions"]["frechet"] <= cap
     }
     best_key = max(fair, key=lambda key: fair[key]["heldout_paraphrases"]["top5"])
-    best5 = fair[best_key]["heldout_paraphrases"]["top5"]
-    floor = best5 - standard_error(best5, n)
-    ok = [
-        (r["cost"], -r["heldout_paraphrases"]["top5"], key)
-        for key, r in fair.items()
-        if r["heldout_paraphrases"]["top5"] >= floor
-    ]
-    _, _, key = min(ok)
+    key, floor = _cheapest_within_se(fair, n)
     return {
         "setting": key,
         **{k: rows[key][k] for k in ("sampler", "steps", "eta", "guidance", "precision")},
@@ -133,6 +126,19 @@ def choose_default(report: dict) -> dict:
     }
 
 
+def _cheapest_within_se(rows: dict, n: int) -> tuple[str, float]:
+    """(the cheapest row no more than one standard error below the best held-out
+    recognition@5, ties to the higher; that floor)."""
+    best = max(r["heldout_paraphrases"]["top5"] for r in rows.values())
+    floor = best - standard_error(best, n)
+    ok = [
+        (r["cost"], -r["heldout_paraphrases"]["top5"], key)
+        for key, r in rows.items()
+        if r["heldout_paraphrases"]["top5"] >= floor
+    ]
+    return min(ok)[2], floor
+
+
 def choose_variant_default(report: dict, precision: str) -> dict:
     """The rule for a U-Net variant's own recommended settings (a distilled U-Net's, issue
     29): among the rows run on that U-Net, the cheapest no more than one standard error
@@ -141,15 +147,7 @@ def choose_variant_default(report: dict, precision: str) -> dict:
     rows = {k: r for k, r in report["settings"].items() if r["precision"] == precision}
     if not rows:
         raise InputError(f"no setting of this evaluation ran the {precision} U-Net")
-    n = report["concepts"] * report["per_concept"]
-    best = max(r["heldout_paraphrases"]["top5"] for r in rows.values())
-    floor = best - standard_error(best, n)
-    ok = [
-        (r["cost"], -r["heldout_paraphrases"]["top5"], key)
-        for key, r in rows.items()
-        if r["heldout_paraphrases"]["top5"] >= floor
-    ]
-    _, _, key = min(ok)
+    key, floor = _cheapest_within_se(rows, report["concepts"] * report["per_concept"])
     return {
         "setting": key,
         **{k: rows[key][k] for k in ("sampler", "steps", "eta", "guidance", "precision")},
