@@ -12,14 +12,15 @@ import shutil
 
 import numpy as np
 import pytest
+from test_distilled_bundle import Counting, bundles, ckpts  # noqa: F401 - fixtures
 
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.config import GenerateConfig
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
 from ddpm_rt.training.shapes_dataset import make_shapes
-from tests.conftest import run_cli
-from tests.test_distilled_bundle import Counting, bundles, ckpts  # noqa: F401 - fixtures
+
+from conftest import run_cli
 
 
 def _rows_per_image(bundle, precision: str, **settings) -> float:

@@ -26,7 +26,8 @@ from ddpm_rt.training.distill import DistillConfig, distill
 from ddpm_rt.training.model import load_model
 from ddpm_rt.training.shapes_dataset import make_shapes
 from ddpm_rt.training.train import TrainConfig, train
-from tests.conftest import run_cli
+
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

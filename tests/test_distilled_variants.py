@@ -16,14 +16,15 @@ from pathlib import Path
 import doubles
 import numpy as np
 import pytest
+from test_distilled_bundle import Counting, ckpts  # noqa: F401 - a fixture
 
 from ddpm_rt.backends.engine_cache import EngineCache
 from ddpm_rt.bundle.bundle import Bundle
 from ddpm_rt.bundle.manifest import GUIDANCE_DISTILLED
 from ddpm_rt.errors import InputError
 from ddpm_rt.generator import Generator
-from tests.conftest import run_cli
-from tests.test_distilled_bundle import Counting, ckpts  # noqa: F401 - a fixture
+
+from conftest import run_cli
 
 # precision -> (graph, file) of each variant ``--of distilled`` makes
 NAMES = {
