@@ -345,10 +345,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "quantize-nan",
         "quantisation: a U-Net whose own trajectories are not finite is refused",
         "export/quantize.py",
-        "raise QuantizeError(_NOT_FINITE.format(precision=precision))",
+        "raise QuantizeError(_NOT_FINITE.format(source=gen.unet_variant, precision=precision))",
         "pass",
         (T + "test_hostile_residue.py::test_quantize_refuses_a_unet_that_outputs_nan",),
         count=2,
+    ),
+    # -- distilled U-Net (issue 29) ---------------------------------------------------------------
+    Mutation(
+        "distilled-one-row",
+        "a guidance-distilled U-Net: w fed, one row per image per step (no unconditional rows)",
+        "runtime/core/guidance.py",
+        "self.guided = np.flatnonzero(self._scales != 1.0) if not self.takes_w else np.arange(0)",
+        "self.guided = np.flatnonzero(self._scales != 1.0)",
+        (
+            T + "test_distilled_bundle.py::"
+            "test_the_runtime_feeds_w_and_makes_one_row_per_image_per_step",
+        ),
+    ),
+    Mutation(
+        "distilled-negative",
+        "a guidance-distilled U-Net refuses a negative prompt (it makes no unconditional pass)",
+        "runtime/config.py",
+        "if guidance and negative_prompt is not None:",
+        "if False:",
+        (T + "test_distilled_bundle.py::test_negative_prompt_refused_and_other_steps_warned",),
     ),
     Mutation(
         "decoder-variant-parity",
