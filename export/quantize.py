@@ -99,9 +99,13 @@ def quantize_bundle(
     prompts, contexts = calibration_contexts(gen)
     every = max(1, gen.schedule.timesteps // 40)
     feeds = _record_finite(gen, contexts, every, key)
-    calib = [f for k, f in enumerate(feeds) if k % 4 != 3]
-    check = [f for k, f in enumerate(feeds) if k % 4 == 3]
-    along = _along(gen, feeds) or {"every_timesteps": every}
+    along = _along(gen, feeds)
+    # a distilled U-Net's feeds come a trajectory batch at a time, one per distilled step:
+    # hold out whole trajectories, so that every timestep is calibrated and checked
+    per = len({float(f["t"][0, 0]) for f in feeds}) if along else 1
+    calib = [f for k, f in enumerate(feeds) if (k // per) % 4 != 3]
+    check = [f for k, f in enumerate(feeds) if (k // per) % 4 == 3]
+    along = along or {"every_timesteps": every}
     log(
         f"calibrating on {len(calib)} batches of real x_t ({len(prompts)} prompts, "
         f"{_describe(along, gen.schedule.timesteps)}); {len(check)} held out"

@@ -339,7 +339,7 @@ class Generator:
         defaults), resolved as a run of this Generator's U-Net resolves it: its steps, each
         one row, two with guidance (the unconditional pass) unless the U-Net takes w."""
         cfg, sampler = (config or GenerateConfig()).resolve(
-            self.bundle, None, unet_precision=self.unet_precision
+            self.bundle, None, unet_precision=self.unet_variant
         )
         return len(sampler.timesteps) * unet_rows_per_step(cfg.guidance, self.unet_takes_w)
 

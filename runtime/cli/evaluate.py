@@ -41,6 +41,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("--baseline is measured at 64x64: add --detail-data (the 64x64 renders)")
     has_ref = "ddpm@g1" in settings or ("ddpm" in settings and 1.0 in guidance)
     variant = args.write_recommended not in (None, "fp32")  # a U-Net variant's own settings
+    if variant:  # refused before the evaluation, not after it
+        from ddpm_rt.bundle.bundle import Bundle
+
+        p = args.write_recommended
+        if p not in Bundle.load(args.bundle or default_model()).unet_precisions:
+            raise InputError(f"--write-recommended {p!r:.40}: the bundle has no such U-Net")
+        if not any(s.split("@")[1:2] == [p] for s in settings):
+            raise InputError(f"--write-recommended {p}: no --settings entry runs it (add @{p})")
     if args.write_recommended and not variant and not has_ref:
         raise InputError("--write-recommended needs the rule's reference row: add ddpm@g1")
     report = ev.evaluate(

@@ -41,7 +41,7 @@ def distilled_precisions(gen: Generator) -> list[str]:
 
 def _settings(gen: Generator, cfg: GenerateConfig) -> dict:
     """What a run of ``gen`` at ``cfg`` uses, and its cost in U-Net rows per image."""
-    resolved, sampler = cfg.resolve(gen.bundle, None, unet_precision=gen.unet_precision)
+    resolved, sampler = cfg.resolve(gen.bundle, None, unet_precision=gen.unet_variant)
     return {
         "unet_precision": gen.unet_precision,
         "sampler": resolved.sampler,

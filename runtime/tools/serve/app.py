@@ -345,7 +345,7 @@ class Service:
         b = self.gen.bundle
         c, h, w = b.image_shape
         # the model's own settings: the running U-Net's (a distilled one has its own)
-        d = GenerateConfig().with_defaults(b.recommended_for(self.gen.unet_precision))
+        d = GenerateConfig().with_defaults(b.recommended_for(self.gen.unet_variant))
         steps = {s: DEFAULT_STEPS.get(s) for s in SAMPLERS}
         steps[d.sampler] = d.steps or steps[d.sampler]
         text = b.conditioning.get("text") or {}
