@@ -19,7 +19,7 @@ from pathlib import Path
 from ddpm_rt.bundle.bundle import MANIFEST, Bundle
 from ddpm_rt.bundle.fileio import atomic_write
 from ddpm_rt.bundle.io_spec import decoder_io, unet_io
-from ddpm_rt.bundle.manifest import GUIDANCE_DISTILLED, validate_manifest
+from ddpm_rt.bundle.manifest import GUIDANCE_DISTILLED, takes_w, validate_manifest
 from ddpm_rt.errors import DdpmRtError
 
 # The CPU format's quantised ops (module docstring of :mod:`.quantize`: what was measured).
@@ -167,10 +167,8 @@ def variant_slots(m: dict, decoder: bool) -> list[dict]:
 
 def _drop_unused_requirement(m: dict) -> None:
     """``guidance-distilled`` leaves ``requires`` with the last U-Net that takes w."""
-    takes_w = any(
-        (e.get("distilled") or {}).get("guidance") for e in m.get("unet_precisions", {}).values()
-    )
-    if not takes_w and GUIDANCE_DISTILLED in m.get("requires", []):
+    any_w = any(takes_w(e) for e in m.get("unet_precisions", {}).values())
+    if not any_w and GUIDANCE_DISTILLED in m.get("requires", []):
         m["requires"] = [r for r in m["requires"] if r != GUIDANCE_DISTILLED]
         if not m["requires"]:
             del m["requires"]
@@ -206,14 +204,14 @@ def add_variant(
             slot.pop(precision, None)
         _drop_unused_requirement(base)
     c, h, w = bundle.sample_shape  # the U-Net's: a latent bundle's latent
-    takes_w = bool((entry.get("distilled") or {}).get("guidance"))  # issue 29
+    w_input = takes_w(entry)  # issue 29
     io = (
         decoder_io(c, h, w, *bundle.image_shape[1:])
         if decoder
-        else unet_io(c, h, w, bundle.context_dim, guidance_input=takes_w)
+        else unet_io(c, h, w, bundle.context_dim, guidance_input=w_input)
     )
     new = copy.deepcopy(base)
-    if takes_w and GUIDANCE_DISTILLED not in new.get("requires", []):
+    if w_input and GUIDANCE_DISTILLED not in new.get("requires", []):
         new["requires"] = [*new.get("requires", []), GUIDANCE_DISTILLED]
     new["graphs"][graph] = {**io.to_dict(), "file": file}
     new["files"][file] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

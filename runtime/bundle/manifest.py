@@ -383,13 +383,14 @@ def _distilled(dist: dict, where: str, timesteps: int) -> None:
         _str(dist, where, "prediction", choices=("eps", "v"))
 
 
+def takes_w(entry: dict) -> bool:
+    """Whether a ``unet_precisions`` entry's graph is guidance-distilled (takes ``w``)."""
+    return bool((entry.get("distilled") or {}).get("guidance"))
+
+
 def _guidance_inputs(m: dict, precisions: dict, requires: list) -> set[str]:
     """The U-Net graphs that take w (a guidance-distilled entry's); ``requires`` lists
     ``guidance-distilled`` exactly when there is one, and no graph is both."""
-
-    def takes_w(entry: dict) -> bool:
-        return bool((entry.get("distilled") or {}).get("guidance"))
-
     w_graphs = {e["graph"] for e in precisions.values() if takes_w(e)}
     plain = {e["graph"] for e in precisions.values() if not takes_w(e)}
     if "fp32" not in precisions:
